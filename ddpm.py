@@ -1,0 +1,327 @@
+"""
+The diffusion math of "Denoising Diffusion Probabilistic Models" (Ho, Jain, Abbeel 2020,
+arXiv:2006.11239): the forward process (Sec. 2), the reverse process and its training objective
+(Sec. 3, Algorithms 1 and 2), and the variational bound in bits/dim (Eqs. 5, 13). Only torch.
+
+Conventions, stated once:
+- Timesteps are 0-based, as in the original code: index t in 0..T-1 stands for the paper's t+1,
+  i.e. x_t has had t+1 noising steps. So betas[t] is the paper's beta_{t+1}, alphas_cumprod[t] is
+  abar_{t+1}, and alphas_cumprod_prev[t] is abar_t (= 1 at t = 0, where x_{t-1} is the data x_0).
+- Data x0 is scaled to [-1, 1], shape (B, C, H, W) (any trailing shape works); t is a LongTensor
+  of shape (B,). Per-timestep tables are gathered at t and broadcast over the trailing dims.
+- The network is any callable model(x_t, t) returning a tensor shaped like x_t: the predicted
+  noise eps (mean_type="eps", the paper's choice) or the predicted x_0 (mean_type="x0").
+- Schedules are computed in float64 and stored as float32 buffers (so .to(device) works).
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+
+
+def make_beta_schedule(name="linear", num_timesteps=1000, beta_start=1e-4, beta_end=0.02):
+    """The variances beta_1..beta_T of the forward process (2), in float64, shape (T,)."""
+    if name == "linear":  # Sec. 4: linear from 1e-4 to 0.02, T = 1000
+        betas = torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
+    elif name == "cosine":  # Nichol & Dhariwal 2021, Eq. (17); not in this paper
+        s = 0.008
+        steps = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
+        f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+        betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)  # their clipping, to avoid a singularity at t = T
+    elif name == "const":  # constant beta (the original code's "const")
+        betas = torch.full((num_timesteps,), beta_end, dtype=torch.float64)
+    else:
+        raise ValueError(f"unknown beta schedule {name!r}: use linear, cosine or const")
+    return betas
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))), elementwise, in nats."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
+                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def standard_normal_cdf(x):
+    # The exact Gaussian CDF. The original code uses a tanh approximation here (a TF artefact).
+    return 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+
+def discretized_gaussian_log_likelihood(x, means, log_scales):
+    """Eq. (13): log p(x_0 | x_1) of data x in [-1, 1] on 256 bins of width 2/255, each bin the
+    integral of N(means, exp(log_scales)^2) over [x - 1/255, x + 1/255], the edge bins open-ended."""
+    assert x.shape == means.shape == log_scales.shape
+    centered = x - means
+    inv_std = torch.exp(-log_scales)
+    cdf_plus = standard_normal_cdf(inv_std * (centered + 1.0 / 255))   # delta_+ of Eq. (13)
+    cdf_min = standard_normal_cdf(inv_std * (centered - 1.0 / 255))    # delta_-
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))                # bin 0: (-inf, x + 1/255]
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))  # bin 255: [x - 1/255, inf)
+    log_cdf_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
+    return torch.where(x < -0.999, log_cdf_plus,
+                       torch.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta))
+
+
+def classifier_free_guidance(eps_cond, eps_uncond, guidance_scale):
+    """Classifier-free guidance (Ho & Salimans 2021, Eq. 6; not in this paper):
+    eps~ = (1 + w) eps(x_t, c) - w eps(x_t, null). w = 0 is the plain conditional model."""
+    return (1 + guidance_scale) * eps_cond - guidance_scale * eps_uncond
+
+
+def _extract(table, t, x):
+    """table[t] shaped (B, 1, ..., 1) to broadcast against x."""
+    assert t.shape == (x.shape[0],), f"t must have shape ({x.shape[0]},), got {tuple(t.shape)}"
+    return table[t].view(-1, *([1] * (x.dim() - 1)))
+
+
+def _mean_flat(x):
+    return x.mean(dim=tuple(range(1, x.dim())))
+
+
+class GaussianDiffusion(nn.Module):
+    """The forward process q, the reverse process p_theta, and their losses."""
+
+    def __init__(self, betas, mean_type="eps", var_type="fixedlarge"):
+        super().__init__()
+        if mean_type not in ("eps", "x0"):
+            raise ValueError(f"mean_type must be 'eps' or 'x0', got {mean_type!r}")
+        if var_type not in ("fixedlarge", "fixedsmall"):
+            raise ValueError(f"var_type must be 'fixedlarge' or 'fixedsmall', got {var_type!r}")
+        betas = torch.as_tensor(betas, dtype=torch.float64)
+        if betas.dim() != 1 or not ((betas > 0) & (betas <= 1)).all():
+            raise ValueError("betas must be a 1-D schedule with every beta in (0, 1]")
+        self.mean_type, self.var_type = mean_type, var_type
+        self.num_timesteps = len(betas)
+
+        # Eq. (4): alpha_t = 1 - beta_t, abar_t = prod_{s<=t} alpha_s
+        alphas = 1.0 - betas
+        alphas_cumprod = torch.cumprod(alphas, dim=0)
+        alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+        # Eq. (7): beta~_t = (1 - abar_{t-1}) / (1 - abar_t) beta_t; zero at t = 0 (index), where
+        # the posterior is a point mass at x_0, so its log is clipped to the next value.
+        posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+        posterior_log_variance_clipped = torch.log(
+            torch.cat([posterior_variance[1:2], posterior_variance[1:]]))
+        # Eq. (7): mu~_t = coef1 x_0 + coef2 x_t
+        posterior_mean_coef1 = betas * torch.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+        posterior_mean_coef2 = (1.0 - alphas_cumprod_prev) * torch.sqrt(alphas) / (1.0 - alphas_cumprod)
+        # Sec. 3.2: sigma_t^2 = beta_t ("fixedlarge", CIFAR-10) or beta~_t ("fixedsmall").
+        # As in the original code, fixedlarge uses beta~_2 at the first step instead of beta_1,
+        # which only matters for the decoder L_0 (no noise is added at the last sampling step).
+        if var_type == "fixedlarge":
+            model_variance = torch.cat([posterior_variance[1:2], betas[1:]])
+        else:
+            model_variance = torch.cat([posterior_variance[1:2], posterior_variance[1:]])
+
+        tables = dict(
+            betas=betas,
+            alphas_cumprod=alphas_cumprod,
+            alphas_cumprod_prev=alphas_cumprod_prev,
+            sqrt_alphas_cumprod=torch.sqrt(alphas_cumprod),
+            sqrt_one_minus_alphas_cumprod=torch.sqrt(1.0 - alphas_cumprod),
+            log_one_minus_alphas_cumprod=torch.log(1.0 - alphas_cumprod),
+            sqrt_recip_alphas_cumprod=torch.sqrt(1.0 / alphas_cumprod),
+            sqrt_recipm1_alphas_cumprod=torch.sqrt(1.0 / alphas_cumprod - 1.0),
+            posterior_variance=posterior_variance,
+            posterior_log_variance_clipped=posterior_log_variance_clipped,
+            posterior_mean_coef1=posterior_mean_coef1,
+            posterior_mean_coef2=posterior_mean_coef2,
+            model_variance=model_variance,
+            model_log_variance=torch.log(model_variance),
+        )
+        for name, value in tables.items():
+            self.register_buffer(name, value.to(torch.float32))
+
+    # ---- the forward process q (Sec. 2) ----
+
+    def q_mean_variance(self, x0, t):
+        """Eq. (4): q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)."""
+        mean = _extract(self.sqrt_alphas_cumprod, t, x0) * x0
+        variance = _extract(1.0 - self.alphas_cumprod, t, x0).expand_as(x0)
+        log_variance = _extract(self.log_one_minus_alphas_cumprod, t, x0).expand_as(x0)
+        return mean, variance, log_variance
+
+    def q_sample(self, x0, t, noise=None):
+        """Eq. (4), reparameterised: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps."""
+        if noise is None:
+            noise = torch.randn_like(x0)
+        assert noise.shape == x0.shape
+        return (_extract(self.sqrt_alphas_cumprod, t, x0) * x0
+                + _extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise)
+
+    def q_posterior_mean_variance(self, x0, x_t, t):
+        """Eqs. (6), (7): q(x_{t-1} | x_t, x_0) = N(mu~_t(x_t, x_0), beta~_t I).
+        Returns (mean, variance, log_variance); the log variance is clipped at t = 0."""
+        assert x0.shape == x_t.shape
+        mean = (_extract(self.posterior_mean_coef1, t, x_t) * x0
+                + _extract(self.posterior_mean_coef2, t, x_t) * x_t)
+        variance = _extract(self.posterior_variance, t, x_t).expand_as(x_t)
+        log_variance = _extract(self.posterior_log_variance_clipped, t, x_t).expand_as(x_t)
+        return mean, variance, log_variance
+
+    # ---- moving between x_0, eps and the score ----
+
+    def predict_start_from_noise(self, x_t, t, noise):
+        """Eq. (15): x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
+        assert x_t.shape == noise.shape
+        return (_extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t
+                - _extract(self.sqrt_recipm1_alphas_cumprod, t, x_t) * noise)
+
+    def predict_noise_from_start(self, x_t, t, x0):
+        """Eq. (15) solved for eps: eps = (x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t)."""
+        assert x_t.shape == x0.shape
+        return ((_extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - x0)
+                / _extract(self.sqrt_recipm1_alphas_cumprod, t, x_t))
+
+    def score_from_noise(self, x_t, t, noise):
+        """Sec. 3.2: grad_{x_t} log q(x_t | x_0) = -eps / sqrt(1 - abar_t), so an eps-predictor
+        is a scaled score model (the link to denoising score matching, Song & Ermon 2019)."""
+        return -noise / _extract(self.sqrt_one_minus_alphas_cumprod, t, x_t)
+
+    # ---- the reverse process p_theta (Sec. 3.2) ----
+
+    def p_mean_variance(self, model, x_t, t, clip_denoised=True):
+        """p_theta(x_{t-1} | x_t) = N(mu_theta(x_t, t), sigma_t^2 I).
+        Returns (mean, variance, log_variance, pred_xstart).
+
+        With mean_type "eps" and no clipping the mean is Eq. (11),
+        mu_theta = (x_t - beta_t / sqrt(1 - abar_t) eps_theta) / sqrt(alpha_t), which equals the
+        posterior mean (7) at x0_hat of Eq. (15); that second form is what is computed, because
+        it allows clipping x0_hat to [-1, 1] as the original code does (Algorithm 2 does not)."""
+        model_output = model(x_t, t)
+        assert model_output.shape == x_t.shape, "the model must return a tensor shaped like x_t"
+        model_output = model_output.float()  # so a bf16 network feeds float32 math
+        if self.mean_type == "eps":
+            pred_xstart = self.predict_start_from_noise(x_t, t, model_output)
+        else:
+            pred_xstart = model_output
+        if clip_denoised:
+            pred_xstart = pred_xstart.clamp(-1.0, 1.0)
+        mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x_t, t)
+        variance = _extract(self.model_variance, t, x_t).expand_as(x_t)
+        log_variance = _extract(self.model_log_variance, t, x_t).expand_as(x_t)
+        return mean, variance, log_variance, pred_xstart
+
+    def p_sample(self, model, x_t, t, noise=None, clip_denoised=True, return_pred_xstart=False):
+        """One step of Algorithm 2, line 4: x_{t-1} = mu_theta(x_t, t) + sigma_t z,
+        with z = 0 at the last step (index t = 0), where the mean is returned."""
+        if noise is None:
+            noise = torch.randn_like(x_t)
+        mean, _, log_variance, pred_xstart = self.p_mean_variance(model, x_t, t, clip_denoised)
+        nonzero = (t != 0).to(x_t.dtype).view(-1, *([1] * (x_t.dim() - 1)))
+        sample = mean + nonzero * torch.exp(0.5 * log_variance) * noise
+        return (sample, pred_xstart) if return_pred_xstart else sample
+
+    @torch.no_grad()
+    def p_sample_loop(self, model, shape, noise=None, generator=None, clip_denoised=True,
+                      callback=None):
+        """Algorithm 2: x_T ~ N(0, I); for t = T..1: x_{t-1} = mu_theta(x_t, t) + sigma_t z.
+        noise is x_T (drawn if None); z is drawn with generator, so a seeded generator gives
+        reproducible samples. callback(i, x, pred_xstart) is called after each step."""
+        device = self.betas.device
+        x = torch.randn(shape, generator=generator, device=device) if noise is None else noise
+        for i in reversed(range(self.num_timesteps)):  # line 2
+            t = torch.full((shape[0],), i, device=device, dtype=torch.long)
+            z = torch.randn(shape, generator=generator, device=device) if i > 0 else None  # line 3
+            x, pred_xstart = self.p_sample(model, x, t, z, clip_denoised, return_pred_xstart=True)
+            if callback is not None:
+                callback(i, x, pred_xstart)
+        return x  # line 6
+
+    # ---- faster sampling: DDIM (Song, Meng, Ermon 2021), not in this paper ----
+
+    def ddim_sample(self, model, x_t, t, t_prev, eta=0.0, noise=None, clip_denoised=True,
+                    return_pred_xstart=False):
+        """One DDIM step from index t to index t_prev < t (t_prev = -1 means the data).
+        DDIM Eq. (12): x_prev = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps_hat + sigma z,
+        DDIM Eq. (16): sigma = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev).
+        eta = 0 is deterministic; eta = 1 with t_prev = t - 1 is the posterior (7), i.e. DDPM
+        with fixedsmall variance. eps_hat is recomputed from the (clipped) x0_hat."""
+        if isinstance(t_prev, int):
+            t_prev = torch.full_like(t, t_prev)
+        assert (t_prev < t).all() and (t_prev >= -1).all()
+        _, _, _, pred_xstart = self.p_mean_variance(model, x_t, t, clip_denoised)
+        eps = self.predict_noise_from_start(x_t, t, pred_xstart)
+        abar = _extract(self.alphas_cumprod, t, x_t)
+        abar_prev = torch.where(t_prev >= 0, self.alphas_cumprod[t_prev.clamp(min=0)],
+                                torch.ones_like(self.alphas_cumprod[0]))
+        abar_prev = abar_prev.view_as(abar)
+        sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev))
+        sample = abar_prev.sqrt() * pred_xstart + (1 - abar_prev - sigma ** 2).clamp(min=0).sqrt() * eps
+        if eta > 0:
+            if noise is None:
+                noise = torch.randn_like(x_t)
+            sample = sample + sigma * noise
+        return (sample, pred_xstart) if return_pred_xstart else sample
+
+    @torch.no_grad()
+    def ddim_sample_loop(self, model, shape, steps, eta=0.0, noise=None, generator=None,
+                         clip_denoised=True, callback=None):
+        """DDIM sampling over `steps` evenly spaced timesteps 0, c, 2c, ... with c = T // steps,
+        the DDIM paper's "uniform" choice (its FID table uses it)."""
+        if not 1 <= steps <= self.num_timesteps:
+            raise ValueError(f"steps must be in 1..{self.num_timesteps}, got {steps}")
+        device = self.betas.device
+        timesteps = [i * (self.num_timesteps // steps) for i in range(steps)]
+        x = torch.randn(shape, generator=generator, device=device) if noise is None else noise
+        for i, i_prev in zip(reversed(timesteps), reversed([-1] + timesteps[:-1])):
+            t = torch.full((shape[0],), i, device=device, dtype=torch.long)
+            z = torch.randn(shape, generator=generator, device=device) if eta > 0 else None
+            x, pred_xstart = self.ddim_sample(model, x, t, i_prev, eta, z, clip_denoised,
+                                              return_pred_xstart=True)
+            if callback is not None:
+                callback(i, x, pred_xstart)
+        return x
+
+    # ---- training (Algorithm 1) ----
+
+    def training_losses(self, model, x0, t, noise=None):
+        """Algorithm 1 / Eq. (14), per example: L_simple = || eps - eps_theta(x_t, t) ||^2,
+        x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, averaged over pixels. With mean_type "x0"
+        the target is x_0 instead (the paper's ablation in Table 2)."""
+        if noise is None:
+            noise = torch.randn_like(x0)
+        x_t = self.q_sample(x0, t, noise)  # Alg. 1 lines 2-4
+        model_output = model(x_t, t)
+        assert model_output.shape == x0.shape
+        target = noise if self.mean_type == "eps" else x0
+        return _mean_flat((target - model_output.float()) ** 2)  # line 5
+
+    # ---- the variational bound, Eq. (5), in bits per dimension ----
+
+    def _vb_terms_bpd(self, model, x0, x_t, t, clip_denoised=True):
+        """L_{t-1} = KL(q(x_{t-1}|x_t,x_0) || p_theta(x_{t-1}|x_t)) for t > 0 (Eq. 5, between
+        Gaussians), and the decoder L_0 = -log p_theta(x_0|x_1) of Eq. (13) at index t = 0; bits/dim."""
+        true_mean, _, true_log_variance = self.q_posterior_mean_variance(x0, x_t, t)
+        mean, _, log_variance, pred_xstart = self.p_mean_variance(model, x_t, t, clip_denoised)
+        kl = _mean_flat(normal_kl(true_mean, true_log_variance, mean, log_variance)) / math.log(2.0)
+        decoder_nll = -_mean_flat(discretized_gaussian_log_likelihood(
+            x0, means=mean, log_scales=0.5 * log_variance)) / math.log(2.0)
+        return torch.where(t == 0, decoder_nll, kl), pred_xstart
+
+    def prior_bpd(self, x0):
+        """L_T = KL(q(x_T | x_0) || N(0, I)) in bits/dim; no learned parameters."""
+        t = torch.full((x0.shape[0],), self.num_timesteps - 1, device=x0.device, dtype=torch.long)
+        mean, _, log_variance = self.q_mean_variance(x0, t)
+        kl = normal_kl(mean, log_variance, torch.zeros_like(mean), torch.zeros_like(log_variance))
+        return _mean_flat(kl) / math.log(2.0)
+
+    @torch.no_grad()
+    def calc_bpd_loop(self, model, x0, clip_denoised=True):
+        """Eq. (5): L = L_T + sum_{t>1} L_{t-1} + L_0, each term estimated with one draw of x_t,
+        in bits/dim (the NLL column of Table 1). Returns a dict of (B,) tensors total_bpd,
+        prior_bpd (L_T), vb_bpd (sum of L_{t-1}), decoder_bpd (L_0), and (B, T) terms_bpd and
+        mse (the eps error at each t), index 0 holding L_0."""
+        terms, mse = [], []
+        for i in reversed(range(self.num_timesteps)):
+            t = torch.full((x0.shape[0],), i, device=x0.device, dtype=torch.long)
+            noise = torch.randn_like(x0)
+            x_t = self.q_sample(x0, t, noise)
+            term, pred_xstart = self._vb_terms_bpd(model, x0, x_t, t, clip_denoised)
+            terms.append(term)
+            mse.append(_mean_flat((self.predict_noise_from_start(x_t, t, pred_xstart) - noise) ** 2))
+        terms_bpd = torch.stack(terms[::-1], dim=1)
+        prior_bpd = self.prior_bpd(x0)
+        return dict(total_bpd=terms_bpd.sum(dim=1) + prior_bpd, prior_bpd=prior_bpd,
+                    vb_bpd=terms_bpd[:, 1:].sum(dim=1), decoder_bpd=terms_bpd[:, 0],
+                    terms_bpd=terms_bpd, mse=torch.stack(mse[::-1], dim=1))
