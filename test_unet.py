@@ -1,0 +1,309 @@
+"""Tests for unet.py: the paper's CIFAR-10 network (parameter count, key list), shapes, batch independence,
+the attention fast path, the class embedding, and parity with diffusers' UNet2DModel on loaded weights."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+import unet
+from unet import CONFIGS, UNet, convert_diffusers_state_dict
+
+KEYS_FILE = Path(__file__).resolve().parent.parent / "shared" / "reference" / "ddpm_cifar10_keys.txt"
+TINY = dict(image_size=16, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), dropout=0.0)
+# google/ddpm-cifar10-32's config.json (the paper's net in diffusers terms; up blocks listed lowest resolution first)
+DDPM_CIFAR10_32 = dict(
+    sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256), layers_per_block=2,
+    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), attention_head_dim=None,
+    norm_eps=1e-6, norm_num_groups=32, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1,
+    act_fn="silu", center_input_sample=False, mid_block_scale_factor=1, time_embedding_type="positional")
+
+
+def randomized(net, seed=0):
+    """The original init makes every residual branch and the output ~0; tests need a net whose output
+    depends on everything, so re-draw conv/linear weights with PyTorch's default init and jitter the norms."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear, nn.Embedding)):
+                m.reset_parameters()
+            if isinstance(m, nn.GroupNorm):
+                m.weight.add_(0.1 * torch.randn_like(m.weight))
+                m.bias.add_(0.1 * torch.randn_like(m.bias))
+    return net.eval()
+
+
+def inputs(batch, channels=3, size=32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, channels, size, size, generator=g), torch.randint(0, 1000, (batch,), generator=g)
+
+
+@pytest.fixture(scope="module")
+def cifar_net():
+    return randomized(UNet())
+
+
+def test_cifar10_parameter_count():
+    """UNet() is the paper's 35.7M network: exactly 35,746,307 parameters (and so is CONFIGS['cifar10'])."""
+    assert sum(p.numel() for p in UNet().parameters()) == 35_746_307
+    assert sum(p.numel() for p in UNet(**CONFIGS["cifar10"]).parameters()) == 35_746_307
+
+
+def test_256_configs_parameter_count():
+    """The CelebA-HQ/LSUN 256x256 net is the original code's 'unet2d16b2c112244', commented there as 114M."""
+    with torch.device("meta"):  # shapes only, no memory
+        n = sum(p.numel() for p in UNet(**CONFIGS["celebahq256"]).parameters())
+    assert 113e6 < n < 115e6
+
+
+def test_state_dict_matches_released_keys():
+    """The state_dict keys and shapes, in order, are those of the released weights (ddpm_cifar10_keys.txt)."""
+    if not KEYS_FILE.is_file():
+        pytest.skip(f"reference key list not found at {KEYS_FILE} (shared/ is cloned beside the repo in CI)")
+    expected = [tuple(line.split()) for line in KEYS_FILE.read_text().splitlines() if line.strip()]
+    ours = [(k, "x".join(map(str, v.shape))) for k, v in UNet().state_dict().items()]
+    assert len(expected) == 328 and ours == expected
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(TINY, in_channels=1),
+    dict(TINY, out_channels=6),  # e.g. a learned-variance head: 2 * C outputs
+    dict(image_size=32, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(16,)),
+    dict(image_size=64, ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, attn_resolutions=(16, 8), in_channels=1, out_channels=2),
+    dict(image_size=8, ch=64, ch_mult=(1,), num_res_blocks=2, attn_resolutions=(8,)),
+])
+def test_shapes_and_config_roundtrip(kwargs):
+    """Output is (B, out_channels, H, W); net.config is plain JSON and UNet(**net.config) rebuilds the same net."""
+    net = UNet(**kwargs).eval()
+    c = net.config
+    x, t = inputs(2, c["in_channels"], c["image_size"])
+    assert net(x, t).shape == (2, c["out_channels"], c["image_size"], c["image_size"])
+    rebuilt = UNet(**json.loads(json.dumps(c)))
+    assert rebuilt.config == c
+    assert [(k, v.shape) for k, v in rebuilt.state_dict().items()] == [(k, v.shape) for k, v in net.state_dict().items()]
+
+
+def test_original_initialisation():
+    """Original init: Xavier-uniform weights within sqrt(6/(fan_in+fan_out)), zero biases, and the output
+    layers at scale 1e-10, so the freshly built network predicts eps ~ 0."""
+    net = UNet(**TINY)
+    w = net.down[0].block[0].conv1.weight
+    assert w.abs().max() <= (6 / (w[0].numel() + w[:, 0].numel())) ** 0.5
+    assert all(m.bias.abs().max() == 0 for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    x, t = inputs(2, size=16)
+    assert net(x, t).abs().max() < 1e-3
+
+
+def test_timestep_changes_output():
+    """eps_theta depends on t: the same x at different t gives different outputs."""
+    net = randomized(UNet(**TINY))
+    x, _ = inputs(1, size=16)
+    out = [net(x, torch.tensor([t])) for t in (0, 1, 500, 999)]
+    for a, b in zip(out, out[1:]):
+        assert (a - b).abs().max() > 1e-4
+
+
+def test_scalar_timestep_broadcasts():
+    """A 0-d t is the same timestep for the whole batch."""
+    net = randomized(UNet(**TINY))
+    x, _ = inputs(3, size=16)
+    torch.testing.assert_close(net(x, torch.tensor(7)), net(x, torch.full((3,), 7)))
+
+
+def test_batch_independence(cifar_net):
+    """In eval mode sample i's output does not depend on the other samples in the batch (no batch-coupled ops)."""
+    x, t = inputs(2)
+    with torch.no_grad():
+        both = cifar_net(x, t)
+        for i in range(2):
+            torch.testing.assert_close(cifar_net(x[i:i + 1], t[i:i + 1]), both[i:i + 1], atol=1e-5, rtol=1e-4)
+
+
+def test_sdpa_equals_explicit_attention(monkeypatch):
+    """scaled_dot_product_attention computes the paper's softmax(q k^T / sqrt(C)) v: outputs and gradients agree."""
+    net = randomized(UNet(**dict(TINY, attn_resolutions=(16, 8))))
+    x, t = inputs(2, size=16)
+    results = []
+    for flag in (True, False):
+        monkeypatch.setattr(unet.AttnBlock, "use_sdpa", flag)
+        net.zero_grad()
+        out = net(x, t)
+        out.square().sum().backward()
+        results.append((out.detach(), net.mid.attn_1.q.weight.grad.clone()))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(results[0][1], results[1][1], atol=1e-4, rtol=1e-3)
+
+
+def test_channels_last_and_bf16_autocast():
+    """The fast paths give the same function: channels_last to float tolerance, bf16 autocast loosely."""
+    net = randomized(UNet(**TINY))
+    x, t = inputs(2, size=16)
+    with torch.no_grad():
+        ref = net(x, t)
+        cl = net.to(memory_format=torch.channels_last)(x.to(memory_format=torch.channels_last), t)
+        torch.testing.assert_close(cl, ref, atol=1e-4, rtol=1e-4)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            lo = net(x, t)
+    assert (lo.float() - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+def test_class_conditional():
+    """num_classes=K adds only label_emb ((K+1) x 4ch, K = null label); y changes the output; y=None means the null
+    label; the unconditional net refuses labels; conditional outputs are batch-independent too."""
+    uncond, cond = UNet(**TINY), UNet(**TINY, num_classes=10)
+    extra = set(cond.state_dict()) - set(uncond.state_dict())
+    assert extra == {"label_emb.weight"} and cond.label_emb.weight.shape == (11, 128)
+    assert sum(p.numel() for p in cond.parameters()) - sum(p.numel() for p in uncond.parameters()) == 11 * 128
+    assert UNet(num_classes=None).config["num_classes"] is None
+
+    cond = randomized(cond)
+    x, t = inputs(3, size=16)
+    y = torch.tensor([0, 3, 9])
+    with torch.no_grad():
+        out = cond(x, t, y)
+        assert (out - cond(x, t, torch.tensor([1, 4, 8]))).abs().max() > 1e-4
+        torch.testing.assert_close(cond(x, t), cond(x, t, torch.full((3,), 10)))
+        torch.testing.assert_close(cond(x[1:2], t[1:2], y[1:2]), out[1:2], atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="unconditional"):
+        uncond(x, t, y)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(image_size=30), "divisible"),
+    (dict(ch=48), "multiple of 32"),
+    (dict(attn_resolutions=(15,)), "feature map sizes"),
+    (dict(ch_mult=()), "ch_mult"),
+    (dict(num_res_blocks=0), "num_res_blocks"),
+    (dict(dropout=1.0), "dropout"),
+    (dict(num_classes=0), "num_classes"),
+])
+def test_bad_arguments(kwargs, match):
+    """Invalid configurations fail at construction with a ValueError naming the problem."""
+    with pytest.raises(ValueError, match=match):
+        UNet(**kwargs)
+
+
+# ---------------------------------------------------------------- released weights
+
+def test_tf_scope_state_dict_roundtrip(tmp_path, cifar_net):
+    """A bare TF-scope state dict (the layout of the PyTorch port of model-790000.ckpt) loads strictly into the
+    CIFAR-10 config and reproduces the outputs; so do common wrappers and this project's checkpoint format."""
+    x, t = inputs(1)
+    with torch.no_grad():
+        ref = cifar_net(x, t)
+    torch.save(cifar_net.state_dict(), tmp_path / "model-790000.ckpt")
+    net = UNet.from_pretrained(tmp_path / "model-790000.ckpt")
+    assert not net.training and net.config["attn_resolutions"] == [16] and net.config["ch_mult"] == [1, 2, 2, 2]
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, t), ref, atol=0, rtol=0)
+
+    small = randomized(UNet(**dict(TINY, num_classes=4, in_channels=1)))
+    x, t = inputs(2, channels=1, size=16)
+    with torch.no_grad():
+        ref = small(x, t, torch.tensor([0, 4]))
+    files = {"wrapped.pt": {"state_dict": {"module." + k: v for k, v in small.state_dict().items()}},
+             "ckpt.pt": {"model": UNet(**small.config).state_dict(), "ema": small.state_dict(), "step": 3,
+                         "model_config": small.config, "format": "ddpm-checkpoint-v1"}}
+    for name, obj in files.items():
+        torch.save(obj, tmp_path / name)
+        loaded = UNet.from_pretrained(tmp_path / name)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x, t, torch.tensor([0, 4])), ref, atol=0, rtol=0)
+
+
+def _diffusers_net(**overrides):
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    return diffusers.UNet2DModel(**dict(DDPM_CIFAR10_32, **overrides)).eval()
+
+
+@pytest.fixture(scope="module")
+def diffusers_cifar():
+    return _diffusers_net()
+
+
+def test_diffusers_keys_convert_to_released_keys(diffusers_cifar):
+    """diffusers' google/ddpm-cifar10-32 layout renamed to TF scopes gives exactly the released key list."""
+    if not KEYS_FILE.is_file():
+        pytest.skip(f"reference key list not found at {KEYS_FILE}")
+    expected = {k: s for k, s in (line.split() for line in KEYS_FILE.read_text().splitlines() if line.strip())}
+    converted = convert_diffusers_state_dict(diffusers_cifar.state_dict())
+    assert {k: "x".join(map(str, v.shape)) for k, v in converted.items()} == expected
+
+
+def test_parity_with_diffusers_cifar10(tmp_path, diffusers_cifar):
+    """Independent implementation: a randomly initialised diffusers UNet2DModel in the google/ddpm-cifar10-32
+    configuration, saved with save_pretrained (safetensors, read here without the safetensors package), loads
+    with UNet.from_pretrained and gives the same eps as diffusers on the same (x, t), in fp32."""
+    diffusers_cifar.save_pretrained(tmp_path)
+    assert (tmp_path / "diffusion_pytorch_model.safetensors").is_file()
+    net = UNet.from_pretrained(tmp_path)
+    assert net.config == UNet(dropout=net.config["dropout"]).config
+    x, t = inputs(2)
+    t[0] = 999
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, t), diffusers_cifar(x, t).sample, atol=1e-4, rtol=1e-4)
+
+
+def test_parity_with_diffusers_small_bin_and_old_names(tmp_path):
+    """A smaller diffusers net (1 channel, attention at full resolution, 3 levels) saved as .bin inside a pipeline's
+    unet/ folder loads and matches; the same weights under diffusers' old attention names (query/key/value/proj_attn)
+    with no config.json beside them load from the shapes alone and match too."""
+    d = _diffusers_net(sample_size=16, in_channels=1, out_channels=2, block_out_channels=(32, 64, 64), layers_per_block=1,
+                       down_block_types=("AttnDownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D", "AttnUpBlock2D"))
+    d.save_pretrained(tmp_path / "pipe" / "unet", safe_serialization=False)
+    x, t = inputs(2, channels=1, size=16)
+    with torch.no_grad():
+        ref = d(x, t).sample
+        torch.testing.assert_close(UNet.from_pretrained(tmp_path / "pipe")(x, t), ref, atol=1e-4, rtol=1e-4)
+    old = {k.replace("to_q", "query").replace("to_k", "key").replace("to_v", "value").replace("to_out.0", "proj_attn"): v
+           for k, v in d.state_dict().items()}
+    torch.save(old, tmp_path / "old.bin")
+    with torch.no_grad():
+        torch.testing.assert_close(UNet.from_pretrained(tmp_path / "old.bin")(x, t), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_diffusers_config_not_the_paper_is_refused(tmp_path):
+    """Multi-head attention (attention_head_dim set) or symmetric downsample padding is another network: refused."""
+    d = _diffusers_net(sample_size=16, block_out_channels=(32, 64), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+    d.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    for key, value in [("attention_head_dim", 8), ("downsample_padding", 1)]:
+        (tmp_path / "config.json").write_text(json.dumps(dict(cfg, **{key: value})))
+        with pytest.raises(ValueError, match=key):
+            UNet.from_pretrained(tmp_path)
+
+
+def test_load_errors(tmp_path):
+    """Missing, empty, truncated or foreign inputs end in FileNotFoundError/ValueError with a one-line message."""
+    with pytest.raises(FileNotFoundError):
+        UNet.from_pretrained(tmp_path / "nope.ckpt")
+    with pytest.raises(FileNotFoundError):
+        UNet.from_pretrained(tmp_path)  # a folder without weights
+    net = UNet(**TINY)
+    d = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    d.UNet2DModel(**dict(DDPM_CIFAR10_32, sample_size=16, block_out_channels=(32, 64), layers_per_block=1,
+                         down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                         up_block_types=("AttnUpBlock2D", "UpBlock2D"))).save_pretrained(tmp_path / "hf")
+    st = (tmp_path / "hf" / "diffusion_pytorch_model.safetensors").read_bytes()
+    torch.save(net.state_dict(), tmp_path / "good.pt")
+    pt = (tmp_path / "good.pt").read_bytes()
+    cases = {"trunc.safetensors": st[: len(st) // 2], "header.safetensors": st[:100], "tiny.safetensors": b"abc",
+             "trunc.pt": pt[: len(pt) // 2], "text.pt": b"hello"}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+    torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "foreign.pt")
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    sd = net.state_dict()
+    sd.pop("conv_out.bias")
+    torch.save(sd, tmp_path / "incomplete.pt")
+    for name in [*cases, "foreign.pt", "list.pt", "incomplete.pt"]:
+        with pytest.raises(ValueError) as e:
+            UNet.from_pretrained(tmp_path / name)
+        assert "\n" not in str(e.value) and name in str(e.value)
