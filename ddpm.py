@@ -79,9 +79,10 @@ def _mean_flat(x):
 
 
 class GaussianDiffusion(nn.Module):
-    """The forward process q, the reverse process p_theta, and their losses."""
+    """The forward process q, the reverse process p_theta, and their losses.
+    The tables are computed in float64 and stored in `dtype` (float32; the tests use float64)."""
 
-    def __init__(self, betas, mean_type="eps", var_type="fixedlarge"):
+    def __init__(self, betas, mean_type="eps", var_type="fixedlarge", dtype=torch.float32):
         super().__init__()
         if mean_type not in ("eps", "x0"):
             raise ValueError(f"mean_type must be 'eps' or 'x0', got {mean_type!r}")
@@ -90,6 +91,8 @@ class GaussianDiffusion(nn.Module):
         betas = torch.as_tensor(betas, dtype=torch.float64)
         if betas.dim() != 1 or not ((betas > 0) & (betas <= 1)).all():
             raise ValueError("betas must be a 1-D schedule with every beta in (0, 1]")
+        if (torch.cumprod(1.0 - betas, 0).float() == 0).any():
+            raise ValueError("abar_t underflows float32: the schedule destroys the signal too fast")
         self.mean_type, self.var_type = mean_type, var_type
         self.num_timesteps = len(betas)
 
@@ -120,8 +123,6 @@ class GaussianDiffusion(nn.Module):
             sqrt_alphas_cumprod=torch.sqrt(alphas_cumprod),
             sqrt_one_minus_alphas_cumprod=torch.sqrt(1.0 - alphas_cumprod),
             log_one_minus_alphas_cumprod=torch.log(1.0 - alphas_cumprod),
-            sqrt_recip_alphas_cumprod=torch.sqrt(1.0 / alphas_cumprod),
-            sqrt_recipm1_alphas_cumprod=torch.sqrt(1.0 / alphas_cumprod - 1.0),
             posterior_variance=posterior_variance,
             posterior_log_variance_clipped=posterior_log_variance_clipped,
             posterior_mean_coef1=posterior_mean_coef1,
@@ -129,8 +130,8 @@ class GaussianDiffusion(nn.Module):
             model_variance=model_variance,
             model_log_variance=torch.log(model_variance),
         )
-        for name, value in tables.items():
-            self.register_buffer(name, value.to(torch.float32))
+        for name, value in tables.items():  # float64 math, stored as float32 unless asked otherwise
+            self.register_buffer(name, value.to(dtype))
 
     # ---- the forward process q (Sec. 2) ----
 
@@ -164,14 +165,14 @@ class GaussianDiffusion(nn.Module):
     def predict_start_from_noise(self, x_t, t, noise):
         """Eq. (15): x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
         assert x_t.shape == noise.shape
-        return (_extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t
-                - _extract(self.sqrt_recipm1_alphas_cumprod, t, x_t) * noise)
+        return ((x_t - _extract(self.sqrt_one_minus_alphas_cumprod, t, x_t) * noise)
+                / _extract(self.sqrt_alphas_cumprod, t, x_t))
 
     def predict_noise_from_start(self, x_t, t, x0):
         """Eq. (15) solved for eps: eps = (x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t)."""
         assert x_t.shape == x0.shape
-        return ((_extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - x0)
-                / _extract(self.sqrt_recipm1_alphas_cumprod, t, x_t))
+        return ((x_t - _extract(self.sqrt_alphas_cumprod, t, x_t) * x0)
+                / _extract(self.sqrt_one_minus_alphas_cumprod, t, x_t))
 
     def score_from_noise(self, x_t, t, noise):
         """Sec. 3.2: grad_{x_t} log q(x_t | x_0) = -eps / sqrt(1 - abar_t), so an eps-predictor
@@ -190,7 +191,7 @@ class GaussianDiffusion(nn.Module):
         it allows clipping x0_hat to [-1, 1] as the original code does (Algorithm 2 does not)."""
         model_output = model(x_t, t)
         assert model_output.shape == x_t.shape, "the model must return a tensor shaped like x_t"
-        model_output = model_output.float()  # so a bf16 network feeds float32 math
+        model_output = model_output.to(x_t.dtype)  # a bf16 network still feeds float32 math
         if self.mean_type == "eps":
             pred_xstart = self.predict_start_from_noise(x_t, t, model_output)
         else:
@@ -285,7 +286,7 @@ class GaussianDiffusion(nn.Module):
         model_output = model(x_t, t)
         assert model_output.shape == x0.shape
         target = noise if self.mean_type == "eps" else x0
-        return _mean_flat((target - model_output.float()) ** 2)  # line 5
+        return _mean_flat((target - model_output) ** 2)  # line 5
 
     # ---- the variational bound, Eq. (5), in bits per dimension ----
 
