@@ -1,0 +1,87 @@
+"""
+Parity of ddpm.py with an independent implementation of the same equations: the schedulers of
+HF diffusers (DDPMScheduler, DDIMScheduler). Skipped when diffusers is not installed
+(`pip install -r requirements-dev.txt`); CI installs it.
+"""
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from ddpm import GaussianDiffusion, make_beta_schedule
+
+diffusers = pytest.importorskip("diffusers")
+PARITY = settings(max_examples=25, deadline=None)
+
+
+def schedule_pair(name, T):
+    ours = make_beta_schedule(name, T)
+    theirs = {"linear": "linear", "cosine": "squaredcos_cap_v2"}[name]
+    return ours, theirs
+
+
+@PARITY
+@given(st.sampled_from(["linear", "cosine"]), st.integers(10, 1000))
+def test_schedules_match(name, T):
+    """make_beta_schedule gives diffusers' betas and abar (linear; cosine = squaredcos_cap_v2)."""
+    betas, theirs = schedule_pair(name, T)
+    sched = diffusers.DDPMScheduler(num_train_timesteps=T, beta_schedule=theirs)
+    d = GaussianDiffusion(betas)
+    assert torch.allclose(d.betas, sched.betas.float(), rtol=1e-5, atol=1e-8)
+    assert torch.allclose(d.alphas_cumprod, sched.alphas_cumprod.float(), rtol=1e-5, atol=1e-8)
+
+
+@PARITY
+@given(st.sampled_from(["linear", "cosine"]), st.sampled_from(["fixedlarge", "fixedsmall"]),
+       st.sampled_from(["eps", "x0"]), st.integers(0, 999), st.integers(0, 2**31 - 1))
+def test_q_sample_and_p_sample_match_ddpm_scheduler(name, var_type, mean_type, i, seed):
+    """Eq. (4) equals DDPMScheduler.add_noise; one step of Algorithm 2 (x0 clipped, posterior mean
+    (7), sigma_t^2 = beta_t or beta~_t, no noise at the last step) equals DDPMScheduler.step fed
+    the same network output and the same noise."""
+    T = 1000
+    betas, theirs = schedule_pair(name, T)
+    sched = diffusers.DDPMScheduler(
+        num_train_timesteps=T, beta_schedule=theirs, clip_sample=True,
+        variance_type={"fixedlarge": "fixed_large", "fixedsmall": "fixed_small"}[var_type],
+        prediction_type={"eps": "epsilon", "x0": "sample"}[mean_type])
+    sched.set_timesteps(T)
+    d = GaussianDiffusion(betas, mean_type=mean_type, var_type=var_type)
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.rand(2, 3, 8, 8, generator=g) * 2 - 1
+    noise = torch.randn(2, 3, 8, 8, generator=g)
+    t = torch.full((2,), i, dtype=torch.long)
+    x_t = d.q_sample(x0, t, noise)
+    assert torch.allclose(x_t, sched.add_noise(x0, noise, t), atol=1e-5)
+
+    model_output = torch.randn(2, 3, 8, 8, generator=g)
+    theirs = sched.step(model_output, i, x_t, generator=torch.Generator().manual_seed(seed)).prev_sample
+    z = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+    ours = d.p_sample(lambda x, tt: model_output, x_t, t, z)
+    assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+@PARITY
+@given(st.sampled_from([5, 10, 50, 100]), st.sampled_from([0.0, 0.5, 1.0]), st.integers(0, 2**31 - 1))
+def test_ddim_matches_ddim_scheduler(steps, eta, seed):
+    """DDIM Eqs. (12), (16) over the uniform timesteps equal DDIMScheduler (leading spacing, abar = 1
+    after the last step, eps recomputed from the clipped x0), step by step along a whole run."""
+    T = 1000
+    d = GaussianDiffusion(make_beta_schedule("linear", T))
+    sched = diffusers.DDIMScheduler(num_train_timesteps=T, clip_sample=True, set_alpha_to_one=True)
+    sched.set_timesteps(steps)
+    model = lambda x, t: torch.tanh(x) * 0.7 + 0.01 * t.view(-1, 1, 1, 1) / T
+
+    g = torch.Generator().manual_seed(seed)
+    x_T = torch.randn(2, 3, 8, 8, generator=g)
+    visited = []
+    ours = d.ddim_sample_loop(model, x_T.shape, steps, eta, x_T.clone(), torch.Generator().manual_seed(seed),
+                              callback=lambda i, x, p: visited.append(i))
+    assert visited == sched.timesteps.tolist()
+
+    g = torch.Generator().manual_seed(seed)
+    x = x_T.clone()
+    for i in sched.timesteps.tolist():
+        z = torch.randn(x.shape, generator=g) if eta > 0 else None
+        out = model(x, torch.full((2,), i, dtype=torch.long))
+        x = sched.step(out, i, x, eta=eta, use_clipped_model_output=True, variance_noise=z).prev_sample
+    assert torch.allclose(ours, x, rtol=1e-4, atol=1e-4)
