@@ -64,15 +64,17 @@ class AttnBlock(nn.Module):
 
     def forward(self, x):
         B, C, H, W = x.shape
-        h = self.norm(x)
-        # (B, C, H, W) -> (B, HW, C); a view, no copy, when x is channels_last
-        q, k, v = (proj(h).flatten(2).transpose(1, 2) for proj in (self.q, self.k, self.v))
-        if self.use_sdpa:  # one head: 3-d inputs; its default scale is C^-0.5, as in the paper's code
+        h = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C): one token per position
+        # A 1x1 conv on (B, C, H, W) is a matmul over C on (B, HW, C); done that way, q/k/v keep C contiguous
+        # whatever x's memory format, which SDPA's fused kernels need. [:, None] makes the single head explicit.
+        q, k, v = (F.linear(h, m.weight.flatten(1), m.bias)[:, None] for m in (self.q, self.k, self.v))
+        if self.use_sdpa:  # default scale C^-0.5, as in the paper's code
             h = F.scaled_dot_product_attention(q, k, v)
         else:
-            w = torch.softmax(q @ k.transpose(1, 2) * C ** -0.5, dim=-1)  # (B, HW, HW) attention weights
+            w = torch.softmax(q @ k.transpose(-1, -2) * C ** -0.5, dim=-1)  # (B, 1, HW, HW) attention weights
             h = w @ v
-        return x + self.proj_out(h.transpose(1, 2).reshape(B, C, H, W))
+        h = F.linear(h[:, 0], self.proj_out.weight.flatten(1), self.proj_out.bias)
+        return x + h.transpose(1, 2).reshape(B, C, H, W)
 
 
 class Downsample(nn.Module):
@@ -223,7 +225,10 @@ class UNet(nn.Module):
         (google/ddpm-cifar10-32: a folder with config.json, or a .safetensors/.bin file). The architecture is read
         from the config where there is one, else from the tensor shapes."""
         state_dict, config = _read_weights(path)
-        net = cls(**(config or _infer_config(state_dict)))
+        try:
+            net = cls(**(config or _infer_config(state_dict)))
+        except (KeyError, TypeError, IndexError) as e:
+            raise ValueError(f"{path}: cannot tell the UNet configuration from these weights ({type(e).__name__}: {e})") from None
         try:
             net.load_state_dict(state_dict, strict=True)
         except RuntimeError as e:
@@ -239,7 +244,9 @@ def read_safetensors(path):
     N bytes of JSON {name: {dtype, shape, data_offsets: [begin, end]}}, then the raw little-endian data."""
     dtypes = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
-    data = bytearray(Path(path).read_bytes())
+    data = bytearray(Path(path).stat().st_size)
+    with open(path, "rb") as f:
+        f.readinto(data)  # a writable buffer, so torch.frombuffer shares it without a copy
     n = struct.unpack("<Q", data[:8])[0] if len(data) >= 8 else -1
     if not 0 < n <= len(data) - 8:
         raise ValueError(f"{path}: not a safetensors file, or truncated (bad header length)")
