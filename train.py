@@ -519,9 +519,10 @@ def main(argv=None):
         except OSError as e:
             raise SystemExit(f"error: cannot create --out {args.out}: {e.strerror or e}")
 
-    def log(msg):
+    def log(msg, console=True):
         if master:
-            print(msg, flush=True)
+            if console:
+                print(msg, flush=True)
             try:
                 with open(os.path.join(args.out, "log.txt"), "a") as f:
                     f.write(msg + "\n")
@@ -607,7 +608,7 @@ def main(argv=None):
     n_params = sum(p.numel() for p in raw_model.parameters())
     log(f"{'resuming at step ' + str(step) if ckpt else 'training'}: {args.data} {images.shape[0] * world} images "
         f"{s}x{s}x{c}, {n_params / 1e6:.2f}M params, batch {args.batch_size} on {world} x {device}, T={diffusion.num_timesteps}")
-    log("args: " + " ".join(f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()))
+    log("args: " + " ".join(f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()), console=False)
 
     # the loop. acc: loss sum, grad-norm sum, loss sum per t quartile (4), count per quartile (4); on the
     # device, read only at sync points (log, checkpoint, samples), so the GPU never waits for Python

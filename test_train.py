@@ -1,0 +1,343 @@
+"""Tests for train.py: short CPU runs end to end (checkpoint, sample grid, exact resume, a user's grayscale
+.npz, two-process torchrun with gloo, SIGTERM), and bad input ending in one clear line without touching an
+existing checkpoint. Tiny configs throughout; run with `python -m pytest -q test_train.py`."""
+import errno
+import hashlib
+import os
+import pickle
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+
+import pytest
+import torch
+
+import train
+from ddpm import GaussianDiffusion
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TRAIN = os.path.join(HERE, "train.py")
+# a tiny net on 8x8 built-in shapes with T = 50: each step takes milliseconds
+TINY = ["--data", "shapes", "--image-size", "8", "--ch", "32", "--ch-mult", "1,2", "--num-res-blocks", "1",
+        "--attn", "", "--timesteps", "50", "--batch-size", "8", "--warmup", "2", "--ema-decay", "0.9",
+        "--num-samples", "4", "--device", "cpu"]
+
+
+# Tiny nets gain nothing from a second thread, and on a busy machine OpenMP threads spin-wait for each
+# other and make a step 100x slower: the subprocesses get one thread each.
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def run(*args, timeout=120):
+    return subprocess.run([sys.executable, TRAIN, *args], capture_output=True, text=True, timeout=timeout, cwd=HERE, env=ENV)
+
+
+def assert_one_line_error(r):
+    """Bad input: non-zero exit, one line on stderr, no traceback."""
+    assert r.returncode != 0, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+    return lines[0]
+
+
+def sha(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def in_process(argv):
+    """train.main in this process (to monkeypatch it), restoring the signal handlers it installs."""
+    handlers, threads = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)), torch.get_num_threads()
+    torch.set_num_threads(1)  # as ENV does for the subprocesses; restored below
+    try:
+        train.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+        signal.signal(signal.SIGINT, handlers[0])
+        signal.signal(signal.SIGTERM, handlers[1])
+
+
+def decode_png(path):
+    """Minimal PNG reader for what save_grid writes (8-bit grey or RGB, filter 0): -> uint8 (H, W, C)."""
+    data = open(path, "rb").read()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, chunks = 8, {}
+    while pos < len(data):
+        n, tag = struct.unpack(">I4s", data[pos:pos + 8])
+        body = data[pos + 8:pos + 8 + n]
+        assert struct.unpack(">I", data[pos + 8 + n:pos + 12 + n])[0] == zlib.crc32(tag + body) & 0xFFFFFFFF
+        chunks[tag] = chunks.get(tag, b"") + body
+        pos += 12 + n
+    w, h, depth, colour = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
+    assert depth == 8 and colour in (0, 2) and b"IEND" in chunks
+    c = 1 if colour == 0 else 3
+    raw = zlib.decompress(chunks[b"IDAT"])
+    assert len(raw) == h * (1 + w * c)
+    rows = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(h, 1 + w * c)
+    assert (rows[:, 0] == 0).all()
+    return rows[:, 1:].reshape(h, w, c)
+
+
+@pytest.fixture(scope="module")
+def good_run(tmp_path_factory):
+    """A finished 4-step run on the built-in data: its folder (ckpt.pt, samples, log)."""
+    out = tmp_path_factory.mktemp("good")
+    r = run(*TINY, "--steps", "4", "--log-every", "2", "--ckpt-every", "4", "--sample-every", "4", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+# ---------------------------------------------------------------------------- helpers
+
+def test_save_grid_png_roundtrip(tmp_path):
+    """save_grid writes a valid PNG whose pixels are to_uint8 of the images, in grid order, grey and RGB."""
+    for c in (1, 3):
+        x = torch.rand(5, c, 6, 6) * 2 - 1
+        train.save_grid(tmp_path / f"g{c}.png", x, nrow=3, pad=2)
+        img = decode_png(tmp_path / f"g{c}.png")
+        assert img.shape == (2 + 2 * 8, 2 + 3 * 8, c)
+        u = train.to_uint8(x)
+        assert torch.equal(img[2:8, 2:8], u[0]) and torch.equal(img[10:16, 10:16], u[4])  # index 4: row 1, column 1
+    assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
+
+
+def test_to_uint8_inverts_data_scaling():
+    """to_uint8(x / 127.5 - 1) == x for every byte value."""
+    x = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16)
+    assert torch.equal(train.to_uint8(x.float() / 127.5 - 1), x.permute(0, 2, 3, 1))
+
+
+def test_make_shapes_deterministic_and_learnable():
+    """Same seed, same data; labels 0..3 balanced; a nearest-centroid classifier on the mean colour of the
+    brightest pixels (a 'simple classifier') recognises the class of nearly every image."""
+    x, y = train.make_shapes(800, 16, 3, seed=1)
+    x2, y2 = train.make_shapes(800, 16, 3, seed=1)
+    assert torch.equal(x, x2) and torch.equal(y, y2) and x.dtype == torch.uint8 and x.shape == (800, 16, 16, 3)
+    assert set(y.tolist()) == {0, 1, 2, 3} and torch.bincount(y).min() > 150
+    feats = x.float().flatten(1, 2).topk(20, dim=1).values.mean(1)  # per channel, brightest pixels
+    centroids = torch.stack([feats[y == k].mean(0) for k in range(4)])
+    pred = torch.cdist(feats, centroids).argmin(1)
+    assert (pred == y).float().mean() > 0.95
+    g, _ = train.make_shapes(10, 8, 1)
+    assert g.shape == (10, 8, 8, 1)
+
+
+def test_read_npy_matches_numpy(tmp_path):
+    """The stdlib .npy reader gives numpy's array for the dtypes and layouts users save."""
+    np = pytest.importorskip("numpy")
+    rng = np.random.default_rng(0)
+    for a in [rng.integers(0, 256, (3, 4, 4, 3), dtype=np.uint8), rng.integers(0, 9, (7,)).astype(np.int64),
+              np.asfortranarray(rng.integers(0, 256, (2, 5, 5), dtype=np.uint8)), rng.random((2, 3)).astype(np.float32)]:
+        np.save(tmp_path / "a.npy", a)
+        with open(tmp_path / "a.npy", "rb") as f:
+            assert torch.equal(train.read_npy(f), torch.from_numpy(np.ascontiguousarray(a)))
+
+
+def test_cifar10_batches_parsed_without_numpy(tmp_path, monkeypatch):
+    """A CIFAR-10-style pickled batch (a numpy array inside a dict) is read by the restricted unpickler to
+    the same bytes numpy holds; a wrong archive MD5 and an offline download each give one clear line."""
+    np = pytest.importorskip("numpy")
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    data = np.random.default_rng(0).integers(0, 256, (20, 3072), dtype=np.uint8)
+    for k in range(1, 6):
+        with open(folder / f"data_batch_{k}", "wb") as f:
+            pickle.dump({b"data": data, b"labels": list(range(20))}, f, protocol=2)
+    images, labels = train.load_cifar10(str(tmp_path))
+    assert images.shape == (100, 3, 32, 32) and labels.tolist()[:20] == list(range(20))
+    assert torch.equal(images[:20].reshape(20, 3072), torch.from_numpy(data))
+    with open(folder / "data_batch_1", "wb") as f:  # anything but arrays, lists and bytes is refused
+        pickle.dump({b"data": GaussianDiffusion}, f)
+    with pytest.raises(SystemExit, match="cannot read the CIFAR-10 batches"):
+        train.load_cifar10(str(tmp_path))
+    empty = tmp_path / "other"
+    empty.mkdir()
+    (empty / "cifar-10-python.tar.gz").write_bytes(b"not the archive")
+    with pytest.raises(SystemExit, match="MD5"):
+        train.load_cifar10(str(empty))
+
+    def offline(*a, **k):
+        raise train.urllib.error.URLError("no network")
+    monkeypatch.setattr(train.urllib.request, "urlopen", offline)
+    with pytest.raises(SystemExit, match=r"fetch https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz by hand"):
+        train.load_cifar10(str(tmp_path / "nothing"))
+    assert not os.path.exists(tmp_path / "nothing" / "cifar-10-python.tar.gz.part")
+
+
+# ---------------------------------------------------------------------------- runs
+
+def test_short_run_writes_checkpoint_samples_and_log(good_run):
+    """A 4-step CPU run writes a loadable checkpoint in the shared format, a valid PNG grid and the log lines."""
+    ckpt = train.load_checkpoint(str(good_run))
+    assert ckpt["step"] == 4 and ckpt["format"] == "ddpm-checkpoint-v1"
+    assert ckpt["model_config"]["image_size"] == 8 and ckpt["diffusion_config"]["num_timesteps"] == 50
+    assert set(ckpt["model"]) == set(ckpt["ema"]) and ckpt["args"]["steps"] == 4
+    img = decode_png(good_run / "samples_0000004.png")
+    assert img.shape == (2 + 2 * 10, 2 + 2 * 10, 3)
+    log = (good_run / "log.txt").read_text()
+    assert "step 2/4 | loss " in log and "img/s | eta" in log and "loss by t quartile: q0" in log
+    assert not [p for p in os.listdir(good_run) if ".tmp" in p]
+
+
+def test_resume_is_exact(tmp_path):
+    """Training 6 steps straight equals 3 steps, then --resume for 3 more: same step count and the same
+    weights, EMA and Adam state bit for bit (LR schedule, data order, RNG streams all restored)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    common = [*TINY, "--log-every", "3", "--sample-every", "0", "--sample-steps", "2"]
+    assert run(*common, "--steps", "6", "--out", str(a)).returncode == 0
+    assert run(*common, "--steps", "3", "--out", str(b)).returncode == 0
+    r = run("--resume", str(b), "--steps", "6")
+    assert r.returncode == 0, r.stderr
+    assert "resuming at step 3" in r.stdout and "step 6/6" in r.stdout
+    ca, cb = train.load_checkpoint(str(a)), train.load_checkpoint(str(b))
+    assert ca["step"] == cb["step"] == 6
+    for key in ("model", "ema"):
+        for name in ca[key]:
+            assert torch.equal(ca[key][name], cb[key][name]), (key, name)
+    for i, s in ca["optimizer"]["state"].items():
+        assert all(torch.equal(s[k], cb["optimizer"]["state"][i][k]) for k in s)
+
+
+def test_user_npz_grayscale_16x16_class_conditional(tmp_path):
+    """A user's .npz of grayscale 16x16 uint8 images (arr_0) with labels (arr_1) trains a small 1-channel,
+    class-conditional net; the checkpoint's net follows the data."""
+    np = pytest.importorskip("numpy")
+    x, y = train.make_shapes(64, 16, 1, seed=3)
+    np.savez(tmp_path / "gray.npz", x[..., 0].numpy(), y.numpy())  # N,H,W: channel dim left out
+    r = run("--data", str(tmp_path / "gray.npz"), "--ch", "32", "--ch-mult", "1,2", "--num-res-blocks", "1",
+            "--attn", "8", "--timesteps", "50", "--batch-size", "16", "--steps", "3", "--warmup", "1",
+            "--class-cond", "--num-samples", "4", "--sample-steps", "2", "--device", "cpu", "--out", str(tmp_path / "run"))
+    assert r.returncode == 0, r.stderr
+    ckpt = train.load_checkpoint(str(tmp_path / "run"))
+    cfg = ckpt["model_config"]
+    assert (cfg["image_size"], cfg["in_channels"], cfg["num_classes"]) == (16, 1, 4)
+    assert decode_png(tmp_path / "run" / "samples_0000003.png").shape[2] == 1
+
+
+def test_torchrun_two_cpu_processes(tmp_path):
+    """torchrun with 2 CPU processes (gloo): trains with the global batch split, one writer: one
+    checkpoint holding both ranks' RNG states, one log line per interval."""
+    out = tmp_path / "ddp"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", TRAIN,
+                        *TINY, "--steps", "4", "--log-every", "2", "--sample-every", "0", "--sample-steps", "2",
+                        "--out", str(out)], capture_output=True, text=True, timeout=180, cwd=HERE, env=ENV)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "log.txt", "samples_0000004.png"]
+    ckpt = train.load_checkpoint(str(out))
+    assert ckpt["step"] == 4 and len(ckpt["rng"]["ranks"]) == 2
+    assert not torch.equal(ckpt["rng"]["ranks"][0]["cpu"], ckpt["rng"]["ranks"][1]["cpu"])
+    log = (out / "log.txt").read_text()
+    assert "on 2 x cpu" in log and log.count("step 2/4 |") == 1 and log.count("step 4/4 |") == 1
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", TRAIN,
+                        *TINY, "--batch-size", "7", "--steps", "1", "--out", str(tmp_path / "odd")],
+                       capture_output=True, text=True, timeout=180, cwd=HERE, env=ENV)
+    assert r.returncode != 0 and "not divisible by the 2 processes" in r.stdout + r.stderr
+
+
+def test_sigterm_checkpoints_and_resume_continues(tmp_path):
+    """SIGTERM mid-run: the step finishes, a checkpoint is written, exit 0; --resume continues from that step."""
+    out = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, TRAIN, *TINY, "--steps", "100000", "--log-every", "1", "--ckpt-every", "100000",
+                          "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE, env=ENV)
+    deadline = time.time() + 60
+    while time.time() < deadline and " 2/100000 |" not in ((out / "log.txt").read_text() if (out / "log.txt").exists() else ""):
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    stdout, stderr = p.communicate(timeout=60)
+    assert p.returncode == 0, stderr
+    assert "stopped at step" in stdout and "Traceback" not in stderr
+    step = train.load_checkpoint(str(out))["step"]
+    assert 2 <= step < 100000
+    r = run("--resume", str(out), "--steps", str(step + 2), "--log-every", "1")
+    assert r.returncode == 0, r.stderr
+    assert f"resuming at step {step}" in r.stdout and f"step {step + 2}/{step + 2} |" in r.stdout
+    assert train.load_checkpoint(str(out))["step"] == step + 2
+
+
+# ---------------------------------------------------------------------------- bad input
+
+def bad_files(tmp_path):
+    np = pytest.importorskip("numpy")
+    (tmp_path / "junk.npz").write_bytes(b"this is not a zip file")
+    np.save(tmp_path / "float.npy", np.zeros((4, 8, 8, 3), np.float32))
+    np.save(tmp_path / "nonsquare.npy", np.zeros((4, 8, 6, 3), np.uint8))
+    np.save(tmp_path / "five.npy", np.zeros((4, 8, 8, 5), np.uint8))
+    (tmp_path / "images.txt").write_text("hello")
+
+
+@pytest.mark.parametrize("case,argv,expect", [
+    ("unknown dataset", ["--data", "imagenet64"], "not cifar10, shapes, or an existing"),
+    ("unreadable file", ["--data", "{tmp}/junk.npz"], "cannot read"),
+    ("wrong dtype", ["--data", "{tmp}/float.npy"], "must be uint8"),
+    ("not square", ["--data", "{tmp}/nonsquare.npy"], "H = W and C = 1 or 3"),
+    ("5 channels", ["--data", "{tmp}/five.npy"], "H = W and C = 1 or 3"),
+    ("file type", ["--data", "{tmp}/images.txt"], "unsupported file type"),
+    ("cuda without one", ["--device", "cuda"], "no CUDA device"),
+    ("model flag conflicts", ["--ch", "64"], "conflicts with the checkpoint"),
+    ("data don't fit the model", ["--data", "shapes", "--image-size", "16"], "conflicts with the checkpoint"),
+])
+def test_bad_input_one_line_checkpoint_untouched(good_run, tmp_path, case, argv, expect):
+    """Each bad input, given while resuming a good run, ends with one 'error:' line on stderr, a non-zero
+    exit and no traceback, and the run's checkpoint is byte-for-byte unchanged."""
+    if case == "cuda without one" and torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    bad_files(tmp_path)
+    before = sha(good_run / "ckpt.pt")
+    r = run("--resume", str(good_run), "--steps", "6", *[a.format(tmp=tmp_path) for a in argv])
+    assert expect in assert_one_line_error(r), case
+    assert sha(good_run / "ckpt.pt") == before
+
+
+def test_fresh_run_refuses_to_overwrite_and_corrupt_resume(good_run, tmp_path):
+    """A new run into a folder with a checkpoint, and --resume from a truncated or foreign file, each end
+    with one line; nothing is written."""
+    before = sha(good_run / "ckpt.pt")
+    assert "--resume" in assert_one_line_error(run(*TINY, "--steps", "2", "--out", str(good_run)))
+    data = (good_run / "ckpt.pt").read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
+    assert "corrupt or truncated" in assert_one_line_error(run("--resume", str(tmp_path / "truncated.pt")))
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
+    assert "not a train.py checkpoint" in assert_one_line_error(run("--resume", str(tmp_path / "foreign.pt")))
+    assert "no checkpoint at" in assert_one_line_error(run("--resume", str(tmp_path / "missing")))
+    assert sha(good_run / "ckpt.pt") == before
+
+
+@pytest.mark.parametrize("where", ["write", "rename"])
+def test_full_disk_keeps_previous_checkpoint(good_run, tmp_path, monkeypatch, where):
+    """ENOSPC while writing the checkpoint (mid-write, or at the rename): one line, the previous checkpoint
+    is intact and loadable, no temporary file is left behind."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "ckpt.pt").write_bytes((good_run / "ckpt.pt").read_bytes())
+    before = sha(run_dir / "ckpt.pt")
+    if where == "write":
+        def full_save(obj, f):
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        monkeypatch.setattr(train.torch, "save", full_save)
+    else:
+        def full_replace(src, dst):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        monkeypatch.setattr(train.os, "replace", full_replace)
+    with pytest.raises(SystemExit, match="No space left on device.*intact"):
+        in_process(["--resume", str(run_dir), "--steps", "5", "--ckpt-every", "1", "--sample-every", "0"])
+    monkeypatch.undo()
+    assert sha(run_dir / "ckpt.pt") == before and train.load_checkpoint(str(run_dir))["step"] == 4
+    assert sorted(os.listdir(run_dir)) == ["ckpt.pt", "log.txt"]
+
+
+def test_nan_loss_stops_without_saving(good_run, tmp_path, monkeypatch):
+    """If the loss turns NaN the run stops with a clear message and never writes the NaN model."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "ckpt.pt").write_bytes((good_run / "ckpt.pt").read_bytes())
+    before = sha(run_dir / "ckpt.pt")
+    losses = GaussianDiffusion.training_losses
+    monkeypatch.setattr(GaussianDiffusion, "training_losses", lambda self, *a, **k: losses(self, *a, **k) * float("nan"))
+    with pytest.raises(SystemExit, match="diverged.*intact"):
+        in_process(["--resume", str(run_dir), "--steps", "8", "--ckpt-every", "1", "--log-every", "1"])
+    assert sha(run_dir / "ckpt.pt") == before
