@@ -1,14 +1,17 @@
 """Tests for train.py: short CPU runs end to end (checkpoint, sample grid, exact resume, a user's grayscale
 .npz, two-process torchrun with gloo, SIGTERM), and bad input ending in one clear line without touching an
 existing checkpoint. Tiny configs throughout; run with `python -m pytest -q test_train.py`."""
+import contextlib
 import errno
 import hashlib
+import io
 import os
 import pickle
 import signal
 import struct
 import subprocess
 import sys
+import tarfile
 import time
 import zlib
 
@@ -137,19 +140,40 @@ def test_read_npy_matches_numpy(tmp_path):
             assert torch.equal(train.read_npy(f), torch.from_numpy(np.ascontiguousarray(a)))
 
 
+def py2_cifar_batch(raw, labels):
+    """Bytes as Python 2's cPickle (protocol 2) wrote the CIFAR-10 batches: a dict holding a numpy uint8
+    array (n, 3072) rebuilt by numpy.core.multiarray._reconstruct, its bytes a BINSTRING, and a label list."""
+    def s(b):
+        return (b"U" + bytes([len(b)]) + b) if len(b) < 256 else (b"T" + struct.pack("<i", len(b)) + b)
+    array = (b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85" + s(b"b") + b"\x87R"
+             + b"(K\x01K" + bytes([len(labels)]) + b"M\x00\x0c\x86"  # version 1, shape (n, 3072)
+             + b"cnumpy\ndtype\n" + s(b"u1") + b"K\x00K\x01\x87R(K\x03" + s(b"|")
+             + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"  # dtype state
+             + b"\x89" + s(raw) + b"tb")  # fortran False, raw bytes
+    return (b"\x80\x02}(" + s(b"data") + array + s(b"labels") + b"](" + b"".join(b"K" + bytes([v]) for v in labels)
+            + b"e" + s(b"batch_label") + s(b"training batch") + b"u.")
+
+
 def test_cifar10_batches_parsed_without_numpy(tmp_path, monkeypatch):
-    """A CIFAR-10-style pickled batch (a numpy array inside a dict) is read by the restricted unpickler to
-    the same bytes numpy holds; a wrong archive MD5 and an offline download each give one clear line."""
-    np = pytest.importorskip("numpy")
+    """CIFAR-10's pickled batches (numpy arrays inside dicts, as Python 2 wrote them) are read by the
+    restricted unpickler to the exact bytes (numpy, if present, reads the same file to the same array);
+    download (faked), MD5 check and extraction work; anything else in a pickle is refused; a wrong archive
+    MD5 and an offline download each give one clear line."""
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()
-    data = np.random.default_rng(0).integers(0, 256, (20, 3072), dtype=np.uint8)
+    data = torch.randint(0, 256, (20, 3072), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     for k in range(1, 6):
-        with open(folder / f"data_batch_{k}", "wb") as f:
-            pickle.dump({b"data": data, b"labels": list(range(20))}, f, protocol=2)
+        (folder / f"data_batch_{k}").write_bytes(py2_cifar_batch(bytes(data.flatten().tolist()), list(range(20))))
     images, labels = train.load_cifar10(str(tmp_path))
     assert images.shape == (100, 3, 32, 32) and labels.tolist()[:20] == list(range(20))
-    assert torch.equal(images[:20].reshape(20, 3072), torch.from_numpy(data))
+    assert torch.equal(images[:20].reshape(20, 3072), data) and torch.equal(images[20:40], images[:20])
+    with contextlib.suppress(ImportError):
+        import numpy as np
+        with open(folder / "data_batch_1", "rb") as f:
+            assert np.array_equal(pickle.load(f, encoding="bytes")[b"data"], data.numpy())
+        with open(folder / "data_batch_2", "wb") as f:  # a python 3 pickle of a numpy array reads the same
+            pickle.dump({b"data": data.numpy(), b"labels": list(range(20))}, f, protocol=2)
+        assert torch.equal(train.read_cifar_batch(folder / "data_batch_2")[0].reshape(20, 3072), data)
     with open(folder / "data_batch_1", "wb") as f:  # anything but arrays, lists and bytes is refused
         pickle.dump({b"data": GaussianDiffusion}, f)
     with pytest.raises(SystemExit, match="cannot read the CIFAR-10 batches"):
@@ -159,6 +183,18 @@ def test_cifar10_batches_parsed_without_numpy(tmp_path, monkeypatch):
     (empty / "cifar-10-python.tar.gz").write_bytes(b"not the archive")
     with pytest.raises(SystemExit, match="MD5"):
         train.load_cifar10(str(empty))
+
+    # the download path, offline: a fake server hands out a tar.gz of the batches; MD5 checked, then extracted
+    (folder / "data_batch_1").write_bytes(py2_cifar_batch(bytes(data.flatten().tolist()), list(range(20))))
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        tar.add(folder, arcname="cifar-10-batches-py")
+    archive = buf.getvalue()
+    monkeypatch.setattr(train, "CIFAR10_MD5", hashlib.md5(archive).hexdigest())
+    monkeypatch.setattr(train.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(archive))
+    images2, _ = train.load_cifar10(str(tmp_path / "fresh"))
+    assert sorted(os.listdir(tmp_path / "fresh")) == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]
+    assert images2.shape == (100, 3, 32, 32)
 
     def offline(*a, **k):
         raise train.urllib.error.URLError("no network")

@@ -100,10 +100,12 @@ def atomic_write(path, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:  # also KeyboardInterrupt: never leave the temporary file behind
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        raise SystemExit(f"error: could not write {path}: {e.strerror or e} (any previous {os.path.basename(path)} is intact)")
+        if isinstance(e, OSError):
+            raise SystemExit(f"error: could not write {path}: {e.strerror or e} (any previous {os.path.basename(path)} is intact)")
+        raise
 
 
 def png_bytes(img):
@@ -232,8 +234,12 @@ def load_cifar10(data_dir):
             md5 = hashlib.md5(f.read()).hexdigest()
         if md5 != CIFAR10_MD5:
             raise SystemExit(f"error: {archive} has MD5 {md5}, expected {CIFAR10_MD5}: delete it and download it again")
+        tmp = os.path.join(data_dir, ".extracting")  # then renamed, so an interrupted extraction leaves no half folder
+        shutil.rmtree(tmp, ignore_errors=True)
         with tarfile.open(archive) as tar:
-            tar.extractall(data_dir, filter="data")  # "data" filter: no absolute paths, links or escapes
+            tar.extractall(tmp, filter="data")  # "data" filter: no absolute paths, links or escapes
+        os.replace(os.path.join(tmp, "cifar-10-batches-py"), folder)
+        shutil.rmtree(tmp, ignore_errors=True)
     try:
         batches = [read_cifar_batch(os.path.join(folder, f"data_batch_{k}")) for k in range(1, 6)]
     except Exception as e:
@@ -544,6 +550,8 @@ def main(argv=None):
         if (model_config["image_size"], model_config["in_channels"]) != (s, c):
             raise SystemExit(f"error: the data are {s}x{s} with {c} channel(s), the checkpoint's model expects "
                              f"{model_config['image_size']}x{model_config['image_size']} with {model_config['in_channels']}")
+        if args.class_cond and num_classes > model_config["num_classes"]:
+            raise SystemExit(f"error: the data have {num_classes} classes, the checkpoint's model {model_config['num_classes']}")
     else:
         model_config = dict(image_size=s, in_channels=c, ch=args.ch, ch_mult=args.ch_mult, num_res_blocks=args.num_res_blocks,
                             attn_resolutions=args.attn, dropout=args.dropout, num_classes=num_classes)
