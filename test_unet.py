@@ -43,13 +43,15 @@ def inputs(batch, channels=3, size=32, seed=1):
 
 @pytest.fixture(scope="module")
 def cifar_net():
+    """The default UNet() (the paper's CIFAR-10 net) with randomized weights, built once for the module."""
     return randomized(UNet())
 
 
-def test_cifar10_parameter_count():
+def test_cifar10_parameter_count(cifar_net):
     """UNet() is the paper's 35.7M network: exactly 35,746,307 parameters (and so is CONFIGS['cifar10'])."""
-    assert sum(p.numel() for p in UNet().parameters()) == 35_746_307
-    assert sum(p.numel() for p in UNet(**CONFIGS["cifar10"]).parameters()) == 35_746_307
+    assert sum(p.numel() for p in cifar_net.parameters()) == 35_746_307
+    with torch.device("meta"):  # shapes only, no memory
+        assert sum(p.numel() for p in UNet(**CONFIGS["cifar10"]).parameters()) == 35_746_307
 
 
 def test_256_configs_parameter_count():
@@ -59,12 +61,12 @@ def test_256_configs_parameter_count():
     assert 113e6 < n < 115e6
 
 
-def test_state_dict_matches_released_keys():
+def test_state_dict_matches_released_keys(cifar_net):
     """The state_dict keys and shapes, in order, are those of the released weights (ddpm_cifar10_keys.txt)."""
     if not KEYS_FILE.is_file():
         pytest.skip(f"reference key list not found at {KEYS_FILE} (shared/ is cloned beside the repo in CI)")
     expected = [tuple(line.split()) for line in KEYS_FILE.read_text().splitlines() if line.strip()]
-    ours = [(k, "x".join(map(str, v.shape))) for k, v in UNet().state_dict().items()]
+    ours = [(k, "x".join(map(str, v.shape))) for k, v in cifar_net.state_dict().items()]
     assert len(expected) == 328 and ours == expected
 
 
@@ -279,28 +281,50 @@ def test_diffusers_config_not_the_paper_is_refused(tmp_path):
             UNet.from_pretrained(tmp_path)
 
 
+def write_safetensors(path, state_dict):
+    """A minimal safetensors writer (the format: 8-byte little-endian header length, JSON header, raw data)."""
+    names = {torch.float32: "F32", torch.int64: "I64"}
+    header, blobs, offset = {}, [], 0
+    for k, v in state_dict.items():
+        blob = bytes(v.detach().clone().contiguous().untyped_storage())
+        header[k] = {"dtype": names[v.dtype], "shape": list(v.shape), "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    head = json.dumps(header).encode()
+    Path(path).write_bytes(len(head).to_bytes(8, "little") + head + b"".join(blobs))
+
+
+def test_safetensors_reader_roundtrip(tmp_path):
+    """read_safetensors returns exactly the tensors written; a TF-scope .safetensors file loads with from_pretrained."""
+    net = randomized(UNet(**TINY))
+    sd = dict(net.state_dict(), extra=torch.arange(5))
+    write_safetensors(tmp_path / "w.safetensors", sd)
+    back = unet.read_safetensors(tmp_path / "w.safetensors")
+    assert list(back) == list(sd) and all(torch.equal(back[k], v) and back[k].dtype == v.dtype for k, v in sd.items())
+    sd.pop("extra")
+    write_safetensors(tmp_path / "tf.safetensors", sd)
+    x, t = inputs(2, size=16)
+    with torch.no_grad():
+        torch.testing.assert_close(UNet.from_pretrained(tmp_path / "tf.safetensors")(x, t), net(x, t), atol=0, rtol=0)
+
+
 def test_load_errors(tmp_path):
-    """Missing, empty, truncated or foreign inputs end in FileNotFoundError/ValueError with a one-line message."""
+    """Missing, empty, truncated or foreign inputs end in FileNotFoundError/ValueError with a one-line message
+    that names the file."""
     with pytest.raises(FileNotFoundError):
         UNet.from_pretrained(tmp_path / "nope.ckpt")
     with pytest.raises(FileNotFoundError):
         UNet.from_pretrained(tmp_path)  # a folder without weights
-    net = UNet(**TINY)
-    d = pytest.importorskip("diffusers")
-    torch.manual_seed(0)
-    d.UNet2DModel(**dict(DDPM_CIFAR10_32, sample_size=16, block_out_channels=(32, 64), layers_per_block=1,
-                         down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                         up_block_types=("AttnUpBlock2D", "UpBlock2D"))).save_pretrained(tmp_path / "hf")
-    st = (tmp_path / "hf" / "diffusion_pytorch_model.safetensors").read_bytes()
-    torch.save(net.state_dict(), tmp_path / "good.pt")
-    pt = (tmp_path / "good.pt").read_bytes()
+    sd = UNet(**TINY).state_dict()
+    write_safetensors(tmp_path / "good.safetensors", sd)
+    torch.save(sd, tmp_path / "good.pt")
+    st, pt = (tmp_path / "good.safetensors").read_bytes(), (tmp_path / "good.pt").read_bytes()
     cases = {"trunc.safetensors": st[: len(st) // 2], "header.safetensors": st[:100], "tiny.safetensors": b"abc",
              "trunc.pt": pt[: len(pt) // 2], "text.pt": b"hello"}
     for name, data in cases.items():
         (tmp_path / name).write_bytes(data)
     torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "foreign.pt")
     torch.save([1, 2, 3], tmp_path / "list.pt")
-    sd = net.state_dict()
     sd.pop("conv_out.bias")
     torch.save(sd, tmp_path / "incomplete.pt")
     for name in [*cases, "foreign.pt", "list.pt", "incomplete.pt"]:
