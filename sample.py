@@ -1,0 +1,344 @@
+"""
+Sample from a DDPM (Ho, Jain, Abbeel 2020): Algorithm 2 from a train.py checkpoint or the paper's released
+CIFAR-10 weights; DDIM with fewer steps; classifier-free guidance; the reverse process as a strip (Figure 6);
+and the test-set NLL bound in bits/dim (Table 1, Eq. 5).
+  python sample.py out/ckpt.pt --n 64                                    # grid, 1000 steps of Algorithm 2
+  python sample.py model-790000.ckpt --steps 100 --n 50000 --npz s.npz   # released weights, DDIM, for FID
+  python sample.py out --class 0,1,2,3 --guidance 3                      # class-conditional, guided
+  python sample.py out --nll cifar10                                     # NLL bound on the CIFAR-10 test split
+"""
+import argparse
+import ctypes
+import math
+import os
+import struct
+import sys
+import time
+import zipfile
+
+import torch
+
+from ddpm import classifier_free_guidance
+from train import build_diffusion, load_checkpoint, load_cifar10, load_file, read_cifar_batch, resolve_device, \
+    save_grid, to_uint8
+from unet import UNet
+
+# The diffusion of the paper's CIFAR-10 run (Sec. 4, scripts/run_cifar.py), which released weights imply.
+PAPER_DIFFUSION = dict(schedule="linear", num_timesteps=1000, beta_start=1e-4, beta_end=0.02,
+                       mean_type="eps", var_type="fixedlarge")
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+GRID_MAX = 256  # the PNG shows at most this many samples; --npz keeps all of them
+
+# -----------------------------------------------------------------------------
+# loading
+
+
+def load_model(path, use_ema=True):
+    """-> (net in eval mode, diffusion config, train.py's args or {}, one-line description). path: a train.py checkpoint or run
+    folder, or released weights (TF-scope state dict, or the diffusers google/ddpm-cifar10-32 folder or file)."""
+    diffusers_layout = path.endswith((".safetensors", ".bin")) or (
+        os.path.isdir(path) and not os.path.exists(os.path.join(path, "ckpt.pt")) and
+        any(os.path.exists(os.path.join(path, f)) for f in ("config.json", "unet")))
+    if not diffusers_layout:
+        try:
+            ckpt = load_checkpoint(path)
+        except SystemExit as err:
+            # not ours; the one other .pt/.ckpt we read is a bare TF-scope state dict (model-790000.ckpt)
+            if not os.path.isfile(path) or "not a train.py checkpoint" not in str(err):
+                raise  # missing, truncated or corrupt: train.py's message says which
+            try:
+                net = UNet.from_pretrained(path)
+            except (ValueError, OSError) as e:
+                raise SystemExit(f"error: {path} is neither a train.py checkpoint nor released DDPM weights "
+                                 f"({str(e).splitlines()[0]})") from None
+            return net, PAPER_DIFFUSION, {}, f"released weights {path} (TF-scope state dict, EMA)"
+        weights = "ema" if use_ema and ckpt.get("ema") else "model"
+        try:
+            net = UNet(**ckpt["model_config"])
+            net.load_state_dict(ckpt[weights])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise SystemExit(f"error: {path}: the weights do not fit its model_config ({str(e).splitlines()[0][:200]})")
+        return net.eval(), ckpt["diffusion_config"], ckpt.get("args") or {}, f"{path} (step {ckpt.get('step', '?')}, {weights} weights)"
+    try:
+        net = UNet.from_pretrained(path)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: cannot load {path} as released weights: {str(e).splitlines()[0]}") from None
+    return net, PAPER_DIFFUSION, {}, f"released weights {path} (diffusers layout, EMA)"
+
+
+def parse_classes(spec, num_classes, names):
+    """'3' or '1,5,7' (or class names, for a CIFAR-10 model) -> list of ints in 0..num_classes-1."""
+    out = []
+    for s in spec.split(","):
+        s = s.strip()
+        if s in names:
+            out.append(names.index(s))
+        elif s.lstrip("-").isdigit() and 0 <= int(s) < num_classes:
+            out.append(int(s))
+        else:
+            raise SystemExit(f"error: --class {s}: not a class of this model (0..{num_classes - 1}"
+                             + (f" or one of {','.join(names)})" if names else ")"))
+    return out
+
+
+def model_fn(net, y, guidance, bf16):
+    """model(x_t, t) for ddpm.py. With guidance w > 0 (Ho & Salimans 2021) the conditional and unconditional
+    predictions come from one forward pass over a batch of 2B, combined by ddpm.classifier_free_guidance."""
+    def fn(x, t):
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=bf16):  # network only; the diffusion stays fp32
+            if y is None or guidance == 0:
+                return net(x, t, y).float()
+            null = torch.full_like(y, net.config["num_classes"])
+            out = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).float()
+        eps_cond, eps_uncond = out.chunk(2)
+        return classifier_free_guidance(eps_cond, eps_uncond, guidance)
+    return fn
+
+# -----------------------------------------------------------------------------
+# the .npz format of FID tools (numpy.savez), written with the standard library
+
+
+def npy_header(t):
+    """.npy format 1.0: magic, version, little-endian header length, a python dict literal padded with spaces
+    and a newline so the data starts on a 64-byte boundary."""
+    descr = {torch.uint8: "|u1", torch.int64: "<i8"}[t.dtype]
+    shape = "(" + "".join(f"{d}, " for d in t.shape).rstrip(" ").rstrip(",") + ("," if t.dim() == 1 else "") + ")"
+    header = f"{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}"
+    header += " " * (-(10 + len(header) + 1) % 64) + "\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header.encode("latin1")
+
+
+def write_npz(path, arrays):
+    """arrays: {"arr_0": uint8 tensor, ...} -> an uncompressed .npz as numpy.savez writes it, atomically.
+    The zip entries carry a fixed date, so the same arrays give the same file byte for byte."""
+    assert sys.byteorder == "little", "the .npy headers below say little-endian"
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            for name, t in arrays.items():
+                info = zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
+                with zf.open(info, "w", force_zip64=True) as f:
+                    f.write(npy_header(t))
+                    flat = t.contiguous().view(-1)
+                    for chunk in flat.split(1 << 24):  # raw bytes of a CPU tensor without numpy, 16M elements at a time
+                        f.write(ctypes.string_at(chunk.data_ptr(), chunk.numel() * chunk.element_size()))
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise SystemExit(f"error: could not write {path}: {e.strerror or e}")
+
+# -----------------------------------------------------------------------------
+# sampling
+
+
+def class_counts(n, k):
+    """n samples spread evenly over k classes: the counts differ by at most one."""
+    return [n // k + (i < n % k) for i in range(k)]
+
+
+def grid_images(images, classes):
+    """The samples for the PNG: one row per class when classes are given (short rows padded with black)."""
+    x = images.permute(0, 3, 1, 2).float() / 127.5 - 1
+    if classes is None:
+        return x[:GRID_MAX], None
+    counts = class_counts(len(x), len(classes))
+    per_row = max(1, min(max(counts), GRID_MAX // len(classes)))
+    rows, start = [], 0
+    for count in counts:  # the labels run in blocks, one per entry of --class
+        block = x[start:start + min(count, per_row)]
+        rows.append(torch.cat([block, -torch.ones(per_row - len(block), *x.shape[1:])]))
+        start += count
+    return torch.cat(rows), per_row
+
+
+def trajectory_recorder(num_calls, n_keep, points=10):
+    """A callback for p_sample_loop / ddim_sample_loop keeping x_t and the predicted x0 of the first n_keep
+    samples at `points` evenly spaced steps, the last included (the paper's Figure 6)."""
+    keep = {round(k * (num_calls - 1) / max(points - 1, 1)) for k in range(min(points, num_calls))}
+    frames, calls = [], [0]
+    def callback(i, x, pred_x0):
+        if calls[0] in keep:
+            frames.append((x[:n_keep].float().cpu(), pred_x0[:n_keep].float().cpu()))
+        calls[0] += 1
+    return callback, frames
+
+
+def save_trajectory(path, frames):
+    """Two rows per sample, time running left to right: x_t, then the predicted x0 at the same step."""
+    cols = len(frames)
+    rows = []
+    for s in range(frames[0][0].shape[0]):
+        rows += [torch.stack([f[0][s] for f in frames]), torch.stack([f[1][s] for f in frames])]
+    save_grid(path, torch.cat(rows), nrow=cols)
+
+
+@torch.no_grad()
+def run_sampling(args, net, diffusion, device, num_classes, names):
+    c, s = net.config["in_channels"], net.config["image_size"]
+    T = diffusion.num_timesteps
+    ddim = args.steps < T or args.eta is not None
+    classes = parse_classes(args.class_, num_classes, names) if args.class_ is not None else None
+    labels = torch.tensor([c for c, k in zip(classes, class_counts(args.n, len(classes))) for _ in range(k)]) \
+        if classes else None
+    if num_classes is not None and classes is None:
+        print(f"note: class-conditional model and no --class: unconditional samples (the null label {num_classes})")
+    how = f"DDIM {args.steps} steps, eta {args.eta or 0.0}" if ddim else f"Algorithm 2, {T} steps, {diffusion.var_type}"
+    print(f"sampling {args.n} images {s}x{s}x{c}: {how}, batch {args.batch_size}, seed {args.seed}, {device}"
+          + (f", classes {classes}, guidance {args.guidance}" if classes else "") + (", bf16" if args.bf16 else ""))
+    out, n_batches, t0 = [], math.ceil(args.n / args.batch_size), time.time()
+    for b in range(n_batches):
+        bs = min(args.batch_size, args.n - b * args.batch_size)
+        # one seed per batch, seed * 1_000_003 + b: the same seed gives the same files, and two seeds never share
+        # a batch's noise (so runs with seeds 0, 1, ... can be pooled for FID)
+        g = torch.Generator(device).manual_seed(args.seed * 1_000_003 + b)
+        if labels is not None:
+            y = labels[b * args.batch_size: b * args.batch_size + bs].to(device)
+        else:
+            y = torch.full((bs,), num_classes, device=device) if num_classes is not None else None
+        fn = model_fn(net, y, args.guidance if classes else 0.0, args.bf16)
+        callback, frames = trajectory_recorder(args.steps if ddim else T, min(bs, 4)) if args.trajectory and b == 0 \
+            else (None, None)
+        shape, clip = (bs, c, s, s), not args.no_clip
+        if ddim:
+            x = diffusion.ddim_sample_loop(fn, shape, args.steps, args.eta or 0.0, generator=g, clip_denoised=clip,
+                                           callback=callback)
+        else:
+            x = diffusion.p_sample_loop(fn, shape, generator=g, clip_denoised=clip, callback=callback)
+        out.append(to_uint8(x))
+        if frames:
+            save_trajectory(args.trajectory, frames)
+            print(f"wrote {args.trajectory}: x_t (odd rows) and predicted x0 (even rows) at {len(frames)} steps")
+        done, dt = b * args.batch_size + bs, time.time() - t0
+        print(f"batch {b + 1:>{len(str(n_batches))}}/{n_batches} | {done:>{len(str(args.n))}}/{args.n} images | "
+              f"{args.steps if ddim else T} steps | {done / dt:7.2f} img/s | eta {(args.n - done) * dt / done:6.0f}s",
+              flush=True)
+    images = torch.cat(out)
+    x, nrow = grid_images(images, classes)
+    save_grid(args.out, x, nrow)
+    print(f"wrote {args.out}" + (f" (first {len(x)} of {args.n})" if len(x) < args.n else ""))
+    if args.npz:
+        write_npz(args.npz, {"arr_0": images, **({"arr_1": labels} if labels is not None else {})})
+        print(f"wrote {args.npz}: arr_0 uint8 {tuple(images.shape)}" + (", arr_1 int64 labels" if classes else ""))
+
+# -----------------------------------------------------------------------------
+# the likelihood: Eq. (5) in bits/dim on held-out data (Table 1's NLL column)
+
+
+def load_eval_images(spec, data_dir):
+    """uint8 (N,H,W,C): 'cifar10' is CIFAR-10's 10,000 test images (test_batch), else a user's .npy/.npz/.pt."""
+    if spec != "cifar10":
+        return load_file(spec)[0]
+    test_batch = os.path.join(data_dir, "cifar-10-batches-py", "test_batch")
+    if not os.path.exists(test_batch):
+        load_cifar10(data_dir)  # finds, or downloads, and extracts the archive
+    try:
+        return read_cifar_batch(test_batch)[0].permute(0, 2, 3, 1)
+    except Exception as e:
+        raise SystemExit(f"error: cannot read {test_batch}: {e}")
+
+
+@torch.no_grad()
+def run_nll(args, net, diffusion, device, num_classes):
+    images = load_eval_images(args.nll, args.data_dir)[:args.n]
+    c, s = net.config["in_channels"], net.config["image_size"]
+    if tuple(images.shape[1:]) != (s, s, c):
+        raise SystemExit(f"error: --nll {args.nll}: images are {tuple(images.shape[1:])} (H,W,C), the model's {(s, s, c)}")
+    if num_classes is not None:
+        print(f"note: class-conditional model: the bound is of the unconditional model (null label {num_classes})")
+    print(f"NLL bound on {len(images)} images of {args.nll}: {diffusion.num_timesteps} terms per image, {device}")
+    torch.manual_seed(args.seed)  # one draw of x_t per term (Eq. 5 estimated as in the original code)
+    sums, t0 = {k: 0.0 for k in ("total_bpd", "prior_bpd", "vb_bpd", "decoder_bpd")}, time.time()
+    for i in range(0, len(images), args.batch_size):
+        x0 = images[i:i + args.batch_size].to(device).permute(0, 3, 1, 2).float() / 127.5 - 1  # as in training
+        y = torch.full((len(x0),), num_classes, device=device) if num_classes is not None else None
+        bpd = diffusion.calc_bpd_loop(model_fn(net, y, 0.0, args.bf16), x0, clip_denoised=not args.no_clip)
+        for k in sums:
+            sums[k] += bpd[k].sum().item()
+        n = i + len(x0)
+        m = {k: v / n for k, v in sums.items()}
+        print(f"{n:>{len(str(len(images)))}}/{len(images)} | bpd {m['total_bpd']:.4f} | L_T {m['prior_bpd']:.4f} | "
+              f"sum L_t-1 {m['vb_bpd']:.4f} | L_0 {m['decoder_bpd']:.4f} | {n / (time.time() - t0):.2f} img/s", flush=True)
+    print(f"NLL <= {m['total_bpd']:.4f} bits/dim over {n} images = L_T {m['prior_bpd']:.4f} + "
+          f"sum L_t-1 {m['vb_bpd']:.4f} + L_0 {m['decoder_bpd']:.4f}")
+
+# -----------------------------------------------------------------------------
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description="Sample from a DDPM checkpoint or the paper's released CIFAR-10 weights, "
+                                "or report its NLL bound in bits/dim.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("ckpt", help="train.py checkpoint or run folder; or released weights: the TF-scope state dict (model-790000.ckpt) "
+      "or the diffusers google/ddpm-cifar10-32 folder, .safetensors or .bin")
+    a("--n", type=int, default=None, help="samples to draw (default 64); with --nll, images to evaluate (default all)")
+    a("--batch-size", type=int, default=128, help="images per batch")
+    a("--steps", type=int, default=None, help="sampling steps; fewer than T uses DDIM (Song et al. 2021) (default T: "
+      "Algorithm 2)")
+    a("--eta", type=float, default=None, help="DDIM noise: 0 deterministic, 1 ancestral-like (default 0; giving it "
+      "with --steps T also selects DDIM)")
+    a("--no-clip", action="store_true", help="do not clip the predicted x0 to [-1, 1] (the literal Algorithm 2; "
+      "the original code clips)")
+    a("--no-ema", action="store_true", help="use the raw weights instead of their EMA (train.py checkpoints)")
+    a("--class", dest="class_", default=None, help="class-conditional models: a class index, or a comma-separated "
+      "list (the samples spread evenly over it, one grid row per class)")
+    a("--guidance", type=float, default=0.0, help="classifier-free guidance w: eps = (1+w) eps(x,c) - w eps(x,null); "
+      "0 is the plain conditional model")
+    a("--seed", type=int, default=0, help="random seed (batch b uses seed * 1000003 + b)")
+    a("--out", default="samples.png", help="PNG grid of the samples")
+    a("--npz", default="", help="also write all samples as uint8 N,H,W,C under arr_0 (labels under arr_1), for FID")
+    a("--trajectory", default="", help="PNG strip of the reverse process of the first batch's first samples: x_t "
+      "and predicted x0 at 10 steps (cf. the paper's Figure 6)")
+    a("--nll", default="", help="instead of sampling, report the NLL bound in bits/dim (Eq. 5) on 'cifar10' "
+      "(its test split) or a .npy/.npz/.pt of uint8 images N,H,W,C")
+    a("--data-dir", default="./data", help="where --nll cifar10 finds cifar-10-batches-py (or the archive)")
+    a("--device", default="auto", help="auto, cpu, cuda or mps")
+    a("--bf16", action="store_true", help="bf16 autocast for the network on CUDA (faster; the diffusion math stays "
+      "fp32). Off by default: the paper's numbers are fp32")
+    return p
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    for k in ("n", "batch_size", "steps"):
+        if getattr(args, k) is not None and getattr(args, k) <= 0:
+            raise SystemExit(f"error: --{k.replace('_', '-')} must be positive")
+    if args.eta is not None and args.eta < 0:
+        raise SystemExit("error: --eta must be >= 0")
+    if args.nll and (args.class_ is not None or args.guidance or args.steps or args.eta is not None or args.npz or
+                     args.trajectory):
+        raise SystemExit("error: --nll uses all T steps of the model itself; drop --class/--guidance/--steps/--eta/"
+                         "--npz/--trajectory")
+    device = resolve_device(args.device)
+    if args.bf16 and device.type != "cuda":
+        print(f"note: --bf16 is for CUDA; running fp32 on {device.type}")
+        args.bf16 = False
+    net, diffusion_config, train_args, desc = load_model(args.ckpt, use_ema=not args.no_ema)
+    net.to(device)
+    try:
+        diffusion = build_diffusion(diffusion_config).to(device)
+    except (ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"error: {args.ckpt}: bad diffusion_config ({e})")
+    T, num_classes = diffusion.num_timesteps, net.config.get("num_classes")
+    print(f"loaded {desc}: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M params, T={T}")
+    if args.nll:
+        run_nll(args, net, diffusion, device, num_classes)
+        return
+    args.n, args.steps = args.n or 64, args.steps or T
+    if args.steps > T:
+        raise SystemExit(f"error: --steps {args.steps} is more than the model's T = {T}")
+    if args.class_ is not None and num_classes is None:
+        raise SystemExit("error: --class needs a class-conditional model (train.py --class-cond); this one is unconditional")
+    if args.guidance and args.class_ is None:
+        raise SystemExit("error: --guidance needs --class (and a class-conditional model)")
+    if args.guidance < 0:
+        raise SystemExit("error: --guidance must be >= 0")
+    names = CIFAR10_CLASSES if num_classes == 10 and train_args.get("data") == "cifar10" else ()
+    run_sampling(args, net, diffusion, device, num_classes, names)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt:
+        raise SystemExit("error: interrupted")

@@ -1,0 +1,245 @@
+"""Tests for sample.py: PNG grid and FID .npz of the requested count and shape, same seed -> identical files,
+DDIM with fewer steps, the trajectory strip, the NLL bound and its terms, the released CIFAR-10 layouts (diffusers
+google/ddpm-cifar10-32 export and TF-scope state dict) sampled through sample.py and checked against the nets
+they hold, and bad input ending in one clear line. Tiny nets (8x8, T=100) except where the paper's net is the point."""
+import io
+import os
+import struct
+import subprocess
+import sys
+import zipfile
+
+import pytest
+import torch
+import torch.nn as nn
+
+import sample
+from train import build_diffusion, make_shapes, read_npy, to_uint8
+from unet import UNet
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY = dict(image_size=8, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0)
+# train.py's schedule for T = 100: the paper's linear betas scaled by 1000 / T
+DIFFUSION = dict(schedule="linear", num_timesteps=100, beta_start=1e-3, beta_end=0.2, mean_type="eps",
+                 var_type="fixedlarge")
+
+
+def randomized(net, seed=0):
+    """The original init zeroes the output conv (so every sample would be alike); redraw the weights."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear, nn.Embedding)):
+                m.reset_parameters()
+    return net.eval()
+
+
+def write_checkpoint(path, num_classes=None, args=None):
+    """A checkpoint in the COMMON.md format, EMA and raw weights different."""
+    model = randomized(UNet(**TINY, num_classes=num_classes), seed=0)
+    ema = randomized(UNet(**TINY, num_classes=num_classes), seed=1)
+    torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": {}, "step": 3,
+                "model_config": model.config, "diffusion_config": DIFFUSION, "args": args or {}, "rng": {},
+                "format": "ddpm-checkpoint-v1"}, path)
+    return ema
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("run") / "ckpt.pt")
+    write_checkpoint(path)
+    return path
+
+
+def png_size(path):
+    with open(path, "rb") as f:
+        data = f.read(24)
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", data[16:24])  # width, height
+
+
+def read_npz(path):
+    """The .npz read back with the standard library (train.read_npy) and checked to be what numpy.savez writes."""
+    with zipfile.ZipFile(path) as z:
+        assert all(i.compress_type == zipfile.ZIP_STORED for i in z.infolist())
+        return {n[:-4]: read_npy(io.BytesIO(z.read(n))) for n in z.namelist()}
+
+
+def run(argv, capsys):
+    sample.main([*argv, "--device", "cpu"])
+    return capsys.readouterr().out
+
+
+def test_grid_and_npz_count_and_shape(ckpt, tmp_path, capsys):
+    """--n 5 in batches of 2 gives 5 uint8 samples N,H,W,C under arr_0 and a PNG grid of all of them."""
+    out = run([ckpt, "--n", "5", "--batch-size", "2", "--out", str(tmp_path / "g.png"), "--npz", str(tmp_path / "s.npz")],
+              capsys)
+    arrays = read_npz(tmp_path / "s.npz")
+    assert list(arrays) == ["arr_0"] and arrays["arr_0"].shape == (5, 8, 8, 3) and arrays["arr_0"].dtype == torch.uint8
+    assert png_size(tmp_path / "g.png") == (2 + 3 * 10, 2 + 2 * 10)  # 3 columns, 2 rows of 8x8 with 2-pixel padding
+    assert out.count("img/s") == 3 and "Algorithm 2, 100 steps" in out
+
+
+def test_npz_loads_in_numpy(ckpt, tmp_path, capsys):
+    """FID tools read the file with numpy.load: same array, same dtype."""
+    np = pytest.importorskip("numpy")
+    run([ckpt, "--n", "3", "--steps", "5", "--out", str(tmp_path / "g.png"), "--npz", str(tmp_path / "s.npz")], capsys)
+    with np.load(tmp_path / "s.npz") as d:
+        assert d["arr_0"].dtype == np.uint8 and d["arr_0"].shape == (3, 8, 8, 3)
+        assert (torch.from_numpy(d["arr_0"]) == read_npz(tmp_path / "s.npz")["arr_0"]).all()
+    labels = torch.tensor([3, 0, 2**40])
+    sample.write_npz(str(tmp_path / "l.npz"), {"arr_0": torch.zeros(2, 1, 1, 1, dtype=torch.uint8), "arr_1": labels})
+    with np.load(tmp_path / "l.npz") as d:
+        assert d["arr_1"].tolist() == labels.tolist() and d["arr_0"].shape == (2, 1, 1, 1)
+
+
+def test_same_seed_identical_files(ckpt, tmp_path, capsys):
+    """The same seed gives the same PNG and .npz byte for byte; another seed gives other samples."""
+    def files(tag, seed):
+        run([ckpt, "--n", "3", "--batch-size", "2", "--seed", str(seed), "--out", str(tmp_path / f"{tag}.png"),
+             "--npz", str(tmp_path / f"{tag}.npz")], capsys)
+        return (tmp_path / f"{tag}.png").read_bytes(), (tmp_path / f"{tag}.npz").read_bytes()
+    assert files("a", 7) == files("b", 7)
+    assert files("c", 8)[1] != files("a", 7)[1]
+
+
+def test_ema_default_and_no_ema(ckpt, tmp_path, capsys):
+    """The EMA weights are the default: the samples equal Algorithm 2 run here with the EMA net and the batch's
+    seed; --no-ema samples the raw weights instead."""
+    ema = write_checkpoint(str(tmp_path / "ckpt.pt"))
+    run([str(tmp_path), "--n", "2", "--seed", "3", "--out", str(tmp_path / "g.png"), "--npz", str(tmp_path / "e.npz")],
+        capsys)
+    diffusion = build_diffusion(DIFFUSION)
+    g = torch.Generator().manual_seed(3 * 1_000_003)
+    expected = to_uint8(diffusion.p_sample_loop(lambda x, t: ema(x, t), (2, 3, 8, 8), generator=g))
+    assert torch.equal(read_npz(tmp_path / "e.npz")["arr_0"], expected)
+    run([str(tmp_path), "--n", "2", "--seed", "3", "--no-ema", "--out", str(tmp_path / "g.png"),
+         "--npz", str(tmp_path / "r.npz")], capsys)
+    assert not torch.equal(read_npz(tmp_path / "r.npz")["arr_0"], expected)
+
+
+def test_ddim_fewer_steps(ckpt, tmp_path, capsys):
+    """--steps 50 with T = 100 samples with DDIM (eta 0: deterministic), and --eta 1 adds noise."""
+    out = run([ckpt, "--n", "2", "--steps", "50", "--out", str(tmp_path / "g.png"), "--npz", str(tmp_path / "d.npz")],
+              capsys)
+    assert "DDIM 50 steps" in out and "| 50 steps |" in out
+    assert read_npz(tmp_path / "d.npz")["arr_0"].shape == (2, 8, 8, 3)
+    run([ckpt, "--n", "2", "--steps", "50", "--eta", "1", "--out", str(tmp_path / "g.png"),
+         "--npz", str(tmp_path / "e.npz")], capsys)
+    assert not torch.equal(read_npz(tmp_path / "e.npz")["arr_0"], read_npz(tmp_path / "d.npz")["arr_0"])
+
+
+def test_trajectory_strip(ckpt, tmp_path, capsys):
+    """--trajectory: x_t and predicted x0 rows for the first 3 samples at 10 steps -> a 10 x 6 strip."""
+    run([ckpt, "--n", "3", "--trajectory", str(tmp_path / "t.png"), "--out", str(tmp_path / "g.png")], capsys)
+    assert png_size(tmp_path / "t.png") == (2 + 10 * 10, 2 + 6 * 10)
+
+
+def test_nll_terms_sum_to_total(ckpt, tmp_path, capsys):
+    """--nll on a user's .npz: finite bits/dim per running batch, and L_T + sum L_{t-1} + L_0 = total (Eq. 5)."""
+    images, _ = make_shapes(3, image_size=8)
+    sample.write_npz(str(tmp_path / "test.npz"), {"arr_0": images})
+    out = run([ckpt, "--nll", str(tmp_path / "test.npz"), "--batch-size", "2"], capsys)
+    assert len([l for l in out.splitlines() if l.startswith(("2/3 | bpd", "3/3 | bpd"))]) == 2
+    last = out.strip().splitlines()[-1].split()
+    total, prior, vb, decoder = (float(last[i]) for i in (2, 9, 13, 16))
+    assert last[:2] == ["NLL", "<="] and all(map(torch.isfinite, torch.tensor([total, prior, vb, decoder])))
+    assert total > 0 and abs(prior + vb + decoder - total) <= 2e-4  # each printed to 4 decimals
+
+
+def test_guided_npz_has_labels(tmp_path, capsys):
+    """--class 0,2 on a class-conditional checkpoint: labels under arr_1, spread evenly, one grid row per class."""
+    write_checkpoint(str(tmp_path / "c.pt"), num_classes=3)
+    run([str(tmp_path / "c.pt"), "--n", "5", "--steps", "4", "--class", "0,2", "--guidance", "2",
+         "--out", str(tmp_path / "g.png"), "--npz", str(tmp_path / "s.npz")], capsys)
+    arrays = read_npz(tmp_path / "s.npz")
+    assert arrays["arr_1"].tolist() == [0, 0, 0, 2, 2] and arrays["arr_0"].shape == (5, 8, 8, 3)
+    assert png_size(tmp_path / "g.png") == (2 + 3 * 10, 2 + 2 * 10)  # rows of 3 (the second padded)
+
+# ---- the released weights, through sample.py (the full CIFAR-10 net, 2 DDIM steps, one image)
+
+
+def sample_released(path, tmp_path, capsys):
+    out = run([str(path), "--n", "1", "--steps", "2", "--out", str(tmp_path / "r.png"),
+               "--npz", str(tmp_path / "r.npz")], capsys)
+    assert "released weights" in out and "35.75M params, T=1000" in out
+    return read_npz(tmp_path / "r.npz")["arr_0"]
+
+
+def expected_released(model):
+    """The same 2 DDIM steps on the paper's diffusion, run here with the given net as eps_theta."""
+    diffusion = build_diffusion(sample.PAPER_DIFFUSION)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        return to_uint8(diffusion.ddim_sample_loop(model, (1, 3, 32, 32), 2, generator=g))
+
+
+def test_released_diffusers_layout(tmp_path, capsys):
+    """A randomly initialised google/ddpm-cifar10-32 export (diffusers UNet2DModel, the paper's config) loads as a
+    folder and as its .safetensors file (.bin: test_unet.py), and sample.py's samples are those of the diffusers net itself
+    (to one uint8 level, for fp32 differences between the two implementations)."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    net = diffusers.UNet2DModel(
+        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256), layers_per_block=2,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), attention_head_dim=None,
+        norm_eps=1e-6, norm_num_groups=32, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1).eval()
+    folder = tmp_path / "ddpm-cifar10-32"
+    net.save_pretrained(folder)
+    expected = expected_released(lambda x, t: net(x, t).sample)
+    assert expected.float().std() > 10  # the random net gives varied pixels, so the comparison means something
+    for path in (folder, folder / "diffusion_pytorch_model.safetensors"):
+        assert (sample_released(path, tmp_path, capsys).int() - expected.int()).abs().max() <= 1
+
+
+def test_released_tf_scope_state_dict(tmp_path, capsys):
+    """A bare state dict with the TF-scope keys (the PyTorch port of model-790000.ckpt) implies the CIFAR-10 net and
+    the paper's diffusion; sample.py's samples are those of the net it holds."""
+    net = randomized(UNet())
+    torch.save(net.state_dict(), tmp_path / "model-790000.ckpt")
+    assert torch.equal(sample_released(tmp_path / "model-790000.ckpt", tmp_path, capsys),
+                       expected_released(lambda x, t: net(x, t)))
+
+# ---- bad input: one line, non-zero exit, no traceback
+
+
+def test_bad_files_one_line_subprocess(ckpt, tmp_path):
+    """From the command line: a missing, a truncated and a foreign checkpoint each end with one 'error:' line."""
+    data = open(ckpt, "rb").read()
+    (tmp_path / "trunc.pt").write_bytes(data[: len(data) // 2])
+    torch.save({"weights": [1, 2, 3]}, tmp_path / "foreign.pt")
+    for path, expect in ((tmp_path / "missing.pt", "no checkpoint"), (tmp_path / "trunc.pt", "truncated"),
+                         (tmp_path / "foreign.pt", "neither a train.py checkpoint nor released")):
+        r = subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), str(path), "--device", "cpu"],
+                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and expect in lines[0], r.stderr
+
+
+@pytest.mark.parametrize("case", ["text_file", "truncated_safetensors", "state_dict_of_other_net", "empty_folder",
+                                  "steps_above_T", "class_on_unconditional", "class_out_of_range", "guidance_no_class",
+                                  "zero_n", "nll_missing_file", "nll_wrong_size", "nll_with_steps"])
+def test_bad_input_one_line(case, ckpt, tmp_path, capsys):
+    """Each mistake ends in SystemExit with one 'error:' line (the __main__ guard only adds Ctrl-C handling)."""
+    cond = str(tmp_path / "cond.pt")
+    write_checkpoint(cond, num_classes=4)
+    (tmp_path / "notes.txt").write_text("not a checkpoint\n")
+    (tmp_path / "w.safetensors").write_bytes(struct.pack("<Q", 10_000) + b"{}")
+    torch.save({"conv.weight": torch.zeros(3, 3)}, tmp_path / "other.pt")
+    (tmp_path / "empty").mkdir()
+    images, _ = make_shapes(2, image_size=16)
+    sample.write_npz(str(tmp_path / "big.npz"), {"arr_0": images})
+    argv = {"text_file": [str(tmp_path / "notes.txt")], "truncated_safetensors": [str(tmp_path / "w.safetensors")],
+            "state_dict_of_other_net": [str(tmp_path / "other.pt")], "empty_folder": [str(tmp_path / "empty")],
+            "steps_above_T": [ckpt, "--steps", "101"], "class_on_unconditional": [ckpt, "--class", "1"],
+            "class_out_of_range": [cond, "--class", "1,4"], "guidance_no_class": [cond, "--guidance", "2"],
+            "zero_n": [ckpt, "--n", "0"], "nll_missing_file": [ckpt, "--nll", str(tmp_path / "nope.npz")],
+            "nll_wrong_size": [ckpt, "--nll", str(tmp_path / "big.npz")],
+            "nll_with_steps": [ckpt, "--nll", str(tmp_path / "big.npz"), "--steps", "10"]}[case]
+    with pytest.raises(SystemExit) as e:
+        sample.main([*argv, "--device", "cpu", "--out", str(tmp_path / "g.png")])
+    msg = str(e.value.code)
+    assert msg.startswith("error:") and "\n" not in msg, msg
+    assert not (tmp_path / "g.png").exists()
