@@ -35,7 +35,8 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 
 def run(*args, timeout=120):
-    return subprocess.run([sys.executable, TRAIN, *args], capture_output=True, text=True, timeout=timeout, cwd=HERE, env=ENV)
+    return subprocess.run([sys.executable, TRAIN, *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=HERE, env=ENV)
 
 
 def assert_one_line_error(r):
@@ -134,7 +135,8 @@ def test_read_npy_matches_numpy(tmp_path):
     np = pytest.importorskip("numpy")
     rng = np.random.default_rng(0)
     for a in [rng.integers(0, 256, (3, 4, 4, 3), dtype=np.uint8), rng.integers(0, 9, (7,)).astype(np.int64),
-              np.asfortranarray(rng.integers(0, 256, (2, 5, 5), dtype=np.uint8)), rng.random((2, 3)).astype(np.float32)]:
+              np.asfortranarray(rng.integers(0, 256, (2, 5, 5), dtype=np.uint8)),
+              rng.random((2, 3)).astype(np.float32)]:
         np.save(tmp_path / "a.npy", a)
         with open(tmp_path / "a.npy", "rb") as f:
             assert torch.equal(train.read_npy(f), torch.from_numpy(np.ascontiguousarray(a)))
@@ -246,7 +248,8 @@ def test_user_npz_grayscale_16x16_class_conditional(tmp_path):
     np.savez(tmp_path / "gray.npz", x[..., 0].numpy(), y.numpy())  # N,H,W: channel dim left out
     r = run("--data", str(tmp_path / "gray.npz"), "--ch", "32", "--ch-mult", "1,2", "--num-res-blocks", "1",
             "--attn", "8", "--timesteps", "50", "--batch-size", "16", "--steps", "3", "--warmup", "1",
-            "--class-cond", "--num-samples", "4", "--sample-steps", "2", "--device", "cpu", "--out", str(tmp_path / "run"))
+            "--class-cond", "--num-samples", "4", "--sample-steps", "2", "--device", "cpu",
+            "--out", str(tmp_path / "run"))
     assert r.returncode == 0, r.stderr
     ckpt = train.load_checkpoint(str(tmp_path / "run"))
     cfg = ckpt["model_config"]
@@ -277,10 +280,12 @@ def test_torchrun_two_cpu_processes(tmp_path):
 def test_sigterm_checkpoints_and_resume_continues(tmp_path):
     """SIGTERM mid-run: the step finishes, a checkpoint is written, exit 0; --resume continues from that step."""
     out = tmp_path / "run"
-    p = subprocess.Popen([sys.executable, TRAIN, *TINY, "--steps", "100000", "--log-every", "1", "--ckpt-every", "100000",
-                          "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE, env=ENV)
+    p = subprocess.Popen([sys.executable, TRAIN, *TINY, "--steps", "100000", "--log-every", "1",
+                          "--ckpt-every", "100000", "--out", str(out)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE, env=ENV)
     deadline = time.time() + 60
-    while time.time() < deadline and " 2/100000 |" not in ((out / "log.txt").read_text() if (out / "log.txt").exists() else ""):
+    log = out / "log.txt"
+    while time.time() < deadline and " 2/100000 |" not in (log.read_text() if log.exists() else ""):
         time.sleep(0.2)
     p.send_signal(signal.SIGTERM)
     stdout, stderr = p.communicate(timeout=60)
@@ -373,7 +378,8 @@ def test_nan_loss_stops_without_saving(good_run, tmp_path, monkeypatch):
     (run_dir / "ckpt.pt").write_bytes((good_run / "ckpt.pt").read_bytes())
     before = sha(run_dir / "ckpt.pt")
     losses = GaussianDiffusion.training_losses
-    monkeypatch.setattr(GaussianDiffusion, "training_losses", lambda self, *a, **k: losses(self, *a, **k) * float("nan"))
+    monkeypatch.setattr(GaussianDiffusion, "training_losses",
+                        lambda self, *a, **k: losses(self, *a, **k) * float("nan"))
     with pytest.raises(SystemExit, match="diverged.*intact"):
         in_process(["--resume", str(run_dir), "--steps", "8", "--ckpt-every", "1", "--log-every", "1"])
     assert sha(run_dir / "ckpt.pt") == before

@@ -60,6 +60,12 @@ def resolve_device(name):
     return device
 
 
+def first_line(e):
+    """An exception as one short line (for the one-line error messages)."""
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
 def load_checkpoint(path):
     """A checkpoint written by train.py (the file, or the run folder holding ckpt.pt), loaded on the CPU."""
     if os.path.isdir(path):
@@ -70,8 +76,7 @@ def load_checkpoint(path):
         # weights_only: a checkpoint holds tensors and plain python values only, so nothing in it can run code
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, corrupt or not a torch file at all
-        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise SystemExit(f"error: cannot read checkpoint {path} (corrupt or truncated?): {msg}")
+        raise SystemExit(f"error: cannot read checkpoint {path} (corrupt or truncated?): {first_line(e)}")
     if not isinstance(ckpt, dict) or ckpt.get("format") != "ddpm-checkpoint-v1":
         raise SystemExit(f"error: {path} is not a train.py checkpoint (format ddpm-checkpoint-v1)")
     return ckpt
@@ -104,7 +109,8 @@ def atomic_write(path, write):
         with contextlib.suppress(OSError):
             os.remove(tmp)
         if isinstance(e, OSError):
-            raise SystemExit(f"error: could not write {path}: {e.strerror or e} (any previous {os.path.basename(path)} is intact)")
+            raise SystemExit(f"error: could not write {path}: {e.strerror or e} "
+                             f"(any previous {os.path.basename(path)} is intact)")
         raise
 
 
@@ -255,8 +261,9 @@ def read_npy(f):
     """A .npy array (magic, version, header dict, raw bytes), read with the standard library."""
     if f.read(6) != b"\x93NUMPY":
         raise ValueError("not a .npy file")
-    major = f.read(2)[0]
-    header = ast.literal_eval(f.read(struct.unpack("<H" if major == 1 else "<I", f.read(2 if major == 1 else 4))[0]).decode("latin1"))
+    major = f.read(2)[0]  # version 1: 2-byte header length, 2 and 3: 4-byte
+    header_len = struct.unpack("<H", f.read(2))[0] if major == 1 else struct.unpack("<I", f.read(4))[0]
+    header = ast.literal_eval(f.read(header_len).decode("latin1"))
     descr, shape = header["descr"], tuple(header["shape"])
     if descr not in NPY_DTYPES:
         raise ValueError(f"unsupported dtype {descr}")
@@ -284,9 +291,12 @@ def load_file(path):
                     labels = read_npy(io.BytesIO(z.read("arr_1.npy")))
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
-            images, labels = (obj["images"], obj.get("labels")) if isinstance(obj, dict) else obj if isinstance(obj, (tuple, list)) else (obj, None)
+            if isinstance(obj, dict):
+                images, labels = obj["images"], obj.get("labels")
+            else:
+                images, labels = obj if isinstance(obj, (tuple, list)) else (obj, None)
     except Exception as e:
-        raise SystemExit(f"error: cannot read {path}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
+        raise SystemExit(f"error: cannot read {path}: {first_line(e)}")
     if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8:
         got = images.dtype if isinstance(images, torch.Tensor) else type(images).__name__
         raise SystemExit(f"error: {path}: images must be uint8 in [0, 255] (N,H,W,C), got {got}")
@@ -295,11 +305,12 @@ def load_file(path):
     if images.dim() == 4 and images.shape[-1] not in (1, 3) and images.shape[1] in (1, 3):
         images = images.permute(0, 2, 3, 1)  # N,C,H,W (torch's layout) -> N,H,W,C
     if images.dim() != 4 or images.shape[0] == 0 or images.shape[1] != images.shape[2] or images.shape[3] not in (1, 3):
-        raise SystemExit(f"error: {path}: images must be N x H x W x C with H = W and C = 1 or 3, got shape {tuple(images.shape)}")
+        raise SystemExit(f"error: {path}: images must be N x H x W x C with H = W and C = 1 or 3, "
+                         f"got shape {tuple(images.shape)}")
     if labels is not None and (not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point
                                or labels.shape != images.shape[:1] or labels.min() < 0):
-        raise SystemExit(f"error: {path}: labels must be N non-negative integers, got {getattr(labels, 'dtype', type(labels))} "
-                         f"{tuple(getattr(labels, 'shape', ()))}")
+        raise SystemExit(f"error: {path}: labels must be N non-negative integers, "
+                         f"got {getattr(labels, 'dtype', type(labels))} {tuple(getattr(labels, 'shape', ()))}")
     return images, (labels.long() if labels is not None else None)
 
 
@@ -415,7 +426,8 @@ def format_eta(seconds):
 # -----------------------------------------------------------------------------
 # command line
 
-MODEL_FLAGS = ("ch", "ch_mult", "num_res_blocks", "attn", "dropout", "class_cond", "timesteps", "schedule", "image_size")
+MODEL_FLAGS = ("ch", "ch_mult", "num_res_blocks", "attn", "dropout", "class_cond", "timesteps", "schedule",
+               "image_size")
 RUN_FLAGS = ("resume", "device", "compile", "bf16", "tf32", "fused_adam", "out")  # never taken from a checkpoint
 
 
@@ -433,17 +445,17 @@ def get_parser():
     a = p.add_argument
     a("--data", default="cifar10", help="cifar10, shapes (built-in, labelled, generated in code), or a .npy/.npz/.pt "
       "file of uint8 images N,H,W,C (npz: arr_0 images, arr_1 labels)")
-    a("--data-dir", default="./data", help="where cifar10 is looked for (archive or cifar-10-batches-py) and downloaded to")
+    a("--data-dir", default="./data", help="where cifar10 is looked for (archive or extracted) and downloaded to")
     a("--image-size", type=int, default=32, help="image size of the built-in shapes data (other data: their own size)")
-    a("--no-flip", dest="flip", action="store_false", help="turn off the random horizontal flips")
+    a("--flip", action=argparse.BooleanOptionalAction, default=True, help="random horizontal flips (the paper's)")
     a("--ch", type=int, default=128, help="U-Net base channels (multiple of 32)")
     a("--ch-mult", type=int_list, default="1,2,2,2", help="channel multiplier per resolution level")
     a("--num-res-blocks", type=int, default=2, help="residual blocks per level")
     a("--attn", type=int_list, default="16", help="resolutions with self-attention (comma-separated, '' for none)")
     a("--dropout", type=float, default=0.1, help="dropout in the residual blocks")
-    a("--class-cond", action="store_true", help="class-conditional net trained with labels (for classifier-free guidance)")
-    a("--p-uncond", type=float, default=0.1, help="with --class-cond: probability of dropping the label (Ho & Salimans 2021)")
-    a("--timesteps", type=int, default=1000, help="T; linear betas 1e-4..0.02 scaled by 1000/T (Nichol & Dhariwal) if T != 1000")
+    a("--class-cond", action="store_true", help="train with the labels (for classifier-free guidance)")
+    a("--p-uncond", type=float, default=0.1, help="with --class-cond: chance of dropping a label (Ho & Salimans 2021)")
+    a("--timesteps", type=int, default=1000, help="T; for T != 1000 the betas are scaled by 1000/T (Nichol & Dhariwal)")
     a("--schedule", default="linear", choices=["linear", "cosine"], help="beta schedule (linear: the paper's)")
     a("--batch-size", type=int, default=128, help="global batch size (split across torchrun processes)")
     a("--lr", type=float, default=2e-4, help="Adam learning rate (eps 1e-8, no weight decay)")
@@ -460,7 +472,7 @@ def get_parser():
     a("--tf32", action=argparse.BooleanOptionalAction, default=True, help="TF32 matmuls and convolutions on CUDA")
     a("--fused-adam", action=argparse.BooleanOptionalAction, default=True, help="fused Adam kernel on CUDA")
     a("--log-every", type=int, default=100, help="steps between log lines (and NaN checks)")
-    a("--ckpt-every", type=int, default=5000, help="steps between checkpoints (also written at the end and on Ctrl-C/SIGTERM)")
+    a("--ckpt-every", type=int, default=5000, help="steps between checkpoints (also at the end, on Ctrl-C/SIGTERM)")
     a("--sample-every", type=int, default=20000, help="steps between sample grids (0: only at the end)")
     a("--num-samples", type=int, default=64, help="images in a sample grid")
     a("--sample-steps", type=int, default=0, help="0: Algorithm 2 over all T steps; N: DDIM with N steps (faster)")
@@ -484,9 +496,10 @@ def merge_resume_args(args, explicit, saved):
         if k not in explicit:
             setattr(args, k, v)
         elif getattr(args, k) != v:
+            flag = f"--{k.replace('_', '-')} {getattr(args, k)}"
             if k in MODEL_FLAGS:
-                raise SystemExit(f"error: --{k.replace('_', '-')} {getattr(args, k)} conflicts with the checkpoint ({v}); drop the flag to resume")
-            print(f"note: --{k.replace('_', '-')} {getattr(args, k)} overrides the checkpoint's {v}")
+                raise SystemExit(f"error: {flag} conflicts with the checkpoint ({v}); drop the flag to resume")
+            print(f"note: {flag} overrides the checkpoint's {v}")
 
 # -----------------------------------------------------------------------------
 
@@ -503,8 +516,9 @@ def main(argv=None):
             raise SystemExit(f"error: --{k.replace('_', '-')} must be positive")
 
     # torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; one process per GPU (or several CPU processes with gloo)
-    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    rank, world, local_rank = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    ddp = world > 1
     device = resolve_device(args.device)
     if ddp:
         if device.type == "cuda":
@@ -547,14 +561,16 @@ def main(argv=None):
     # model, EMA, optimizer, diffusion
     if ckpt:
         model_config, diffusion_config = ckpt["model_config"], ckpt["diffusion_config"]
-        if (model_config["image_size"], model_config["in_channels"]) != (s, c):
+        size, channels, classes = model_config["image_size"], model_config["in_channels"], model_config["num_classes"]
+        if (size, channels) != (s, c):
             raise SystemExit(f"error: the data are {s}x{s} with {c} channel(s), the checkpoint's model expects "
-                             f"{model_config['image_size']}x{model_config['image_size']} with {model_config['in_channels']}")
-        if args.class_cond and num_classes > model_config["num_classes"]:
-            raise SystemExit(f"error: the data have {num_classes} classes, the checkpoint's model {model_config['num_classes']}")
+                             f"{size}x{size} with {channels}")
+        if args.class_cond and num_classes > classes:
+            raise SystemExit(f"error: the data have {num_classes} classes, the checkpoint's model {classes}")
     else:
-        model_config = dict(image_size=s, in_channels=c, ch=args.ch, ch_mult=args.ch_mult, num_res_blocks=args.num_res_blocks,
-                            attn_resolutions=args.attn, dropout=args.dropout, num_classes=num_classes)
+        model_config = dict(image_size=s, in_channels=c, ch=args.ch, ch_mult=args.ch_mult,
+                            num_res_blocks=args.num_res_blocks, attn_resolutions=args.attn, dropout=args.dropout,
+                            num_classes=num_classes)
         scale = 1000 / args.timesteps  # = 1 for the paper's T = 1000
         diffusion_config = dict(schedule=args.schedule, num_timesteps=args.timesteps, beta_start=1e-4 * scale,
                                 beta_end=0.02 * scale, mean_type="eps", var_type="fixedlarge")
@@ -615,7 +631,8 @@ def main(argv=None):
 
     n_params = sum(p.numel() for p in raw_model.parameters())
     log(f"{'resuming at step ' + str(step) if ckpt else 'training'}: {args.data} {images.shape[0] * world} images "
-        f"{s}x{s}x{c}, {n_params / 1e6:.2f}M params, batch {args.batch_size} on {world} x {device}, T={diffusion.num_timesteps}")
+        f"{s}x{s}x{c}, {n_params / 1e6:.2f}M params, batch {args.batch_size} on {world} x {device}, "
+        f"T={diffusion.num_timesteps}")
     log("args: " + " ".join(f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()), console=False)
 
     # the loop. acc: loss sum, grad-norm sum, loss sum per t quartile (4), count per quartile (4); on the
@@ -631,7 +648,8 @@ def main(argv=None):
         acc[0] += loss
         acc[1] += grad_norm
         step += 1
-        do_log, do_ckpt = step % args.log_every == 0 or step == args.steps, step % args.ckpt_every == 0 or step == args.steps
+        do_log = step % args.log_every == 0 or step == args.steps
+        do_ckpt = step % args.ckpt_every == 0 or step == args.steps
         do_sample = (args.sample_every > 0 and step % args.sample_every == 0) or step == args.steps
         if not (do_log or do_ckpt or do_sample or (stop and not ddp)):
             continue
@@ -642,17 +660,19 @@ def main(argv=None):
             dist.all_reduce(status)
         loss_sum, bad_params, stopping = status.tolist()
         if not math.isfinite(loss_sum) or bad_params:
-            last = f"{ckpt_path} (the last good checkpoint) is intact" if os.path.exists(ckpt_path) else "no checkpoint was written"
-            raise SystemExit(f"error: loss became {loss_sum / max(step - step_last, 1):.4g} by step {step}: training diverged; "
-                             f"{last}. Resume it with a lower --lr or a longer --warmup.")
+            last = (f"{ckpt_path} (the last good checkpoint) is intact" if os.path.exists(ckpt_path)
+                    else "no checkpoint was written")
+            raise SystemExit(f"error: loss became {loss_sum / max(step - step_last, 1):.4g} by step {step}: training "
+                             f"diverged; {last}. Resume it with a lower --lr or a longer --warmup.")
         if do_log:
             if ddp:
                 dist.all_reduce(acc)
             v, n = acc.tolist(), (step - step_last) * world
             dt = time.time() - t_last
             img_s = (step - step_last) * args.batch_size / dt
-            log(f"step {step:>{len(str(args.steps))}d}/{args.steps} | loss {v[0] / n:.4f} | lr {lr:.2e} | gnorm {v[1] / n:.2f} | "
-                f"{img_s:5.0f} img/s | eta {format_eta((args.steps - step) * args.batch_size / img_s)}")
+            eta = format_eta((args.steps - step) * args.batch_size / img_s)
+            log(f"step {step:>{len(str(args.steps))}d}/{args.steps} | loss {v[0] / n:.4f} | lr {lr:.2e} | "
+                f"gnorm {v[1] / n:.2f} | {img_s:5.0f} img/s | eta {eta}")
             if n_logs % 10 == 0:
                 log("  loss by t quartile: " + " | ".join(f"q{i} {v[2 + i] / max(v[6 + i], 1):.4f}" for i in range(4)))
             acc.zero_()
