@@ -19,8 +19,8 @@ import zipfile
 import torch
 
 from ddpm import classifier_free_guidance
-from train import build_diffusion, load_checkpoint, load_cifar10, load_file, read_cifar_batch, resolve_device, \
-    save_grid, to_uint8
+from train import (atomic_write, build_diffusion, load_checkpoint, load_cifar10, load_file, make_shapes,
+                   read_cifar_batch, resolve_device, save_grid, to_uint8)
 from unet import UNet
 
 # The diffusion of the paper's CIFAR-10 run (Sec. 4, scripts/run_cifar.py), which released weights imply.
@@ -34,8 +34,8 @@ GRID_MAX = 256  # the PNG shows at most this many samples; --npz keeps all of th
 
 
 def load_model(path, use_ema=True):
-    """-> (net in eval mode, diffusion config, train.py's args or {}, one-line description). path: a train.py checkpoint or run
-    folder, or released weights (TF-scope state dict, or the diffusers google/ddpm-cifar10-32 folder or file)."""
+    """-> (net in eval mode, diffusion config, train.py's args or {}, a description). path: a train.py checkpoint
+    or run folder, or released weights (TF-scope state dict, or the diffusers google/ddpm-cifar10-32 layout)."""
     diffusers_layout = path.endswith((".safetensors", ".bin")) or (
         os.path.isdir(path) and not os.path.exists(os.path.join(path, "ckpt.pt")) and
         any(os.path.exists(os.path.join(path, f)) for f in ("config.json", "unet")))
@@ -58,7 +58,8 @@ def load_model(path, use_ema=True):
             net.load_state_dict(ckpt[weights])
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise SystemExit(f"error: {path}: the weights do not fit its model_config ({str(e).splitlines()[0][:200]})")
-        return net.eval(), ckpt["diffusion_config"], ckpt.get("args") or {}, f"{path} (step {ckpt.get('step', '?')}, {weights} weights)"
+        desc = f"{path} (step {ckpt.get('step', '?')}, {weights} weights)"
+        return net.eval(), ckpt["diffusion_config"], ckpt.get("args") or {}, desc
     try:
         net = UNet.from_pretrained(path)
     except (ValueError, OSError) as e:
@@ -102,8 +103,7 @@ def npy_header(t):
     """.npy format 1.0: magic, version, little-endian header length, a python dict literal padded with spaces
     and a newline so the data starts on a 64-byte boundary."""
     descr = {torch.uint8: "|u1", torch.int64: "<i8"}[t.dtype]
-    shape = "(" + "".join(f"{d}, " for d in t.shape).rstrip(" ").rstrip(",") + ("," if t.dim() == 1 else "") + ")"
-    header = f"{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}"
+    header = f"{{'descr': '{descr}', 'fortran_order': False, 'shape': {tuple(t.shape)!r}, }}"
     header += " " * (-(10 + len(header) + 1) % 64) + "\n"
     return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header.encode("latin1")
 
@@ -111,22 +111,16 @@ def npy_header(t):
 def write_npz(path, arrays):
     """arrays: {"arr_0": uint8 tensor, ...} -> an uncompressed .npz as numpy.savez writes it, atomically.
     The zip entries carry a fixed date, so the same arrays give the same file byte for byte."""
-    assert sys.byteorder == "little", "the .npy headers below say little-endian"
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+    assert sys.byteorder == "little", "the .npy headers say little-endian"
+    def write(f):
+        with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
             for name, t in arrays.items():
                 info = zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
-                with zf.open(info, "w", force_zip64=True) as f:
-                    f.write(npy_header(t))
-                    flat = t.contiguous().view(-1)
-                    for chunk in flat.split(1 << 24):  # raw bytes of a CPU tensor without numpy, 16M elements at a time
-                        f.write(ctypes.string_at(chunk.data_ptr(), chunk.numel() * chunk.element_size()))
-        os.replace(tmp, path)
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise SystemExit(f"error: could not write {path}: {e.strerror or e}")
+                with zf.open(info, "w", force_zip64=True) as out:  # zip64: 50k samples at 256x256 pass 4 GB
+                    out.write(npy_header(t))
+                    for chunk in t.contiguous().view(-1).split(1 << 24):  # a CPU tensor's bytes, without numpy
+                        out.write(ctypes.string_at(chunk.data_ptr(), chunk.numel() * chunk.element_size()))
+    atomic_write(path, write)
 
 # -----------------------------------------------------------------------------
 # sampling
@@ -197,8 +191,15 @@ def run_sampling(args, net, diffusion, device, num_classes, names):
         else:
             y = torch.full((bs,), num_classes, device=device) if num_classes is not None else None
         fn = model_fn(net, y, args.guidance if classes else 0.0, args.bf16)
-        callback, frames = trajectory_recorder(args.steps if ddim else T, min(bs, 4)) if args.trajectory and b == 0 \
-            else (None, None)
+        num_steps, tick = args.steps if ddim else T, [time.time(), 0]
+        record, frames = trajectory_recorder(num_steps, min(bs, 4)) if args.trajectory and b == 0 else (None, None)
+        def callback(i, x, pred_x0):
+            if record:
+                record(i, x, pred_x0)
+            tick[1] += 1
+            if time.time() - tick[0] > 30:  # a batch of the full net on a CPU takes hours: say it is moving
+                print(f"  batch {b + 1}: step {tick[1]}/{num_steps}", flush=True)
+                tick[0] = time.time()
         shape, clip = (bs, c, s, s), not args.no_clip
         if ddim:
             x = diffusion.ddim_sample_loop(fn, shape, args.steps, args.eta or 0.0, generator=g, clip_denoised=clip,
@@ -211,7 +212,7 @@ def run_sampling(args, net, diffusion, device, num_classes, names):
             print(f"wrote {args.trajectory}: x_t (odd rows) and predicted x0 (even rows) at {len(frames)} steps")
         done, dt = b * args.batch_size + bs, time.time() - t0
         print(f"batch {b + 1:>{len(str(n_batches))}}/{n_batches} | {done:>{len(str(args.n))}}/{args.n} images | "
-              f"{args.steps if ddim else T} steps | {done / dt:7.2f} img/s | eta {(args.n - done) * dt / done:6.0f}s",
+              f"{num_steps} steps | {done / dt:7.2f} img/s | eta {(args.n - done) * dt / done:6.0f}s",
               flush=True)
     images = torch.cat(out)
     x, nrow = grid_images(images, classes)
@@ -225,8 +226,11 @@ def run_sampling(args, net, diffusion, device, num_classes, names):
 # the likelihood: Eq. (5) in bits/dim on held-out data (Table 1's NLL column)
 
 
-def load_eval_images(spec, data_dir):
-    """uint8 (N,H,W,C): 'cifar10' is CIFAR-10's 10,000 test images (test_batch), else a user's .npy/.npz/.pt."""
+def load_eval_images(spec, data_dir, image_size, channels):
+    """uint8 (N,H,W,C): 'cifar10' is CIFAR-10's 10,000 test images (test_batch), 'shapes' 1,000 held-out built-in
+    images (seed 1; train.py trains on seed 0), else a user's .npy/.npz/.pt."""
+    if spec == "shapes":
+        return make_shapes(1000, image_size, channels, seed=1)[0]
     if spec != "cifar10":
         return load_file(spec)[0]
     test_batch = os.path.join(data_dir, "cifar-10-batches-py", "test_batch")
@@ -240,10 +244,11 @@ def load_eval_images(spec, data_dir):
 
 @torch.no_grad()
 def run_nll(args, net, diffusion, device, num_classes):
-    images = load_eval_images(args.nll, args.data_dir)[:args.n]
     c, s = net.config["in_channels"], net.config["image_size"]
+    images = load_eval_images(args.nll, args.data_dir, s, c)[:args.n]
     if tuple(images.shape[1:]) != (s, s, c):
-        raise SystemExit(f"error: --nll {args.nll}: images are {tuple(images.shape[1:])} (H,W,C), the model's {(s, s, c)}")
+        raise SystemExit(f"error: --nll {args.nll}: images are {tuple(images.shape[1:])} (H,W,C), "
+                         f"the model's {(s, s, c)}")
     if num_classes is not None:
         print(f"note: class-conditional model: the bound is of the unconditional model (null label {num_classes})")
     print(f"NLL bound on {len(images)} images of {args.nll}: {diffusion.num_timesteps} terms per image, {device}")
@@ -258,7 +263,8 @@ def run_nll(args, net, diffusion, device, num_classes):
         n = i + len(x0)
         m = {k: v / n for k, v in sums.items()}
         print(f"{n:>{len(str(len(images)))}}/{len(images)} | bpd {m['total_bpd']:.4f} | L_T {m['prior_bpd']:.4f} | "
-              f"sum L_t-1 {m['vb_bpd']:.4f} | L_0 {m['decoder_bpd']:.4f} | {n / (time.time() - t0):.2f} img/s", flush=True)
+              f"sum L_t-1 {m['vb_bpd']:.4f} | L_0 {m['decoder_bpd']:.4f} | {n / (time.time() - t0):.2f} img/s",
+              flush=True)
     print(f"NLL <= {m['total_bpd']:.4f} bits/dim over {n} images = L_T {m['prior_bpd']:.4f} + "
           f"sum L_t-1 {m['vb_bpd']:.4f} + L_0 {m['decoder_bpd']:.4f}")
 
@@ -266,13 +272,13 @@ def run_nll(args, net, diffusion, device, num_classes):
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="Sample from a DDPM checkpoint or the paper's released CIFAR-10 weights, "
-                                "or report its NLL bound in bits/dim.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="Sample from a DDPM checkpoint or the paper's released CIFAR-10 "
+                                "weights, or report its NLL bound in bits/dim.")
     a = p.add_argument
-    a("ckpt", help="train.py checkpoint or run folder; or released weights: the TF-scope state dict (model-790000.ckpt) "
-      "or the diffusers google/ddpm-cifar10-32 folder, .safetensors or .bin")
+    a("ckpt", help="train.py checkpoint or run folder; or released weights: the TF-scope state dict "
+      "(model-790000.ckpt) or the diffusers google/ddpm-cifar10-32 folder, .safetensors or .bin")
     a("--n", type=int, default=None, help="samples to draw (default 64); with --nll, images to evaluate (default all)")
-    a("--batch-size", type=int, default=128, help="images per batch")
+    a("--batch-size", type=int, default=128, help="images per batch (default 128)")
     a("--steps", type=int, default=None, help="sampling steps; fewer than T uses DDIM (Song et al. 2021) (default T: "
       "Algorithm 2)")
     a("--eta", type=float, default=None, help="DDIM noise: 0 deterministic, 1 ancestral-like (default 0; giving it "
@@ -280,19 +286,20 @@ def get_parser():
     a("--no-clip", action="store_true", help="do not clip the predicted x0 to [-1, 1] (the literal Algorithm 2; "
       "the original code clips)")
     a("--no-ema", action="store_true", help="use the raw weights instead of their EMA (train.py checkpoints)")
-    a("--class", dest="class_", default=None, help="class-conditional models: a class index, or a comma-separated "
-      "list (the samples spread evenly over it, one grid row per class)")
+    a("--class", dest="class_", default=None, metavar="K[,K...]", help="class-conditional models: a class index, "
+      "or a comma-separated list (the samples spread evenly over it, one grid row per class)")
     a("--guidance", type=float, default=0.0, help="classifier-free guidance w: eps = (1+w) eps(x,c) - w eps(x,null); "
-      "0 is the plain conditional model")
-    a("--seed", type=int, default=0, help="random seed (batch b uses seed * 1000003 + b)")
-    a("--out", default="samples.png", help="PNG grid of the samples")
+      "0 (default) is the plain conditional model")
+    a("--seed", type=int, default=0, help="random seed, default 0 (batch b uses seed * 1000003 + b)")
+    a("--out", default="samples.png", help="PNG grid of the samples (default samples.png in the current folder)")
     a("--npz", default="", help="also write all samples as uint8 N,H,W,C under arr_0 (labels under arr_1), for FID")
     a("--trajectory", default="", help="PNG strip of the reverse process of the first batch's first samples: x_t "
       "and predicted x0 at 10 steps (cf. the paper's Figure 6)")
     a("--nll", default="", help="instead of sampling, report the NLL bound in bits/dim (Eq. 5) on 'cifar10' "
-      "(its test split) or a .npy/.npz/.pt of uint8 images N,H,W,C")
-    a("--data-dir", default="./data", help="where --nll cifar10 finds cifar-10-batches-py (or the archive)")
-    a("--device", default="auto", help="auto, cpu, cuda or mps")
+      "(its test split), 'shapes' (held-out built-in images) or a .npy/.npz/.pt of uint8 images N,H,W,C")
+    a("--data-dir", default="./data", help="where --nll cifar10 finds cifar-10-batches-py or the archive "
+      "(default ./data, as train.py)")
+    a("--device", default="auto", help="auto (default), cpu, cuda or mps")
     a("--bf16", action="store_true", help="bf16 autocast for the network on CUDA (faster; the diffusion math stays "
       "fp32). Off by default: the paper's numbers are fp32")
     return p
@@ -309,6 +316,9 @@ def main(argv=None):
                      args.trajectory):
         raise SystemExit("error: --nll uses all T steps of the model itself; drop --class/--guidance/--steps/--eta/"
                          "--npz/--trajectory")
+    for flag, path in (("--out", args.out), ("--npz", args.npz), ("--trajectory", args.trajectory)):
+        if path and not os.path.isdir(os.path.dirname(path) or "."):  # find out now, not after hours of sampling
+            raise SystemExit(f"error: {flag} {path}: folder {os.path.dirname(path)} does not exist")
     device = resolve_device(args.device)
     if args.bf16 and device.type != "cuda":
         print(f"note: --bf16 is for CUDA; running fp32 on {device.type}")
@@ -328,7 +338,8 @@ def main(argv=None):
     if args.steps > T:
         raise SystemExit(f"error: --steps {args.steps} is more than the model's T = {T}")
     if args.class_ is not None and num_classes is None:
-        raise SystemExit("error: --class needs a class-conditional model (train.py --class-cond); this one is unconditional")
+        raise SystemExit("error: --class needs a class-conditional model (train.py --class-cond); "
+                         "this one is unconditional")
     if args.guidance and args.class_ is None:
         raise SystemExit("error: --guidance needs --class (and a class-conditional model)")
     if args.guidance < 0:

@@ -4,6 +4,7 @@ google/ddpm-cifar10-32 export and TF-scope state dict) sampled through sample.py
 they hold, and bad input ending in one clear line. Tiny nets (8x8, T=100) except where the paper's net is the point."""
 import io
 import os
+import pickle
 import struct
 import subprocess
 import sys
@@ -147,6 +148,22 @@ def test_nll_terms_sum_to_total(ckpt, tmp_path, capsys):
     assert total > 0 and abs(prior + vb + decoder - total) <= 2e-4  # each printed to 4 decimals
 
 
+def test_nll_cifar10_test_split(tmp_path, capsys):
+    """--nll cifar10 reads test_batch (the test split) from --data-dir; --n limits the images evaluated."""
+    np = pytest.importorskip("numpy")  # only to write a pickle like CIFAR-10's
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    data = np.random.default_rng(0).integers(0, 256, (3, 3072), dtype=np.uint8)
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({b"data": data, b"labels": [0, 1, 2]}, f, protocol=2)
+    model = randomized(UNet(**dict(TINY, image_size=32)))
+    torch.save({"model": model.state_dict(), "ema": model.state_dict(), "step": 1, "model_config": model.config,
+                "diffusion_config": dict(DIFFUSION, num_timesteps=20),
+                "args": {}, "format": "ddpm-checkpoint-v1"}, tmp_path / "c.pt")
+    out = run([str(tmp_path / "c.pt"), "--nll", "cifar10", "--data-dir", str(tmp_path), "--n", "2"], capsys)
+    assert "NLL bound on 2 images of cifar10" in out and "over 2 images" in out.splitlines()[-1]
+
+
 def test_guided_npz_has_labels(tmp_path, capsys):
     """--class 0,2 on a class-conditional checkpoint: labels under arr_1, spread evenly, one grid row per class."""
     write_checkpoint(str(tmp_path / "c.pt"), num_classes=3)
@@ -220,7 +237,7 @@ def test_bad_files_one_line_subprocess(ckpt, tmp_path):
 
 @pytest.mark.parametrize("case", ["text_file", "truncated_safetensors", "state_dict_of_other_net", "empty_folder",
                                   "steps_above_T", "class_on_unconditional", "class_out_of_range", "guidance_no_class",
-                                  "zero_n", "nll_missing_file", "nll_wrong_size", "nll_with_steps"])
+                                  "zero_n", "out_folder_missing", "nll_missing_file", "nll_wrong_size", "nll_with_steps"])
 def test_bad_input_one_line(case, ckpt, tmp_path, capsys):
     """Each mistake ends in SystemExit with one 'error:' line (the __main__ guard only adds Ctrl-C handling)."""
     cond = str(tmp_path / "cond.pt")
@@ -235,7 +252,7 @@ def test_bad_input_one_line(case, ckpt, tmp_path, capsys):
             "state_dict_of_other_net": [str(tmp_path / "other.pt")], "empty_folder": [str(tmp_path / "empty")],
             "steps_above_T": [ckpt, "--steps", "101"], "class_on_unconditional": [ckpt, "--class", "1"],
             "class_out_of_range": [cond, "--class", "1,4"], "guidance_no_class": [cond, "--guidance", "2"],
-            "zero_n": [ckpt, "--n", "0"], "nll_missing_file": [ckpt, "--nll", str(tmp_path / "nope.npz")],
+            "zero_n": [ckpt, "--n", "0"], "out_folder_missing": [ckpt, "--npz", str(tmp_path / "no" / "s.npz")], "nll_missing_file": [ckpt, "--nll", str(tmp_path / "nope.npz")],
             "nll_wrong_size": [ckpt, "--nll", str(tmp_path / "big.npz")],
             "nll_with_steps": [ckpt, "--nll", str(tmp_path / "big.npz"), "--steps", "10"]}[case]
     with pytest.raises(SystemExit) as e:
