@@ -42,6 +42,15 @@ def test_guided_prediction_one_batched_pass():
     torch.testing.assert_close(guided, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_class_list_parsing():
+    """--class takes indices or, for a CIFAR-10 model, names; anything else is one error line."""
+    assert sample.parse_classes("ship,3, cat", 10, sample.CIFAR10_CLASSES) == [8, 3, 3]
+    assert sample.parse_classes("2,0,2", 3, ()) == [2, 0, 2]
+    for bad in ("3", "-1", "ship", "1,,2"):
+        with pytest.raises(SystemExit, match="^error: --class"):
+            sample.parse_classes(bad, 3, ())
+
+
 def test_no_class_samples_with_the_null_label(tmp_path, capsys):
     """A class-conditional checkpoint without --class gives the samples of the unconditional model: Algorithm 2 with
     eps(x, null), the null label being num_classes; and they differ from those of class 0."""
