@@ -173,8 +173,8 @@ def run_sampling(args, net, diffusion, device, num_classes, names):
     T = diffusion.num_timesteps
     ddim = args.steps < T or args.eta is not None
     classes = parse_classes(args.class_, num_classes, names) if args.class_ is not None else None
-    labels = torch.tensor([c for c, k in zip(classes, class_counts(args.n, len(classes))) for _ in range(k)]) \
-        if classes else None
+    labels = None if classes is None else \
+        torch.cat([torch.full((k,), label) for label, k in zip(classes, class_counts(args.n, len(classes)))])
     if num_classes is not None and classes is None:
         print(f"note: class-conditional model and no --class: unconditional samples (the null label {num_classes})")
     how = f"DDIM {args.steps} steps, eta {args.eta or 0.0}" if ddim else f"Algorithm 2, {T} steps, {diffusion.var_type}"
