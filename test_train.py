@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import urllib.error
 import zlib
 
 import pytest
@@ -199,7 +200,7 @@ def test_cifar10_batches_parsed_without_numpy(tmp_path, monkeypatch):
     assert images2.shape == (100, 3, 32, 32)
 
     def offline(*a, **k):
-        raise train.urllib.error.URLError("no network")
+        raise urllib.error.URLError("no network")
     monkeypatch.setattr(train.urllib.request, "urlopen", offline)
     with pytest.raises(SystemExit, match=r"fetch https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz by hand"):
         train.load_cifar10(str(tmp_path / "nothing"))
