@@ -474,7 +474,7 @@ def get_parser():
     a("--fused-adam", action=argparse.BooleanOptionalAction, default=True, help="fused Adam kernel on CUDA")
     a("--log-every", type=int, default=100, help="steps between log lines (and NaN checks)")
     a("--ckpt-every", type=int, default=5000, help="steps between checkpoints (also at the end, on Ctrl-C/SIGTERM)")
-    a("--sample-every", type=int, default=20000, help="steps between sample grids (0: only at the end)")
+    a("--sample-every", type=int, default=20000, help="steps between sample grids, and one at the end (0: none)")
     a("--num-samples", type=int, default=64, help="images in a sample grid")
     a("--sample-steps", type=int, default=0,
       help="sample grids: 0 = Algorithm 2 over all T steps; N = N strided steps (DDIM, eta 1)")
@@ -652,7 +652,7 @@ def main(argv=None):
         step += 1
         do_log = step % args.log_every == 0 or step == args.steps
         do_ckpt = step % args.ckpt_every == 0 or step == args.steps
-        do_sample = (args.sample_every > 0 and step % args.sample_every == 0) or step == args.steps
+        do_sample = args.sample_every > 0 and (step % args.sample_every == 0 or step == args.steps)
         if not (do_log or do_ckpt or do_sample or (stop and not ddp)):
             continue
         # sync point: all ranks agree on NaN and on stopping (a signal may reach them at different steps)
@@ -674,7 +674,7 @@ def main(argv=None):
             img_s = (step - step_last) * args.batch_size / dt
             eta = format_eta((args.steps - step) * args.batch_size / img_s)
             log(f"step {step:>{len(str(args.steps))}d}/{args.steps} | loss {v[0] / n:.4f} | lr {lr:.2e} | "
-                f"gnorm {v[1] / n:.2f} | {img_s:5.0f} img/s | eta {eta}")
+                f"gnorm {v[1] / n:.2f} | {img_s:7.1f} img/s | eta {eta}")
             if n_logs % 10 == 0:
                 log("  loss by t quartile: " + " | ".join(f"q{i} {v[2 + i] / max(v[6 + i], 1):.4f}" for i in range(4)))
             acc.zero_()
