@@ -535,11 +535,6 @@ def main(argv=None):
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     if master and not args.resume and os.path.exists(ckpt_path):
         raise SystemExit(f"error: {ckpt_path} exists; continue it with --resume {args.out} or pick another --out")
-    if master:
-        try:
-            os.makedirs(args.out, exist_ok=True)
-        except OSError as e:
-            raise SystemExit(f"error: cannot create --out {args.out}: {e.strerror or e}")
 
     def log(msg, console=True):
         if master:
@@ -559,6 +554,11 @@ def main(argv=None):
     images = images[rank::world].to(device)
     labels = labels[rank::world].to(device) if args.class_cond else None
     _, c, s, _ = images.shape
+    if master:  # only now: bad data leave no empty run folder behind
+        try:
+            os.makedirs(args.out, exist_ok=True)
+        except OSError as e:
+            raise SystemExit(f"error: cannot create --out {args.out}: {e.strerror or e}")
 
     # model, EMA, optimizer, diffusion
     if ckpt:
