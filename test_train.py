@@ -278,8 +278,10 @@ def test_torchrun_two_cpu_processes(tmp_path):
     assert r.returncode != 0 and "not divisible by the 2 processes" in r.stdout + r.stderr
 
 
-def test_sigterm_checkpoints_and_resume_continues(tmp_path):
-    """SIGTERM mid-run: the step finishes, a checkpoint is written, exit 0; --resume continues from that step."""
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 0), (signal.SIGINT, 130)])
+def test_signal_checkpoints_and_resume_continues(tmp_path, sig, code):
+    """SIGTERM (pre-emption) or Ctrl-C mid-run: the step finishes, a checkpoint is written, exit 0 or 130;
+    --resume continues from that step."""
     out = tmp_path / "run"
     p = subprocess.Popen([sys.executable, TRAIN, *TINY, "--steps", "100000", "--log-every", "1",
                           "--ckpt-every", "100000", "--out", str(out)],
@@ -288,12 +290,14 @@ def test_sigterm_checkpoints_and_resume_continues(tmp_path):
     log = out / "log.txt"
     while time.time() < deadline and " 2/100000 |" not in (log.read_text() if log.exists() else ""):
         time.sleep(0.2)
-    p.send_signal(signal.SIGTERM)
+    p.send_signal(sig)
     stdout, stderr = p.communicate(timeout=60)
-    assert p.returncode == 0, stderr
+    assert p.returncode == code, stderr
     assert "stopped at step" in stdout and "Traceback" not in stderr
     step = train.load_checkpoint(str(out))["step"]
     assert 2 <= step < 100000
+    if sig == signal.SIGINT:
+        return  # the same resume as after SIGTERM
     r = run("--resume", str(out), "--steps", str(step + 2), "--log-every", "1")
     assert r.returncode == 0, r.stderr
     assert f"resuming at step {step}" in r.stdout and f"step {step + 2}/{step + 2} |" in r.stdout
