@@ -19,8 +19,8 @@ import zipfile
 import torch
 
 from ddpm import classifier_free_guidance
-from train import (atomic_write, build_diffusion, load_checkpoint, load_cifar10, load_file, make_shapes,
-                   read_cifar_batch, resolve_device, save_grid, to_uint8)
+from train import (NotACheckpoint, atomic_write, build_diffusion, load_checkpoint, load_cifar10, load_file,
+                   make_shapes, read_cifar_batch, resolve_device, save_grid, to_uint8)
 from unet import UNet
 
 # The diffusion of the paper's CIFAR-10 run (Sec. 4, scripts/run_cifar.py), which released weights imply.
@@ -42,10 +42,8 @@ def load_model(path, use_ema=True):
     if not diffusers_layout:
         try:
             ckpt = load_checkpoint(path)
-        except SystemExit as err:
+        except NotACheckpoint:
             # not ours; the one other .pt/.ckpt we read is a bare TF-scope state dict (model-790000.ckpt)
-            if not os.path.isfile(path) or "not a train.py checkpoint" not in str(err):
-                raise  # missing, truncated or corrupt: train.py's message says which
             try:
                 net = UNet.from_pretrained(path)
             except (ValueError, OSError) as e:

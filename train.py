@@ -65,6 +65,10 @@ def first_line(e):
     return text.splitlines()[0][:200] if text else type(e).__name__
 
 
+class NotACheckpoint(SystemExit):
+    """A readable torch file that train.py did not write (sample.py then tries it as released weights)."""
+
+
 def load_checkpoint(path):
     """A checkpoint written by train.py (the file, or the run folder holding ckpt.pt), loaded on the CPU."""
     if os.path.isdir(path):
@@ -77,7 +81,7 @@ def load_checkpoint(path):
     except Exception as e:  # truncated, corrupt or not a torch file at all
         raise SystemExit(f"error: cannot read checkpoint {path} (corrupt or truncated?): {first_line(e)}")
     if not isinstance(ckpt, dict) or ckpt.get("format") != "ddpm-checkpoint-v1":
-        raise SystemExit(f"error: {path} is not a train.py checkpoint (format ddpm-checkpoint-v1)")
+        raise NotACheckpoint(f"error: {path} is not a train.py checkpoint (format ddpm-checkpoint-v1)")
     return ckpt
 
 
