@@ -153,7 +153,7 @@ def test_bench_compare_runs(capsys, monkeypatch):
     bench.main(["--device", "cpu", "--small", "--batch-size", "2", "--iters", "1", "--warmup", "0", "--rounds", "2",
                 "--compare", "--no-sdpa", "--channels-last"])
     out = capsys.readouterr().out
-    assert "| ours |" in out and "| diffusers |" in out and "| ratio ours/diffusers |" in out
+    assert "| ours |" in out and "| diffusers |" in out and "| ratio ours/diffusers" in out
     eps_diff = float(out.split("max |eps_ours - eps_diffusers| = ")[1].split()[0])
     assert eps_diff < 1e-4
 
