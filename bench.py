@@ -21,7 +21,7 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import train
-from train import build_diffusion, resolve_device, train_step
+from train import build_diffusion, make_optimizer, resolve_device, train_step
 from unet import AttnBlock, UNet, convert_diffusers_state_dict
 
 PAPER_FWD_GFLOP, PAPER_TRAIN_GFLOP = 12.4, 37.0  # per 32x32 image (the paper's speed anchors)
@@ -45,7 +45,7 @@ def get_parser():
     a("--dropout", type=float, default=0.1, help="dropout in the residual blocks (the paper's CIFAR-10 value)")
     a("--bf16", action=flag, default=on("bf16"), help="bf16 autocast on CUDA (fp32 weights), as train.py")
     a("--tf32", action=flag, default=on("tf32"), help="TF32 matmuls and convolutions on CUDA, as train.py")
-    a("--fused-adam", action=flag, default=on("fused_adam"), help="fused Adam kernel on CUDA, as train.py")
+    a("--fused-adam", action=flag, default=on("fused_adam"), help="fused Adam kernel, as train.py")
     a("--channels-last", action=flag, default=on("channels_last"),
       help="channels_last weights and activations (the input batch stays NCHW, so the noise drawn is unchanged)")
     a("--compile", action=flag, default=on("compile"), help="torch.compile the network, as train.py --compile")
@@ -106,8 +106,7 @@ class Bench:
         fmt = torch.channels_last if args.channels_last else torch.preserve_format
         self.net = net.to(device, memory_format=fmt)
         self.ema = copy.deepcopy(self.net).requires_grad_(False).eval()
-        fused = True if device.type == "cuda" and args.fused_adam else None  # as train.py: foreach Adam elsewhere
-        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=2e-4, betas=(0.9, 0.999), eps=1e-8, fused=fused)
+        self.optimizer = make_optimizer(self.net, 2e-4, args.fused_adam, device)  # as train.py
         compile = (lambda m: torch.compile(m, mode=args.compile_mode)) if args.compile else (lambda m: m)
         self.model, self.ema_model = compile(self.net), compile(self.ema)
         self.diffusion, self.device = diffusion, device
@@ -208,8 +207,8 @@ def main(argv=None):
     nets, diff = build_nets(config, args)
     onoff = lambda b: "on" if b else "off"
     print(f"device: {device} ({machine(device)}), torch {torch.__version__}")
-    print(f"fast paths: bf16 {onoff(args.bf16 and cuda)}, tf32 {onoff(args.tf32 and cuda)}, fused adam "
-          f"{onoff(args.fused_adam and cuda)} (these three: CUDA only), sdpa {onoff(args.sdpa)}, "
+    print(f"fast paths: bf16 {onoff(args.bf16 and cuda)}, tf32 {onoff(args.tf32 and cuda)} (these two: CUDA only), "
+          f"fused adam {onoff(args.fused_adam)}, sdpa {onoff(args.sdpa)}, "
           f"channels_last {onoff(args.channels_last)}, compile {onoff(args.compile)}")
     print(f"network: {'small test net' if args.small else 'the paper CIFAR-10 U-Net'}, "
           + ", ".join(f"{k} {sum(p.numel() for p in n.parameters()):,} params" for k, n in nets.items()))

@@ -359,6 +359,12 @@ def get_lr(step, args):
     return args.lr * min(step / args.warmup, 1.0) if args.warmup > 0 else args.lr
 
 
+def make_optimizer(model, lr, fused, device):
+    """Adam as in the paper (betas 0.9, 0.999, eps 1e-8, no weight decay); the fused kernel where there is one."""
+    fused = True if fused and device.type in ("cuda", "cpu") else None  # fused CPU Adam needs torch >= 2.4
+    return torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=fused)
+
+
 @torch.no_grad()
 def update_ema(ema, model, decay):
     """ema <- decay * ema + (1 - decay) * model, for all parameters at once."""
@@ -475,7 +481,7 @@ def get_parser():
     a("--compile", action="store_true", help="torch.compile the network")
     a("--bf16", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA (fp32 weights)")
     a("--tf32", action=argparse.BooleanOptionalAction, default=True, help="TF32 matmuls and convolutions on CUDA")
-    a("--fused-adam", action=argparse.BooleanOptionalAction, default=True, help="fused Adam kernel on CUDA")
+    a("--fused-adam", action=argparse.BooleanOptionalAction, default=True, help="fused Adam kernel (CUDA and CPU)")
     a("--log-every", type=int, default=100, help="steps between log lines (and NaN checks)")
     a("--ckpt-every", type=int, default=5000, help="steps between checkpoints (also at the end, on Ctrl-C/SIGTERM)")
     a("--sample-every", type=int, default=20000, help="steps between sample grids, and one at the end (0: none)")
@@ -588,8 +594,7 @@ def main(argv=None):
         raise SystemExit(f"error: {e}")
     raw_model.to(device)
     ema = copy.deepcopy(raw_model).requires_grad_(False).eval()
-    fused = True if device.type == "cuda" and args.fused_adam else None
-    optimizer = torch.optim.Adam(raw_model.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8, fused=fused)
+    optimizer = make_optimizer(raw_model, args.lr, args.fused_adam, device)
     step = 0
     if ckpt:
         raw_model.load_state_dict(ckpt["model"])

@@ -68,7 +68,7 @@ class AttnBlock(nn.Module):
 
     def forward(self, x):
         B, C, H, W = x.shape
-        h = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C): one token per position
+        h = self.norm(x).flatten(2).transpose(1, 2).contiguous()  # (B, HW, C): one token per position, copied once
         # A 1x1 conv on (B, C, H, W) is a matmul over C on (B, HW, C); done that way, q/k/v keep C contiguous
         # whatever x's memory format, which SDPA's fused kernels need. [:, None] makes the single head explicit.
         q, k, v = (F.linear(h, m.weight.flatten(1), m.bias)[:, None] for m in (self.q, self.k, self.v))
