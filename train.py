@@ -62,7 +62,7 @@ def resolve_device(name):
 def first_line(e):
     """An exception as one short line (for the one-line error messages)."""
     text = str(e).strip()
-    return text.splitlines()[0][:200] if text else type(e).__name__
+    return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
 
 
 class NotACheckpoint(SystemExit):
