@@ -21,6 +21,7 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import train
+from sample import model_fn
 from train import build_diffusion, make_optimizer, resolve_device, train_step
 from unet import AttnBlock, UNet, convert_diffusers_state_dict
 
@@ -126,9 +127,7 @@ class Bench:
         self.i = (self.i - 1) % self.diffusion.num_timesteps
         t = torch.full((self.x_t.shape[0],), self.i, device=self.device, dtype=torch.long)
         z = torch.randn_like(self.x_t)
-        def net(x, t):
-            with torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16):
-                return self.ema_model(x, t)
+        net = model_fn(self.ema_model, None, 0.0, self.bf16)  # sample.py's own wrapper
         self.x_t = self.diffusion.p_sample(net, self.x_t, t, z)
 
     def time(self, step, iters):
