@@ -269,14 +269,16 @@ def test_posterior_monte_carlo_regression(betas, x0, seed, data):
 @given(schedules(), st.integers(0, 2**31 - 1), st.data())
 def test_x0_eps_roundtrip(betas, seed, data):
     """Eq. (15) and its inverse: with x_t = q_sample(x_0, t, eps), predict_start_from_noise
-    recovers x_0 and predict_noise_from_start recovers eps."""
+    recovers x_0 and predict_noise_from_start recovers eps. Recovering x_0 divides by sqrt(abar_t), which
+    magnifies float64 rounding of x_t (~1e-16) by 1/sqrt(abar_t): the tolerance says so."""
     d = GaussianDiffusion(betas, dtype=torch.float64)
     g = torch.Generator().manual_seed(seed)
     t = torch.tensor(data.draw(st.lists(st.integers(0, len(betas) - 1), min_size=4, max_size=4)))
     x0 = torch.rand(4, 3, 5, 5, generator=g, dtype=torch.float64) * 2 - 1
     eps = torch.randn(4, 3, 5, 5, generator=g, dtype=torch.float64)
     x_t = d.q_sample(x0, t, eps)
-    assert torch.allclose(d.predict_start_from_noise(x_t, t, eps), x0, atol=1e-8)
+    tol = 1e-13 / d.alphas_cumprod[t].sqrt().view(-1, 1, 1, 1)
+    assert ((d.predict_start_from_noise(x_t, t, eps) - x0).abs() <= tol).all()
     assert torch.allclose(d.predict_noise_from_start(x_t, t, x0), eps, atol=1e-6)
 
 
@@ -343,7 +345,10 @@ def test_oracle_network_gives_true_posterior_mean(betas, mean_type, clip, seed, 
     x_t = d.q_sample(x0, t, torch.randn(4, 3, 4, 4, generator=g, dtype=torch.float64))
     mean, _, _, pred_xstart = d.p_mean_variance(oracle(betas, x0, mean_type), x_t, t, clip)
     true_mean, _, _ = d.q_posterior_mean_variance(x0, x_t, t)
-    assert torch.allclose(pred_xstart, x0, atol=1e-5)
+    # x0 from eps divides x_t's float64 rounding by sqrt(abar_t) (see test_x0_eps_roundtrip); the mean
+    # multiplies it back by sqrt(abar_{t-1}), so it is held to 1e-5 everywhere
+    tol = 1e-5 + 1e-13 / d.alphas_cumprod[t].sqrt().view(-1, 1, 1, 1)
+    assert ((pred_xstart - x0).abs() <= tol).all()
     assert torch.allclose(mean, true_mean, atol=1e-5)
 
 

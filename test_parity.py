@@ -57,7 +57,10 @@ def test_q_sample_and_p_sample_match_ddpm_scheduler(name, var_type, mean_type, i
     theirs = sched.step(model_output, i, x_t, generator=torch.Generator().manual_seed(seed)).prev_sample
     z = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
     ours = d.p_sample(lambda x, tt: model_output, x_t, t, z)
-    assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-4)
+    # diffusers forms 1 - abar_t in float32 (ours: float64): near t = 0 that rounding, ~1e-7 / (1 - abar_t)
+    # relative, shows in the posterior coefficients (cosine, t = 1: ~1e-3)
+    tol = 1e-4 + 1e-7 / (1 - d.alphas_cumprod[i].item())
+    assert torch.allclose(ours, theirs, rtol=1e-4, atol=tol)
 
 
 @PARITY
