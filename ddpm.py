@@ -238,9 +238,11 @@ class GaussianDiffusion(nn.Module):
         DDIM Eq. (16): sigma = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev).
         eta = 0 is deterministic; eta = 1 with t_prev = t - 1 is the posterior (7), i.e. DDPM
         with fixedsmall variance. eps_hat is recomputed from the (clipped) x0_hat."""
-        if isinstance(t_prev, int):
+        if isinstance(t_prev, int):  # as ddim_sample_loop calls it: checked on the host, so the loop never
+            assert t_prev >= -1      # waits for the GPU (a check of device values is a sync per step)
             t_prev = torch.full_like(t, t_prev)
-        assert (t_prev < t).all() and (t_prev >= -1).all()
+        else:
+            assert (t_prev < t).all() and (t_prev >= -1).all()
         _, _, _, pred_xstart = self.p_mean_variance(model, x_t, t, clip_denoised)
         eps = self.predict_noise_from_start(x_t, t, pred_xstart)
         abar = _extract(self.alphas_cumprod, t, x_t)
