@@ -22,7 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import train
 from sample import model_fn
-from train import build_diffusion, make_optimizer, resolve_device, train_step
+from train import build_diffusion, make_optimizer, resolve_device, train_losses, train_step
 from unet import AttnBlock, UNet, convert_diffusers_state_dict
 
 PAPER_FWD_GFLOP, PAPER_TRAIN_GFLOP = 12.4, 37.0  # per 32x32 image (the paper's speed anchors)
@@ -49,7 +49,8 @@ def get_parser():
     a("--fused-adam", action=flag, default=on("fused_adam"), help="fused Adam kernel, as train.py")
     a("--channels-last", action=flag, default=on("channels_last"),
       help="channels_last weights and activations (the input batch stays NCHW, so the noise drawn is unchanged)")
-    a("--compile", action=flag, default=on("compile"), help="torch.compile the network, as train.py --compile")
+    a("--compile", action=flag, default=on("compile"), help="torch.compile the step's loss "
+      "computation (as train.py --compile) and the sampling network (as sample.py --compile)")
     a("--compile-mode", default=None, choices=["default", "reduce-overhead", "max-autotune"],
       help="torch.compile mode (reduce-overhead: CUDA graphs); None: torch's default")
     a("--sdpa", action=flag, default=True, help="F.scaled_dot_product_attention in the attention blocks (off: the "
@@ -104,12 +105,12 @@ class Bench:
     """One implementation set up as train.py sets it up (model, EMA copy, Adam), and its two timed steps."""
 
     def __init__(self, net, config, diffusion, device, args):
-        fmt = torch.channels_last if args.channels_last else torch.preserve_format
-        self.net = net.to(device, memory_format=fmt)
+        self.fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+        self.net = net.to(device, memory_format=self.fmt)
         self.ema = copy.deepcopy(self.net).requires_grad_(False).eval()
         self.optimizer = make_optimizer(self.net, 2e-4, args.fused_adam, device)  # as train.py
-        compile = (lambda m: torch.compile(m, mode=args.compile_mode)) if args.compile else (lambda m: m)
-        self.model, self.ema_model = compile(self.net), compile(self.ema)
+        compile = (lambda f: torch.compile(f, mode=args.compile_mode)) if args.compile else (lambda f: f)
+        self.losses_fn, self.ema_model = compile(train_losses), compile(self.ema)  # as train.py and sample.py
         self.diffusion, self.device = diffusion, device
         self.bf16 = args.bf16 and device.type == "cuda"
         self.step_args = SimpleNamespace(grad_clip=1.0, ema_decay=0.9999, p_uncond=0.0, bf16=args.bf16)  # paper's
@@ -119,7 +120,8 @@ class Bench:
         self.x_t, self.i = torch.randn_like(self.x0), diffusion.num_timesteps
 
     def train(self):
-        train_step(self.model, self.ema, self.optimizer, self.diffusion, self.x0, None, self.step_args)
+        x0 = self.x0.contiguous(memory_format=self.fmt)  # as train.py: each batch is a fresh tensor
+        train_step(self.net, self.ema, self.optimizer, self.diffusion, x0, None, self.step_args, None, self.losses_fn)
 
     @torch.no_grad()
     def sample(self):

@@ -365,23 +365,40 @@ def make_optimizer(model, lr, fused, device):
     return torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=fused)
 
 
+def match_layout(optimizer):
+    """Give Adam's moments their parameter's memory layout. They load from a checkpoint in the layout they were
+    saved in, and fused Adam pairs elements by memory order, not by index: a channels_last parameter with
+    NCHW moments would be updated wrongly, without an error (seen with torch 2.13 on the CPU)."""
+    for p, state in optimizer.state.items():
+        for k, v in state.items():
+            if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                state[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
+
+
 @torch.no_grad()
 def update_ema(ema, model, decay):
     """ema <- decay * ema + (1 - decay) * model, for all parameters at once."""
     torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
 
 
-def train_step(model, ema, optimizer, diffusion, x0, y, args, stats=None):
-    """One step of Algorithm 1 on a batch x0 in [-1, 1] (labels y or None): draw t, L_simple, backward, clip
-    the global grad norm, Adam, EMA. args needs grad_clip, ema_decay, p_uncond, bf16. If given, stats (2, 4)
-    accumulates the loss sum and count per timestep quartile. Returns device tensors (loss, grad norm):
-    nothing here waits for the device."""
+def train_losses(model, diffusion, x0, y, args):
+    """Algorithm 1 lines 2-5 on a batch x0 in [-1, 1] (labels y or None): draw t, then the per-example L_simple.
+    Returns (t, losses). train.py --compile compiles this function whole: the t and noise draws, q_sample, the
+    network and the loss become one graph (and its backward another)."""
     t = torch.randint(0, diffusion.num_timesteps, (x0.shape[0],), device=x0.device)  # Alg. 1 line 3 (0-based)
-    if y is not None and args.p_uncond > 0:  # classifier-free guidance: drop the label -> the null class
-        y = torch.where(torch.rand(y.shape, device=y.device) < args.p_uncond, torch.full_like(y, ema.num_classes), y)
     # Deviation from the paper (fp32 on TPU): bf16 autocast on CUDA; weights, optimizer and loss stay fp32
     with torch.autocast(x0.device.type, torch.bfloat16, enabled=args.bf16 and x0.device.type == "cuda"):
-        losses = diffusion.training_losses(lambda x, t: model(x, t, y), x0, t)  # Alg. 1 lines 4-5
+        return t, diffusion.training_losses(lambda x, t: model(x, t, y), x0, t)  # Alg. 1 lines 4-5
+
+
+def train_step(model, ema, optimizer, diffusion, x0, y, args, stats=None, losses_fn=train_losses):
+    """One step of Algorithm 1: L_simple (losses_fn: train_losses, or its compiled form), backward, clip the
+    global grad norm, Adam, EMA. args needs grad_clip, ema_decay, p_uncond, bf16. If given, stats (2, 4)
+    accumulates the loss sum and count per timestep quartile. Returns device tensors (loss, grad norm): nothing
+    here waits for the device. The rest of the step is not compiled: Adam and the EMA are one fused kernel each."""
+    if y is not None and args.p_uncond > 0:  # classifier-free guidance: drop the label -> the null class
+        y = torch.where(torch.rand(y.shape, device=y.device) < args.p_uncond, torch.full_like(y, ema.num_classes), y)
+    t, losses = losses_fn(model, diffusion, x0, y, args)
     loss = losses.mean()
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0 else math.inf)
@@ -439,7 +456,7 @@ def format_eta(seconds):
 
 MODEL_FLAGS = ("ch", "ch_mult", "num_res_blocks", "attn", "dropout", "class_cond", "timesteps", "schedule",
                "image_size")
-RUN_FLAGS = ("resume", "device", "compile", "bf16", "tf32", "fused_adam", "out")  # never taken from a checkpoint
+RUN_FLAGS = ("resume", "device", "compile", "bf16", "tf32", "fused_adam", "channels_last", "out")  # never taken from a checkpoint
 
 
 def int_list(s):
@@ -478,10 +495,13 @@ def get_parser():
     a("--out", default="out", help="run folder: ckpt.pt, samples_<step>.png, log.txt")
     a("--resume", default="", help="run folder or checkpoint to continue from (model and diffusion flags come from it)")
     a("--device", default="auto", help="auto, cpu, cuda or mps")
-    a("--compile", action="store_true", help="torch.compile the network")
+    a("--compile", action="store_true", help="torch.compile the step's loss: t and noise draws, q_sample, network, "
+      "L_simple, in one graph (with torchrun: the network alone)")
     a("--bf16", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA (fp32 weights)")
     a("--tf32", action=argparse.BooleanOptionalAction, default=True, help="TF32 matmuls and convolutions on CUDA")
     a("--fused-adam", action=argparse.BooleanOptionalAction, default=True, help="fused Adam kernel (CUDA and CPU)")
+    a("--channels-last", action=argparse.BooleanOptionalAction, default=False,
+      help="channels_last (NHWC) weights and batches; off: not yet measured on a GPU, no gain on a CPU")
     a("--log-every", type=int, default=100, help="steps between log lines (and NaN checks)")
     a("--ckpt-every", type=int, default=5000, help="steps between checkpoints (also at the end, on Ctrl-C/SIGTERM)")
     a("--sample-every", type=int, default=20000, help="steps between sample grids, and one at the end (0: none)")
@@ -592,7 +612,7 @@ def main(argv=None):
         diffusion = build_diffusion(diffusion_config).to(device)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
-    raw_model.to(device)
+    raw_model.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
     ema = copy.deepcopy(raw_model).requires_grad_(False).eval()
     optimizer = make_optimizer(raw_model, args.lr, args.fused_adam, device)
     step = 0
@@ -600,8 +620,11 @@ def main(argv=None):
         raw_model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        match_layout(optimizer)
         step = ckpt["step"]
-    model = torch.compile(raw_model) if args.compile else raw_model
+    # --compile: the whole loss computation in one graph; under DDP the network alone (DDP wraps the compiled net)
+    model = torch.compile(raw_model) if args.compile and ddp else raw_model
+    losses_fn = torch.compile(train_losses) if args.compile and not ddp else train_losses
     if ddp:
         model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
 
@@ -655,7 +678,9 @@ def main(argv=None):
         for group in optimizer.param_groups:
             group["lr"] = lr
         x0, y = batches(step)
-        loss, grad_norm = train_step(model, ema, optimizer, diffusion, x0, y, args, acc[2:].view(2, 4))
+        if args.channels_last:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        loss, grad_norm = train_step(model, ema, optimizer, diffusion, x0, y, args, acc[2:].view(2, 4), losses_fn)
         acc[0] += loss
         acc[1] += grad_norm
         step += 1
