@@ -199,6 +199,23 @@ def test_compiled_train_step_matches(monkeypatch):
 
 
 @COMPILE
+def test_sample_compile_same_samples(tmp_path, capsys):
+    """sample.py --compile draws the samples sample.py draws (uint8, off by at most one level where a float
+    lands next to a rounding boundary)."""
+    import sample
+    from test_sample import read_npz, write_checkpoint
+    write_checkpoint(str(tmp_path / "ckpt.pt"))
+    files = {}
+    for extra in ([], ["--compile"]):
+        npz = str(tmp_path / f"s{len(extra)}.npz")
+        sample.main([str(tmp_path / "ckpt.pt"), "--n", "3", "--steps", "10", "--device", "cpu", "--npz", npz,
+                     "--out", str(tmp_path / "g.png"), *extra])
+        files[bool(extra)] = read_npz(npz)["arr_0"].int()
+    assert (files[True] - files[False]).abs().max() <= 1
+    assert "wrote" in capsys.readouterr().out
+
+
+@COMPILE
 def test_compiler_fuses_groupnorm_and_silu():
     """The fusion of GroupNorm with the SiLU after it is left to the compiler, since it does it: in a compiled
     residual block (norm1 -> SiLU -> conv1, norm2 -> SiLU -> conv2), every kernel that normalizes also applies
