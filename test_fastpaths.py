@@ -1,7 +1,8 @@
 """The fast paths change no result beyond float tolerance (issue 5): one training step of train.py and one
 sampling step of Algorithm 2, with each fast path that applies on a CPU on and off (SDPA vs explicit attention,
 channels_last vs contiguous, foreach EMA vs a per-parameter loop, foreach/fused Adam vs a per-parameter Adam,
-torch.compile of the network and of the step's loss on request), and resuming across memory layouts. Plus smoke tests of bench.py. Tiny nets, CPU, a few seconds."""
+torch.compile of the network, of the step's loss and of sampling on request); resuming across memory layouts;
+smoke tests of bench.py. Tiny nets, CPU, a few seconds (compile: minutes, opt-in)."""
 import copy
 import os
 import subprocess
@@ -154,7 +155,8 @@ def test_channels_last_run_resumes_without_it(tmp_path):
               "--attn", "4", "--timesteps", "50", "--batch-size", "8", "--warmup", "2", "--sample-every", "0",
               "--log-every", "2", "--device", "cpu", "--out", str(tmp_path)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    for extra in (["--steps", "2", "--channels-last"], ["--steps", "4", "--no-channels-last", "--resume", str(tmp_path)]):
+    for extra in (["--steps", "2", "--channels-last"],
+                  ["--steps", "4", "--no-channels-last", "--resume", str(tmp_path)]):
         r = subprocess.run([sys.executable, "train.py", *common, *extra], cwd=HERE, env=env, capture_output=True,
                            text=True, timeout=120)
         assert r.returncode == 0, r.stderr

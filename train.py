@@ -456,7 +456,8 @@ def format_eta(seconds):
 
 MODEL_FLAGS = ("ch", "ch_mult", "num_res_blocks", "attn", "dropout", "class_cond", "timesteps", "schedule",
                "image_size")
-RUN_FLAGS = ("resume", "device", "compile", "bf16", "tf32", "fused_adam", "channels_last", "out")  # never taken from a checkpoint
+# never taken from a checkpoint
+RUN_FLAGS = ("resume", "device", "compile", "bf16", "tf32", "fused_adam", "channels_last", "out")
 
 
 def int_list(s):
