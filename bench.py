@@ -48,7 +48,7 @@ def get_parser():
     a("--tf32", action=flag, default=on("tf32"), help="TF32 matmuls and convolutions on CUDA, as train.py")
     a("--fused-adam", action=flag, default=on("fused_adam"), help="fused Adam kernel, as train.py")
     a("--channels-last", action=flag, default=on("channels_last"),
-      help="channels_last weights and activations (the input batch stays NCHW, so the noise drawn is unchanged)")
+      help="channels_last weights and batches, as train.py --channels-last")
     a("--compile", action=flag, default=on("compile"), help="torch.compile the step's loss "
       "computation (as train.py --compile) and the sampling network (as sample.py --compile)")
     a("--compile-mode", default=None, choices=["default", "reduce-overhead", "max-autotune"],
