@@ -151,15 +151,12 @@ def test_resumed_adam_follows_the_parameter_layout():
 def test_channels_last_run_resumes_without_it(tmp_path):
     """train.py --channels-last trains, checkpoints and resumes with --no-channels-last (and the saved weights
     load into a plain NCHW net)."""
-    common = ["--data", "shapes", "--image-size", "8", "--ch", "32", "--ch-mult", "1,2", "--num-res-blocks", "1",
-              "--attn", "4", "--timesteps", "50", "--batch-size", "8", "--warmup", "2", "--sample-every", "0",
-              "--log-every", "2", "--device", "cpu", "--out", str(tmp_path)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    for extra in (["--steps", "2", "--channels-last"],
-                  ["--steps", "4", "--no-channels-last", "--resume", str(tmp_path)]):
-        r = subprocess.run([sys.executable, "train.py", *common, *extra], cwd=HERE, env=env, capture_output=True,
-                           text=True, timeout=120)
-        assert r.returncode == 0, r.stderr
+    from test_train import TINY, run
+    r = run(*TINY, "--attn", "4", "--sample-every", "0", "--log-every", "2", "--steps", "2", "--channels-last",
+            "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    r = run("--resume", str(tmp_path), "--steps", "4", "--no-channels-last")
+    assert r.returncode == 0, r.stderr
     ckpt = train.load_checkpoint(str(tmp_path))
     assert ckpt["step"] == 4 and "step 4/4" in r.stdout
     UNet(**ckpt["model_config"]).load_state_dict(ckpt["ema"])
