@@ -613,7 +613,8 @@ def main(argv=None):
         diffusion = build_diffusion(diffusion_config).to(device)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
-    raw_model.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    raw_model.to(device, memory_format=memory_format)
     ema = copy.deepcopy(raw_model).requires_grad_(False).eval()
     optimizer = make_optimizer(raw_model, args.lr, args.fused_adam, device)
     step = 0
@@ -679,8 +680,7 @@ def main(argv=None):
         for group in optimizer.param_groups:
             group["lr"] = lr
         x0, y = batches(step)
-        if args.channels_last:
-            x0 = x0.contiguous(memory_format=torch.channels_last)
+        x0 = x0.contiguous(memory_format=memory_format)  # a no-op unless --channels-last
         loss, grad_norm = train_step(model, ema, optimizer, diffusion, x0, y, args, acc[2:].view(2, 4), losses_fn)
         acc[0] += loss
         acc[1] += grad_norm
