@@ -20,18 +20,18 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-import train
-from sample import model_fn
-from train import build_diffusion, make_optimizer, resolve_device, train_losses, train_step
-from unet import AttnBlock, UNet, convert_diffusers_state_dict
+from checkpoint import build_diffusion, convert_diffusers_state_dict
+from guidance import model_fn
+from runtime import resolve_device
+from training import FAST_PATHS, make_optimizer, train_losses, train_step
+from unet import AttnBlock, UNet
 
 PAPER_FWD_GFLOP, PAPER_TRAIN_GFLOP = 12.4, 37.0  # per 32x32 image (the paper's speed anchors)
 SMALL = dict(image_size=16, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,))  # for smoke tests
 
 
 def get_parser():
-    train_defaults = vars(train.get_parser().parse_args([]))  # fast paths default to what train.py does
-    on = lambda name: bool(train_defaults.get(name, False))
+    on = FAST_PATHS.get  # fast paths default to what train.py does
     p = argparse.ArgumentParser(description="Benchmark the DDPM training and sampling steps (defaults: the paper's "
                                 "CIFAR-10 net, train.py's fast paths).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)

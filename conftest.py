@@ -1,8 +1,103 @@
-# Hypothesis settings: in CI (CI=true) every run draws the same examples, so a red build is reproducible.
+"""Settings and helpers shared by the test files (no test file imports another)."""
+import io
 import os
+import struct
+import subprocess
+import sys
+import zipfile
+import zlib
 
+import torch
+import torch.nn as nn
 from hypothesis import settings
 
+from data import read_npy
+from unet import UNet
+
+# Hypothesis settings: in CI (CI=true) every run draws the same examples, so a red build is reproducible.
 settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# Tiny nets gain nothing from a second thread, and on a busy machine OpenMP threads spin-wait for each
+# other and make a step 100x slower: the subprocesses get one thread each.
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+# train.py on a tiny net on 8x8 built-in shapes with T = 50: each step takes milliseconds
+TRAIN_TINY = ["--data", "shapes", "--image-size", "8", "--ch", "32", "--ch-mult", "1,2", "--num-res-blocks", "1",
+              "--attn", "", "--timesteps", "50", "--batch-size", "8", "--warmup", "2", "--ema-decay", "0.9",
+              "--num-samples", "4", "--device", "cpu"]
+
+# a tiny net (8x8) and train.py's schedule for T = 100 (the paper's linear betas scaled by 1000 / T)
+TINY_NET = dict(image_size=8, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0)
+TINY_DIFFUSION = dict(schedule="linear", num_timesteps=100, beta_start=1e-3, beta_end=0.2, mean_type="eps",
+                      var_type="fixedlarge")
+
+
+def run_script(script, *args, timeout=120):
+    """python SCRIPT ARGS in the repository, one thread, output captured."""
+    return subprocess.run([sys.executable, os.path.join(HERE, script), *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, cwd=HERE, env=ENV)
+
+
+def assert_one_line_error(r):
+    """Bad input: non-zero exit, one line on stderr, no traceback. Returns the line."""
+    assert r.returncode != 0, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+    return lines[0]
+
+
+def randomized(net, seed=0):
+    """The original init makes every residual branch and the output ~0 (so every sample would be alike, and
+    differences inside the branches would not show): re-draw conv/linear/embedding weights with PyTorch's
+    default init and jitter the norms. Returns the net in eval mode."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear, nn.Embedding)):
+                m.reset_parameters()
+            if isinstance(m, nn.GroupNorm):
+                m.weight.add_(0.1 * torch.randn_like(m.weight))
+                m.bias.add_(0.1 * torch.randn_like(m.bias))
+    return net.eval()
+
+
+def write_checkpoint(path, num_classes=None, args=None):
+    """A train.py checkpoint of a randomized TINY_NET (EMA and raw weights different). Returns the EMA net."""
+    model = randomized(UNet(**TINY_NET, num_classes=num_classes), seed=0)
+    ema = randomized(UNet(**TINY_NET, num_classes=num_classes), seed=1)
+    torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": {}, "step": 3,
+                "model_config": model.config, "diffusion_config": TINY_DIFFUSION, "args": args or {}, "rng": {},
+                "format": "ddpm-checkpoint-v1"}, path)
+    return ema
+
+
+def read_npz(path):
+    """An .npz read back with the standard library (data.read_npy), checked to be what numpy.savez writes."""
+    with zipfile.ZipFile(path) as z:
+        assert all(i.compress_type == zipfile.ZIP_STORED for i in z.infolist())
+        return {n[:-4]: read_npy(io.BytesIO(z.read(n))) for n in z.namelist()}
+
+
+def decode_png(path):
+    """Minimal PNG reader for what data.save_grid writes (8-bit grey or RGB, filter 0): -> uint8 (H, W, C)."""
+    data = open(path, "rb").read()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, chunks = 8, {}
+    while pos < len(data):
+        n, tag = struct.unpack(">I4s", data[pos:pos + 8])
+        body = data[pos + 8:pos + 8 + n]
+        assert struct.unpack(">I", data[pos + 8 + n:pos + 12 + n])[0] == zlib.crc32(tag + body) & 0xFFFFFFFF
+        chunks[tag] = chunks.get(tag, b"") + body
+        pos += 12 + n
+    w, h, depth, colour = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
+    assert depth == 8 and colour in (0, 2) and b"IEND" in chunks
+    c = 1 if colour == 0 else 3
+    raw = zlib.decompress(chunks[b"IDAT"])
+    assert len(raw) == h * (1 + w * c)
+    rows = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(h, 1 + w * c)
+    assert (rows[:, 0] == 0).all()
+    return rows[:, 1:].reshape(h, w, c)

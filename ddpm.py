@@ -62,13 +62,7 @@ def discretized_gaussian_log_likelihood(x, means, log_scales):
                        torch.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta))
 
 
-def classifier_free_guidance(eps_cond, eps_uncond, guidance_scale):
-    """Classifier-free guidance (Ho & Salimans 2021, Eq. 6; not in this paper):
-    eps~ = (1 + w) eps(x_t, c) - w eps(x_t, null). w = 0 is the plain conditional model."""
-    return (1 + guidance_scale) * eps_cond - guidance_scale * eps_uncond
-
-
-def _extract(table, t, x):
+def extract(table, t, x):
     """table[t] shaped (B, 1, ..., 1) to broadcast against x."""
     assert t.shape == (x.shape[0],), f"t must have shape ({x.shape[0]},), got {tuple(t.shape)}"
     return table[t].view(-1, *([1] * (x.dim() - 1)))
@@ -137,9 +131,9 @@ class GaussianDiffusion(nn.Module):
 
     def q_mean_variance(self, x0, t):
         """Eq. (4): q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)."""
-        mean = _extract(self.sqrt_alphas_cumprod, t, x0) * x0
-        variance = _extract(1.0 - self.alphas_cumprod, t, x0).expand_as(x0)
-        log_variance = _extract(self.log_one_minus_alphas_cumprod, t, x0).expand_as(x0)
+        mean = extract(self.sqrt_alphas_cumprod, t, x0) * x0
+        variance = extract(1.0 - self.alphas_cumprod, t, x0).expand_as(x0)
+        log_variance = extract(self.log_one_minus_alphas_cumprod, t, x0).expand_as(x0)
         return mean, variance, log_variance
 
     def q_sample(self, x0, t, noise=None):
@@ -147,17 +141,17 @@ class GaussianDiffusion(nn.Module):
         if noise is None:
             noise = torch.randn_like(x0)
         assert noise.shape == x0.shape
-        return (_extract(self.sqrt_alphas_cumprod, t, x0) * x0
-                + _extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise)
+        return (extract(self.sqrt_alphas_cumprod, t, x0) * x0
+                + extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise)
 
     def q_posterior_mean_variance(self, x0, x_t, t):
         """Eqs. (6), (7): q(x_{t-1} | x_t, x_0) = N(mu~_t(x_t, x_0), beta~_t I).
         Returns (mean, variance, log_variance); the log variance is clipped at t = 0."""
         assert x0.shape == x_t.shape
-        mean = (_extract(self.posterior_mean_coef1, t, x_t) * x0
-                + _extract(self.posterior_mean_coef2, t, x_t) * x_t)
-        variance = _extract(self.posterior_variance, t, x_t).expand_as(x_t)
-        log_variance = _extract(self.posterior_log_variance_clipped, t, x_t).expand_as(x_t)
+        mean = (extract(self.posterior_mean_coef1, t, x_t) * x0
+                + extract(self.posterior_mean_coef2, t, x_t) * x_t)
+        variance = extract(self.posterior_variance, t, x_t).expand_as(x_t)
+        log_variance = extract(self.posterior_log_variance_clipped, t, x_t).expand_as(x_t)
         return mean, variance, log_variance
 
     # ---- moving between x_0, eps and the score ----
@@ -165,19 +159,19 @@ class GaussianDiffusion(nn.Module):
     def predict_start_from_noise(self, x_t, t, noise):
         """Eq. (15): x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
         assert x_t.shape == noise.shape
-        return ((x_t - _extract(self.sqrt_one_minus_alphas_cumprod, t, x_t) * noise)
-                / _extract(self.sqrt_alphas_cumprod, t, x_t))
+        return ((x_t - extract(self.sqrt_one_minus_alphas_cumprod, t, x_t) * noise)
+                / extract(self.sqrt_alphas_cumprod, t, x_t))
 
     def predict_noise_from_start(self, x_t, t, x0):
         """Eq. (15) solved for eps: eps = (x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t)."""
         assert x_t.shape == x0.shape
-        return ((x_t - _extract(self.sqrt_alphas_cumprod, t, x_t) * x0)
-                / _extract(self.sqrt_one_minus_alphas_cumprod, t, x_t))
+        return ((x_t - extract(self.sqrt_alphas_cumprod, t, x_t) * x0)
+                / extract(self.sqrt_one_minus_alphas_cumprod, t, x_t))
 
     def score_from_noise(self, x_t, t, noise):
         """Sec. 3.2: grad_{x_t} log q(x_t | x_0) = -eps / sqrt(1 - abar_t), so an eps-predictor
         is a scaled score model (the link to denoising score matching, Song & Ermon 2019)."""
-        return -noise / _extract(self.sqrt_one_minus_alphas_cumprod, t, x_t)
+        return -noise / extract(self.sqrt_one_minus_alphas_cumprod, t, x_t)
 
     # ---- the reverse process p_theta (Sec. 3.2) ----
 
@@ -199,8 +193,8 @@ class GaussianDiffusion(nn.Module):
         if clip_denoised:
             pred_xstart = pred_xstart.clamp(-1.0, 1.0)
         mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x_t, t)
-        variance = _extract(self.model_variance, t, x_t).expand_as(x_t)
-        log_variance = _extract(self.model_log_variance, t, x_t).expand_as(x_t)
+        variance = extract(self.model_variance, t, x_t).expand_as(x_t)
+        log_variance = extract(self.model_log_variance, t, x_t).expand_as(x_t)
         return mean, variance, log_variance, pred_xstart
 
     def p_sample(self, model, x_t, t, noise=None, clip_denoised=True, return_pred_xstart=False):
@@ -228,53 +222,6 @@ class GaussianDiffusion(nn.Module):
             if callback is not None:
                 callback(i, x, pred_xstart)
         return x  # line 6
-
-    # ---- faster sampling: DDIM (Song, Meng, Ermon 2021), not in this paper ----
-
-    def ddim_sample(self, model, x_t, t, t_prev, eta=0.0, noise=None, clip_denoised=True,
-                    return_pred_xstart=False):
-        """One DDIM step from index t to index t_prev < t (t_prev = -1 means the data).
-        DDIM Eq. (12): x_prev = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps_hat + sigma z,
-        DDIM Eq. (16): sigma = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev).
-        eta = 0 is deterministic; eta = 1 with t_prev = t - 1 is the posterior (7), i.e. DDPM
-        with fixedsmall variance. eps_hat is recomputed from the (clipped) x0_hat."""
-        if isinstance(t_prev, int):  # as ddim_sample_loop calls it: checked on the host, so the loop never
-            assert t_prev >= -1      # waits for the GPU (a check of device values is a sync per step)
-            t_prev = torch.full_like(t, t_prev)
-        else:
-            assert (t_prev < t).all() and (t_prev >= -1).all()
-        _, _, _, pred_xstart = self.p_mean_variance(model, x_t, t, clip_denoised)
-        eps = self.predict_noise_from_start(x_t, t, pred_xstart)
-        abar = _extract(self.alphas_cumprod, t, x_t)
-        abar_prev = torch.where(t_prev >= 0, self.alphas_cumprod[t_prev.clamp(min=0)],
-                                torch.ones_like(self.alphas_cumprod[0]))
-        abar_prev = abar_prev.view_as(abar)
-        sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev))
-        sample = abar_prev.sqrt() * pred_xstart + (1 - abar_prev - sigma ** 2).clamp(min=0).sqrt() * eps
-        if eta > 0:
-            if noise is None:
-                noise = torch.randn_like(x_t)
-            sample = sample + sigma * noise
-        return (sample, pred_xstart) if return_pred_xstart else sample
-
-    @torch.no_grad()
-    def ddim_sample_loop(self, model, shape, steps, eta=0.0, noise=None, generator=None,
-                         clip_denoised=True, callback=None):
-        """DDIM sampling over `steps` evenly spaced timesteps 0, c, 2c, ... with c = T // steps,
-        the DDIM paper's "uniform" choice (its FID table uses it)."""
-        if not 1 <= steps <= self.num_timesteps:
-            raise ValueError(f"steps must be in 1..{self.num_timesteps}, got {steps}")
-        device = self.betas.device
-        timesteps = [i * (self.num_timesteps // steps) for i in range(steps)]
-        x = torch.randn(shape, generator=generator, device=device) if noise is None else noise
-        for i, i_prev in zip(reversed(timesteps), reversed([-1] + timesteps[:-1])):
-            t = torch.full((shape[0],), i, device=device, dtype=torch.long)
-            z = torch.randn(shape, generator=generator, device=device) if eta > 0 else None
-            x, pred_xstart = self.ddim_sample(model, x, t, i_prev, eta, z, clip_denoised,
-                                              return_pred_xstart=True)
-            if callback is not None:
-                callback(i, x, pred_xstart)
-        return x
 
     # ---- training (Algorithm 1) ----
 

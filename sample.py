@@ -8,62 +8,19 @@ and the test-set NLL bound in bits/dim (Table 1, Eq. 5).
   python sample.py out --nll cifar10                                     # NLL bound on the CIFAR-10 test split
 """
 import argparse
-import ctypes
 import math
 import os
-import struct
-import sys
 import time
-import zipfile
 
 import torch
 
-from ddpm import classifier_free_guidance
-from train import (NotACheckpoint, atomic_write, build_diffusion, load_checkpoint, load_cifar10, load_file,
-                   make_shapes, read_cifar_batch, resolve_device, save_grid, to_uint8)
-from unet import UNet
+from checkpoint import build_diffusion, load_model
+from data import CIFAR10_CLASSES, load_eval_images, save_grid, to_uint8, write_npz
+from guidance import model_fn
+from runtime import resolve_device
+from samplers import ddim_sample_loop
 
-# The diffusion of the paper's CIFAR-10 run (Sec. 4, scripts/run_cifar.py), which released weights imply.
-PAPER_DIFFUSION = dict(schedule="linear", num_timesteps=1000, beta_start=1e-4, beta_end=0.02,
-                       mean_type="eps", var_type="fixedlarge")
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 GRID_MAX = 256  # the PNG shows at most this many samples; --npz keeps all of them
-
-# -----------------------------------------------------------------------------
-# loading
-
-
-def load_model(path, use_ema=True):
-    """-> (net in eval mode, diffusion config, train.py's args or {}, a description). path: a train.py checkpoint
-    or run folder, or released weights (TF-scope state dict, or the diffusers google/ddpm-cifar10-32 layout)."""
-    diffusers_layout = path.endswith((".safetensors", ".bin")) or (
-        os.path.isdir(path) and not os.path.exists(os.path.join(path, "ckpt.pt")) and
-        any(os.path.exists(os.path.join(path, f)) for f in ("config.json", "unet")))
-    if not diffusers_layout:
-        try:
-            ckpt = load_checkpoint(path)
-        except NotACheckpoint:
-            # not ours; the one other .pt/.ckpt we read is a bare TF-scope state dict (model-790000.ckpt)
-            try:
-                net = UNet.from_pretrained(path)
-            except (ValueError, OSError) as e:
-                raise SystemExit(f"error: {path} is neither a train.py checkpoint nor released DDPM weights "
-                                 f"({str(e).splitlines()[0]})") from None
-            return net, PAPER_DIFFUSION, {}, f"released weights {path} (TF-scope state dict, EMA)"
-        weights = "ema" if use_ema and ckpt.get("ema") else "model"
-        try:
-            net = UNet(**ckpt["model_config"])
-            net.load_state_dict(ckpt[weights])
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            raise SystemExit(f"error: {path}: the weights do not fit its model_config ({str(e).splitlines()[0][:200]})")
-        desc = f"{path} (step {ckpt.get('step', '?')}, {weights} weights)"
-        return net.eval(), ckpt["diffusion_config"], ckpt.get("args") or {}, desc
-    try:
-        net = UNet.from_pretrained(path)
-    except (ValueError, OSError) as e:
-        raise SystemExit(f"error: cannot load {path} as released weights: {str(e).splitlines()[0]}") from None
-    return net, PAPER_DIFFUSION, {}, f"released weights {path} (diffusers layout, EMA)"
-
 
 def parse_classes(spec, num_classes, names):
     """'3' or '1,5,7' (or class names, for a CIFAR-10 model) -> list of ints in 0..num_classes-1."""
@@ -79,46 +36,6 @@ def parse_classes(spec, num_classes, names):
                              + (f" or one of {','.join(names)})" if names else ")"))
     return out
 
-
-def model_fn(net, y, guidance, bf16):
-    """model(x_t, t) for ddpm.py. With guidance w > 0 (Ho & Salimans 2021) the conditional and unconditional
-    predictions come from one forward pass over a batch of 2B, combined by ddpm.classifier_free_guidance."""
-    def fn(x, t):
-        with torch.autocast(x.device.type, torch.bfloat16, enabled=bf16):  # network only; the diffusion stays fp32
-            if y is None or guidance == 0:
-                return net(x, t, y).float()
-            null = torch.full_like(y, net.config["num_classes"])
-            out = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).float()
-        eps_cond, eps_uncond = out.chunk(2)
-        return classifier_free_guidance(eps_cond, eps_uncond, guidance)
-    return fn
-
-# -----------------------------------------------------------------------------
-# the .npz format of FID tools (numpy.savez), written with the standard library
-
-
-def npy_header(t):
-    """.npy format 1.0: magic, version, little-endian header length, a python dict literal padded with spaces
-    and a newline so the data starts on a 64-byte boundary."""
-    descr = {torch.uint8: "|u1", torch.int64: "<i8"}[t.dtype]
-    header = f"{{'descr': '{descr}', 'fortran_order': False, 'shape': {tuple(t.shape)!r}, }}"
-    header += " " * (-(10 + len(header) + 1) % 64) + "\n"
-    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header.encode("latin1")
-
-
-def write_npz(path, arrays):
-    """arrays: {"arr_0": uint8 tensor, ...} -> an uncompressed .npz as numpy.savez writes it, atomically.
-    The zip entries carry a fixed date, so the same arrays give the same file byte for byte."""
-    assert sys.byteorder == "little", "the .npy headers say little-endian"
-    def write(f):
-        with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-            for name, t in arrays.items():
-                info = zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
-                with zf.open(info, "w", force_zip64=True) as out:  # zip64: 50k samples at 256x256 pass 4 GB
-                    out.write(npy_header(t))
-                    for chunk in t.contiguous().view(-1).split(1 << 24):  # a CPU tensor's bytes, without numpy
-                        out.write(ctypes.string_at(chunk.data_ptr(), chunk.numel() * chunk.element_size()))
-    atomic_write(path, write)
 
 # -----------------------------------------------------------------------------
 # sampling
@@ -200,7 +117,7 @@ def run_sampling(args, net, diffusion, device, num_classes, names):
                 tick[0] = time.time()
         shape, clip = (bs, c, s, s), not args.no_clip
         if ddim:
-            x = diffusion.ddim_sample_loop(fn, shape, args.steps, args.eta or 0.0, generator=g, clip_denoised=clip,
+            x = ddim_sample_loop(diffusion, fn, shape, args.steps, args.eta or 0.0, generator=g, clip_denoised=clip,
                                            callback=callback)
         else:
             x = diffusion.p_sample_loop(fn, shape, generator=g, clip_denoised=clip, callback=callback)
@@ -222,22 +139,6 @@ def run_sampling(args, net, diffusion, device, num_classes, names):
 
 # -----------------------------------------------------------------------------
 # the likelihood: Eq. (5) in bits/dim on held-out data (Table 1's NLL column)
-
-
-def load_eval_images(spec, data_dir, image_size, channels):
-    """uint8 (N,H,W,C): 'cifar10' is CIFAR-10's 10,000 test images (test_batch), 'shapes' 1,000 held-out built-in
-    images (seed 1; train.py trains on seed 0), else a user's .npy/.npz/.pt."""
-    if spec == "shapes":
-        return make_shapes(1000, image_size, channels, seed=1)[0]
-    if spec != "cifar10":
-        return load_file(spec)[0]
-    test_batch = os.path.join(data_dir, "cifar-10-batches-py", "test_batch")
-    if not os.path.exists(test_batch):
-        load_cifar10(data_dir)  # finds, or downloads, and extracts the archive
-    try:
-        return read_cifar_batch(test_batch)[0].permute(0, 2, 3, 1)
-    except Exception as e:
-        raise SystemExit(f"error: cannot read {test_batch}: {e}")
 
 
 @torch.no_grad()

@@ -15,8 +15,10 @@ import torch
 import torch.nn as nn
 
 import bench
-import train
-from train import build_diffusion, train_step
+import training
+from checkpoint import build_diffusion, load_checkpoint
+from conftest import TRAIN_TINY, randomized, read_npz, run_script, write_checkpoint
+from training import train_step
 from unet import AttnBlock, UNet
 
 HERE = Path(__file__).resolve().parent
@@ -28,18 +30,7 @@ STEP_ARGS = SimpleNamespace(grad_clip=1.0, ema_decay=0.9, p_uncond=0.0, bf16=Tru
 
 
 def randomized_net(seed=0):
-    """The original init makes every residual branch ~0 (attention included), which would hide differences in
-    those branches: re-draw conv/linear weights with PyTorch's default init and jitter the norms."""
-    torch.manual_seed(seed)
-    net = UNet(**TINY)
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                m.reset_parameters()
-            if isinstance(m, nn.GroupNorm):
-                m.weight.add_(0.1 * torch.randn_like(m.weight))
-                m.bias.add_(0.1 * torch.randn_like(m.bias))
-    return net
+    return randomized(UNet(**TINY), seed).train()
 
 
 def plain_update_ema(ema, model, decay):
@@ -64,10 +55,10 @@ def adam(params, fast):
         return torch.optim.Adam(params, foreach=True, **kw)
 
 
-def run_train_step(fast, monkeypatch, losses_fn=train.train_losses):
+def run_train_step(fast, monkeypatch, losses_fn=training.train_losses):
     """One train.py step from the same weights, batch and seed, with the CPU fast paths all on or all off."""
     monkeypatch.setattr(AttnBlock, "use_sdpa", fast)
-    monkeypatch.setattr(train, "update_ema", train.update_ema if fast else plain_update_ema)
+    monkeypatch.setattr(training, "update_ema", training.update_ema if fast else plain_update_ema)
     model = randomized_net().to(memory_format=torch.channels_last if fast else torch.contiguous_format)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     optimizer = adam(model.parameters(), fast)
@@ -114,10 +105,10 @@ def test_sampling_step_same_with_fast_paths_on_and_off(monkeypatch):
 
 
 def test_foreach_ema_matches_loop():
-    """train.update_ema (one foreach lerp) equals the per-parameter formula."""
+    """training.update_ema (one foreach lerp) equals the per-parameter formula."""
     a, b = randomized_net(0), randomized_net(1)
     ema_fast, ema_slow = copy.deepcopy(a), copy.deepcopy(a)
-    train.update_ema(ema_fast, b, 0.9999)
+    training.update_ema(ema_fast, b, 0.9999)
     plain_update_ema(ema_slow, b, 0.9999)
     for e_fast, e_slow in zip(ema_fast.parameters(), ema_slow.parameters()):
         torch.testing.assert_close(e_fast, e_slow, rtol=1e-6, atol=1e-7)
@@ -125,7 +116,7 @@ def test_foreach_ema_matches_loop():
 
 def test_resumed_adam_follows_the_parameter_layout():
     """A checkpoint saved in one layout (NCHW) and resumed in the other (--channels-last): after
-    train.match_layout, the fused Adam step equals the step taken without the switch. (Without it, fused Adam
+    training.match_layout, the fused Adam step equals the step taken without the switch. (Without it, fused Adam
     pairs moments and weights by memory order and the step is wrong, silently.)"""
     g = torch.Generator().manual_seed(4)
     w0, g1, g2 = (torch.randn(8, 4, 3, 3, generator=g) for _ in range(3))
@@ -139,7 +130,7 @@ def test_resumed_adam_follows_the_parameter_layout():
     resumed = nn.Parameter(ref.detach().clone().contiguous(memory_format=torch.channels_last))
     opt2 = adam([resumed], fast=True)
     opt2.load_state_dict(saved)
-    train.match_layout(opt2)
+    training.match_layout(opt2)
     assert all(v.stride() == resumed.stride() for v in opt2.state[resumed].values() if v.shape == resumed.shape)
     ref.grad, resumed.grad = g2.clone(), g2.contiguous(memory_format=torch.channels_last)
     opt.step()
@@ -151,13 +142,13 @@ def test_resumed_adam_follows_the_parameter_layout():
 def test_channels_last_run_resumes_without_it(tmp_path):
     """train.py --channels-last trains, checkpoints and resumes with --no-channels-last (and the saved weights
     load into a plain NCHW net)."""
-    from test_train import TINY, run
-    r = run(*TINY, "--attn", "4", "--sample-every", "0", "--log-every", "2", "--steps", "2", "--channels-last",
+    run = lambda *args: run_script("train.py", *args)
+    r = run(*TRAIN_TINY, "--attn", "4", "--sample-every", "0", "--log-every", "2", "--steps", "2", "--channels-last",
             "--out", str(tmp_path))
     assert r.returncode == 0, r.stderr
     r = run("--resume", str(tmp_path), "--steps", "4", "--no-channels-last")
     assert r.returncode == 0, r.stderr
-    ckpt = train.load_checkpoint(str(tmp_path))
+    ckpt = load_checkpoint(str(tmp_path))
     assert ckpt["step"] == 4 and "step 4/4" in r.stdout
     UNet(**ckpt["model_config"]).load_state_dict(ckpt["ema"])
 
@@ -190,7 +181,7 @@ def test_compiled_train_step_matches(monkeypatch):
     monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
     eager = run_train_step(False, monkeypatch)
     monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
-    compiled = run_train_step(False, monkeypatch, torch.compile(train.train_losses))
+    compiled = run_train_step(False, monkeypatch, torch.compile(training.train_losses))
     torch.testing.assert_close(compiled[0], eager[0], rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(compiled[1], eager[1], rtol=1e-3, atol=1e-6)
     for p_c, p_e in zip(compiled[2].parameters(), eager[2].parameters()):
@@ -202,7 +193,6 @@ def test_sample_compile_same_samples(tmp_path, capsys):
     """sample.py --compile draws the samples sample.py draws (uint8, off by at most one level where a float
     lands next to a rounding boundary)."""
     import sample
-    from test_sample import read_npz, write_checkpoint
     write_checkpoint(str(tmp_path / "ckpt.pt"))
     files = {}
     for extra in ([], ["--compile"]):

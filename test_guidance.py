@@ -10,12 +10,12 @@ import pytest
 import torch
 
 import sample
-from ddpm import classifier_free_guidance
-from train import build_diffusion, make_shapes, to_uint8
-from test_sample import DIFFUSION, TINY, read_npz, randomized, write_checkpoint
+from checkpoint import build_diffusion
+from conftest import HERE, TINY_DIFFUSION as DIFFUSION, TINY_NET as TINY, randomized, read_npz, write_checkpoint
+from data import make_shapes, to_uint8
+from guidance import classifier_free_guidance, model_fn
+from samplers import ddim_sample_loop
 from unet import UNet
-
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def test_zero_guidance_is_the_conditional_prediction():
@@ -25,7 +25,7 @@ def test_zero_guidance_is_the_conditional_prediction():
     with torch.no_grad():
         cond = net(x, t, y)
         assert torch.equal(classifier_free_guidance(cond, torch.randn_like(cond), 0.0), cond)
-        assert torch.equal(sample.model_fn(net, y, 0.0, False)(x, t), cond)
+        assert torch.equal(model_fn(net, y, 0.0, False)(x, t), cond)
 
 
 def test_guided_prediction_one_batched_pass():
@@ -36,7 +36,7 @@ def test_guided_prediction_one_batched_pass():
     calls = []
     net.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
     with torch.no_grad():
-        guided = sample.model_fn(net, y, 3.0, False)(x, t)
+        guided = model_fn(net, y, 3.0, False)(x, t)
         assert calls == [8]
         expected = 4.0 * net(x, t, y) - 3.0 * net(x, t, torch.full_like(y, 3))
     torch.testing.assert_close(guided, expected, atol=1e-5, rtol=1e-5)
@@ -64,7 +64,7 @@ def test_no_class_samples_with_the_null_label(tmp_path, capsys):
     def draw(label):
         g = torch.Generator().manual_seed(0)
         y = torch.full((2,), label)
-        return to_uint8(diffusion.ddim_sample_loop(lambda x, t: net(x, t, y), (2, 3, 8, 8), 10, generator=g))
+        return to_uint8(ddim_sample_loop(diffusion, lambda x, t: net(x, t, y), (2, 3, 8, 8), 10, generator=g))
     assert torch.equal(got["arr_0"], draw(3))
     assert not torch.equal(got["arr_0"], draw(0))
 

@@ -9,10 +9,11 @@ import math
 
 import pytest
 import torch
-from hypothesis import assume, given, settings, strategies as st
+from hypothesis import given, settings, strategies as st
 
-from ddpm import (GaussianDiffusion, classifier_free_guidance, discretized_gaussian_log_likelihood,
-                  make_beta_schedule, normal_kl)
+from ddpm import GaussianDiffusion, discretized_gaussian_log_likelihood, make_beta_schedule, normal_kl
+from guidance import classifier_free_guidance
+from samplers import ddim_sample, ddim_sample_loop
 
 FAST = settings(max_examples=40, deadline=None)
 SLOW = settings(max_examples=12, deadline=None)  # Monte Carlo tests
@@ -389,7 +390,7 @@ def test_reverse_chain_with_oracle_recovers_data(betas, mean_type, seed):
     assert seen == list(range(len(betas) - 1, -1, -1))
     assert torch.allclose(out.double(), x0, atol=1e-5)
     steps = max(1, len(betas) // 3)
-    out = d.ddim_sample_loop(model, x0.shape, steps, eta=0.5, noise=x_T.clone())
+    out = ddim_sample_loop(d, model, x0.shape, steps, eta=0.5, noise=x_T.clone())
     assert torch.allclose(out.double(), x0, atol=1e-5)
 
 
@@ -449,8 +450,8 @@ def test_ddim_eta1_single_steps_is_the_posterior(betas, seed, data):
     z = torch.randn(2, 1, 4, 4, generator=g, dtype=torch.float64)
     model = lambda x, t: 0.5 * x
     t = full(2, i)
-    a, pred_xstart = d.ddim_sample(model, x_t, t, i - 1, 1.0, torch.zeros_like(z), return_pred_xstart=True)
-    b = d.ddim_sample(model, x_t, t, i - 1, 1.0, z)
+    a, pred_xstart = ddim_sample(d, model, x_t, t, i - 1, 1.0, torch.zeros_like(z), return_pred_xstart=True)
+    b = ddim_sample(d, model, x_t, t, i - 1, 1.0, z)
     post_mean, post_var, _ = d.q_posterior_mean_variance(pred_xstart, x_t, t)
     assert torch.allclose(a, post_mean, rtol=1e-7, atol=1e-9)
     assert torch.allclose(((b - a) / z) ** 2, post_var, rtol=1e-6)
@@ -466,9 +467,9 @@ def test_ddim_eta0_is_deterministic(betas, steps, seed):
     model = lambda x, t: 0.2 * x
     x_T = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(seed))
     seen = []
-    a = d.ddim_sample_loop(model, x_T.shape, steps, 0.0, x_T.clone(), torch.Generator().manual_seed(1),
+    a = ddim_sample_loop(d, model, x_T.shape, steps, 0.0, x_T.clone(), torch.Generator().manual_seed(1),
                            callback=lambda i, x, p: seen.append(i))
-    b = d.ddim_sample_loop(model, x_T.shape, steps, 0.0, x_T.clone(), torch.Generator().manual_seed(2))
+    b = ddim_sample_loop(d, model, x_T.shape, steps, 0.0, x_T.clone(), torch.Generator().manual_seed(2))
     assert torch.equal(a, b) and len(seen) == steps and seen[-1] == 0
 
 

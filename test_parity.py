@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from ddpm import GaussianDiffusion, make_beta_schedule
+from samplers import ddim_sample_loop
 
 diffusers = pytest.importorskip("diffusers")
 PARITY = settings(max_examples=25, deadline=None)
@@ -77,7 +78,7 @@ def test_ddim_matches_ddim_scheduler(steps, eta, seed):
     g = torch.Generator().manual_seed(seed)
     x_T = torch.randn(2, 3, 8, 8, generator=g)
     visited = []
-    ours = d.ddim_sample_loop(model, x_T.shape, steps, eta, x_T.clone(), torch.Generator().manual_seed(seed),
+    ours = ddim_sample_loop(d, model, x_T.shape, steps, eta, x_T.clone(), torch.Generator().manual_seed(seed),
                               callback=lambda i, x, p: visited.append(i))
     assert visited == sched.timesteps.tolist()
 

@@ -2,47 +2,21 @@
 DDIM with fewer steps, the trajectory strip, the NLL bound and its terms, the released CIFAR-10 layouts (diffusers
 google/ddpm-cifar10-32 export and TF-scope state dict) sampled through sample.py and checked against the nets
 they hold, and bad input ending in one clear line. Tiny nets (8x8, T=100) except where the paper's net is the point."""
-import io
 import os
 import pickle
 import struct
 import subprocess
 import sys
-import zipfile
 
 import pytest
 import torch
-import torch.nn as nn
 
 import sample
-from train import build_diffusion, make_shapes, read_npy, to_uint8
+from checkpoint import PAPER_DIFFUSION, build_diffusion
+from conftest import HERE, TINY_DIFFUSION as DIFFUSION, TINY_NET as TINY, randomized, read_npz, write_checkpoint
+from data import make_shapes, to_uint8, write_npz
+from samplers import ddim_sample_loop
 from unet import UNet
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-TINY = dict(image_size=8, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0)
-# train.py's schedule for T = 100: the paper's linear betas scaled by 1000 / T
-DIFFUSION = dict(schedule="linear", num_timesteps=100, beta_start=1e-3, beta_end=0.2, mean_type="eps",
-                 var_type="fixedlarge")
-
-
-def randomized(net, seed=0):
-    """The original init zeroes the output conv (so every sample would be alike); redraw the weights."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear, nn.Embedding)):
-                m.reset_parameters()
-    return net.eval()
-
-
-def write_checkpoint(path, num_classes=None, args=None):
-    """A checkpoint in the COMMON.md format, EMA and raw weights different."""
-    model = randomized(UNet(**TINY, num_classes=num_classes), seed=0)
-    ema = randomized(UNet(**TINY, num_classes=num_classes), seed=1)
-    torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": {}, "step": 3,
-                "model_config": model.config, "diffusion_config": DIFFUSION, "args": args or {}, "rng": {},
-                "format": "ddpm-checkpoint-v1"}, path)
-    return ema
 
 
 @pytest.fixture(scope="module")
@@ -57,13 +31,6 @@ def png_size(path):
         data = f.read(24)
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     return struct.unpack(">II", data[16:24])  # width, height
-
-
-def read_npz(path):
-    """The .npz read back with the standard library (train.read_npy) and checked to be what numpy.savez writes."""
-    with zipfile.ZipFile(path) as z:
-        assert all(i.compress_type == zipfile.ZIP_STORED for i in z.infolist())
-        return {n[:-4]: read_npy(io.BytesIO(z.read(n))) for n in z.namelist()}
 
 
 def run(argv, capsys):
@@ -89,7 +56,7 @@ def test_npz_loads_in_numpy(ckpt, tmp_path, capsys):
         assert d["arr_0"].dtype == np.uint8 and d["arr_0"].shape == (3, 8, 8, 3)
         assert (torch.from_numpy(d["arr_0"]) == read_npz(tmp_path / "s.npz")["arr_0"]).all()
     labels = torch.tensor([3, 0, 2**40])
-    sample.write_npz(str(tmp_path / "l.npz"), {"arr_0": torch.zeros(2, 1, 1, 1, dtype=torch.uint8), "arr_1": labels})
+    write_npz(str(tmp_path / "l.npz"), {"arr_0": torch.zeros(2, 1, 1, 1, dtype=torch.uint8), "arr_1": labels})
     with np.load(tmp_path / "l.npz") as d:
         assert d["arr_1"].tolist() == labels.tolist() and d["arr_0"].shape == (2, 1, 1, 1)
 
@@ -139,7 +106,7 @@ def test_trajectory_strip(ckpt, tmp_path, capsys):
 def test_nll_terms_sum_to_total(ckpt, tmp_path, capsys):
     """--nll on a user's .npz: finite bits/dim per running batch, and L_T + sum L_{t-1} + L_0 = total (Eq. 5)."""
     images, _ = make_shapes(3, image_size=8)
-    sample.write_npz(str(tmp_path / "test.npz"), {"arr_0": images})
+    write_npz(str(tmp_path / "test.npz"), {"arr_0": images})
     out = run([ckpt, "--nll", str(tmp_path / "test.npz"), "--batch-size", "2"], capsys)
     assert len([l for l in out.splitlines() if l.startswith(("2/3 | bpd", "3/3 | bpd"))]) == 2
     last = out.strip().splitlines()[-1].split()
@@ -185,10 +152,10 @@ def sample_released(path, tmp_path, capsys):
 
 def expected_released(model):
     """The same 2 DDIM steps on the paper's diffusion, run here with the given net as eps_theta."""
-    diffusion = build_diffusion(sample.PAPER_DIFFUSION)
+    diffusion = build_diffusion(PAPER_DIFFUSION)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        return to_uint8(diffusion.ddim_sample_loop(model, (1, 3, 32, 32), 2, generator=g))
+        return to_uint8(ddim_sample_loop(diffusion, model, (1, 3, 32, 32), 2, generator=g))
 
 
 def test_released_diffusers_layout(tmp_path, capsys):
@@ -247,7 +214,7 @@ def test_bad_input_one_line(case, ckpt, tmp_path, capsys):
     torch.save({"conv.weight": torch.zeros(3, 3)}, tmp_path / "other.pt")
     (tmp_path / "empty").mkdir()
     images, _ = make_shapes(2, image_size=16)
-    sample.write_npz(str(tmp_path / "big.npz"), {"arr_0": images})
+    write_npz(str(tmp_path / "big.npz"), {"arr_0": images})
     argv = {"text_file": [str(tmp_path / "notes.txt")], "truncated_safetensors": [str(tmp_path / "w.safetensors")],
             "state_dict_of_other_net": [str(tmp_path / "other.pt")], "empty_folder": [str(tmp_path / "empty")],
             "steps_above_T": [ckpt, "--steps", "101"], "class_on_unconditional": [ckpt, "--class", "1"],

@@ -14,39 +14,21 @@ import sys
 import tarfile
 import time
 import urllib.error
-import zlib
 
 import pytest
 import torch
 
+import data
 import train
+from checkpoint import load_checkpoint
+from conftest import ENV, HERE, TRAIN_TINY as TINY, assert_one_line_error, decode_png, run_script
 from ddpm import GaussianDiffusion
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 TRAIN = os.path.join(HERE, "train.py")
-# a tiny net on 8x8 built-in shapes with T = 50: each step takes milliseconds
-TINY = ["--data", "shapes", "--image-size", "8", "--ch", "32", "--ch-mult", "1,2", "--num-res-blocks", "1",
-        "--attn", "", "--timesteps", "50", "--batch-size", "8", "--warmup", "2", "--ema-decay", "0.9",
-        "--num-samples", "4", "--device", "cpu"]
-
-
-# Tiny nets gain nothing from a second thread, and on a busy machine OpenMP threads spin-wait for each
-# other and make a step 100x slower: the subprocesses get one thread each.
-ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 
 def run(*args, timeout=120):
-    return subprocess.run([sys.executable, TRAIN, *args], capture_output=True, text=True, timeout=timeout,
-                          cwd=HERE, env=ENV)
-
-
-def assert_one_line_error(r):
-    """Bad input: non-zero exit, one line on stderr, no traceback."""
-    assert r.returncode != 0, r.stdout + r.stderr
-    assert "Traceback" not in r.stderr, r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
-    return lines[0]
+    return run_script("train.py", *args, timeout=timeout)
 
 
 def sha(path):
@@ -66,27 +48,6 @@ def in_process(argv):
         signal.signal(signal.SIGTERM, handlers[1])
 
 
-def decode_png(path):
-    """Minimal PNG reader for what save_grid writes (8-bit grey or RGB, filter 0): -> uint8 (H, W, C)."""
-    data = open(path, "rb").read()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    pos, chunks = 8, {}
-    while pos < len(data):
-        n, tag = struct.unpack(">I4s", data[pos:pos + 8])
-        body = data[pos + 8:pos + 8 + n]
-        assert struct.unpack(">I", data[pos + 8 + n:pos + 12 + n])[0] == zlib.crc32(tag + body) & 0xFFFFFFFF
-        chunks[tag] = chunks.get(tag, b"") + body
-        pos += 12 + n
-    w, h, depth, colour = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
-    assert depth == 8 and colour in (0, 2) and b"IEND" in chunks
-    c = 1 if colour == 0 else 3
-    raw = zlib.decompress(chunks[b"IDAT"])
-    assert len(raw) == h * (1 + w * c)
-    rows = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(h, 1 + w * c)
-    assert (rows[:, 0] == 0).all()
-    return rows[:, 1:].reshape(h, w, c)
-
-
 @pytest.fixture(scope="module")
 def good_run(tmp_path_factory):
     """A finished 4-step run on the built-in data: its folder (ckpt.pt, samples, log)."""
@@ -102,10 +63,10 @@ def test_save_grid_png_roundtrip(tmp_path):
     """save_grid writes a valid PNG whose pixels are to_uint8 of the images, in grid order, grey and RGB."""
     for c in (1, 3):
         x = torch.rand(5, c, 6, 6) * 2 - 1
-        train.save_grid(tmp_path / f"g{c}.png", x, nrow=3, pad=2)
+        data.save_grid(tmp_path / f"g{c}.png", x, nrow=3, pad=2)
         img = decode_png(tmp_path / f"g{c}.png")
         assert img.shape == (2 + 2 * 8, 2 + 3 * 8, c)
-        u = train.to_uint8(x)
+        u = data.to_uint8(x)
         assert torch.equal(img[2:8, 2:8], u[0]) and torch.equal(img[10:16, 10:16], u[4])  # index 4: row 1, column 1
     assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
 
@@ -113,21 +74,21 @@ def test_save_grid_png_roundtrip(tmp_path):
 def test_to_uint8_inverts_data_scaling():
     """to_uint8(x / 127.5 - 1) == x for every byte value."""
     x = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16)
-    assert torch.equal(train.to_uint8(x.float() / 127.5 - 1), x.permute(0, 2, 3, 1))
+    assert torch.equal(data.to_uint8(x.float() / 127.5 - 1), x.permute(0, 2, 3, 1))
 
 
 def test_make_shapes_deterministic_and_learnable():
     """Same seed, same data; labels 0..3 balanced; a nearest-centroid classifier on the mean colour of the
     brightest pixels (a 'simple classifier') recognises the class of nearly every image."""
-    x, y = train.make_shapes(800, 16, 3, seed=1)
-    x2, y2 = train.make_shapes(800, 16, 3, seed=1)
+    x, y = data.make_shapes(800, 16, 3, seed=1)
+    x2, y2 = data.make_shapes(800, 16, 3, seed=1)
     assert torch.equal(x, x2) and torch.equal(y, y2) and x.dtype == torch.uint8 and x.shape == (800, 16, 16, 3)
     assert set(y.tolist()) == {0, 1, 2, 3} and torch.bincount(y).min() > 150
     feats = x.float().flatten(1, 2).topk(20, dim=1).values.mean(1)  # per channel, brightest pixels
     centroids = torch.stack([feats[y == k].mean(0) for k in range(4)])
     pred = torch.cdist(feats, centroids).argmin(1)
     assert (pred == y).float().mean() > 0.95
-    g, _ = train.make_shapes(10, 8, 1)
+    g, _ = data.make_shapes(10, 8, 1)
     assert g.shape == (10, 8, 8, 1)
 
 
@@ -140,7 +101,7 @@ def test_read_npy_matches_numpy(tmp_path):
               rng.random((2, 3)).astype(np.float32)]:
         np.save(tmp_path / "a.npy", a)
         with open(tmp_path / "a.npy", "rb") as f:
-            assert torch.equal(train.read_npy(f), torch.from_numpy(np.ascontiguousarray(a)))
+            assert torch.equal(data.read_npy(f), torch.from_numpy(np.ascontiguousarray(a)))
 
 
 def py2_cifar_batch(raw, labels):
@@ -164,46 +125,46 @@ def test_cifar10_batches_parsed_without_numpy(tmp_path, monkeypatch):
     MD5 and an offline download each give one clear line."""
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()
-    data = torch.randint(0, 256, (20, 3072), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    raw = torch.randint(0, 256, (20, 3072), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     for k in range(1, 6):
-        (folder / f"data_batch_{k}").write_bytes(py2_cifar_batch(bytes(data.flatten().tolist()), list(range(20))))
-    images, labels = train.load_cifar10(str(tmp_path))
+        (folder / f"data_batch_{k}").write_bytes(py2_cifar_batch(bytes(raw.flatten().tolist()), list(range(20))))
+    images, labels = data.load_cifar10(str(tmp_path))
     assert images.shape == (100, 3, 32, 32) and labels.tolist()[:20] == list(range(20))
-    assert torch.equal(images[:20].reshape(20, 3072), data) and torch.equal(images[20:40], images[:20])
+    assert torch.equal(images[:20].reshape(20, 3072), raw) and torch.equal(images[20:40], images[:20])
     with contextlib.suppress(ImportError):
         import numpy as np
         with open(folder / "data_batch_1", "rb") as f:
-            assert np.array_equal(pickle.load(f, encoding="bytes")[b"data"], data.numpy())
+            assert np.array_equal(pickle.load(f, encoding="bytes")[b"data"], raw.numpy())
         with open(folder / "data_batch_2", "wb") as f:  # a python 3 pickle of a numpy array reads the same
-            pickle.dump({b"data": data.numpy(), b"labels": list(range(20))}, f, protocol=2)
-        assert torch.equal(train.read_cifar_batch(folder / "data_batch_2")[0].reshape(20, 3072), data)
+            pickle.dump({b"data": raw.numpy(), b"labels": list(range(20))}, f, protocol=2)
+        assert torch.equal(data.read_cifar_batch(folder / "data_batch_2")[0].reshape(20, 3072), raw)
     with open(folder / "data_batch_1", "wb") as f:  # anything but arrays, lists and bytes is refused
         pickle.dump({b"data": GaussianDiffusion}, f)
     with pytest.raises(SystemExit, match="cannot read the CIFAR-10 batches"):
-        train.load_cifar10(str(tmp_path))
+        data.load_cifar10(str(tmp_path))
     empty = tmp_path / "other"
     empty.mkdir()
     (empty / "cifar-10-python.tar.gz").write_bytes(b"not the archive")
     with pytest.raises(SystemExit, match="MD5"):
-        train.load_cifar10(str(empty))
+        data.load_cifar10(str(empty))
 
     # the download path, offline: a fake server hands out a tar.gz of the batches; MD5 checked, then extracted
-    (folder / "data_batch_1").write_bytes(py2_cifar_batch(bytes(data.flatten().tolist()), list(range(20))))
+    (folder / "data_batch_1").write_bytes(py2_cifar_batch(bytes(raw.flatten().tolist()), list(range(20))))
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
         tar.add(folder, arcname="cifar-10-batches-py")
     archive = buf.getvalue()
-    monkeypatch.setattr(train, "CIFAR10_MD5", hashlib.md5(archive).hexdigest())
-    monkeypatch.setattr(train.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(archive))
-    images2, _ = train.load_cifar10(str(tmp_path / "fresh"))
+    monkeypatch.setattr(data, "CIFAR10_MD5", hashlib.md5(archive).hexdigest())
+    monkeypatch.setattr(data.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(archive))
+    images2, _ = data.load_cifar10(str(tmp_path / "fresh"))
     assert sorted(os.listdir(tmp_path / "fresh")) == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]
     assert images2.shape == (100, 3, 32, 32)
 
     def offline(*a, **k):
         raise urllib.error.URLError("no network")
-    monkeypatch.setattr(train.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(data.urllib.request, "urlopen", offline)
     with pytest.raises(SystemExit, match=r"fetch https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz by hand"):
-        train.load_cifar10(str(tmp_path / "nothing"))
+        data.load_cifar10(str(tmp_path / "nothing"))
     assert not os.path.exists(tmp_path / "nothing" / "cifar-10-python.tar.gz.part")
 
 
@@ -211,7 +172,7 @@ def test_cifar10_batches_parsed_without_numpy(tmp_path, monkeypatch):
 
 def test_short_run_writes_checkpoint_samples_and_log(good_run):
     """A 4-step CPU run writes a loadable checkpoint in the shared format, a valid PNG grid and the log lines."""
-    ckpt = train.load_checkpoint(str(good_run))
+    ckpt = load_checkpoint(str(good_run))
     assert ckpt["step"] == 4 and ckpt["format"] == "ddpm-checkpoint-v1"
     assert ckpt["model_config"]["image_size"] == 8 and ckpt["diffusion_config"]["num_timesteps"] == 50
     assert set(ckpt["model"]) == set(ckpt["ema"]) and ckpt["args"]["steps"] == 4
@@ -232,7 +193,7 @@ def test_resume_is_exact(tmp_path):
     r = run("--resume", str(b), "--steps", "6")
     assert r.returncode == 0, r.stderr
     assert "resuming at step 3" in r.stdout and "step 6/6" in r.stdout
-    ca, cb = train.load_checkpoint(str(a)), train.load_checkpoint(str(b))
+    ca, cb = load_checkpoint(str(a)), load_checkpoint(str(b))
     assert ca["step"] == cb["step"] == 6
     for key in ("model", "ema"):
         for name in ca[key]:
@@ -245,14 +206,14 @@ def test_user_npz_grayscale_16x16_class_conditional(tmp_path):
     """A user's .npz of grayscale 16x16 uint8 images (arr_0) with labels (arr_1) trains a small 1-channel,
     class-conditional net; the checkpoint's net follows the data."""
     np = pytest.importorskip("numpy")
-    x, y = train.make_shapes(64, 16, 1, seed=3)
+    x, y = data.make_shapes(64, 16, 1, seed=3)
     np.savez(tmp_path / "gray.npz", x[..., 0].numpy(), y.numpy())  # N,H,W: channel dim left out
     r = run("--data", str(tmp_path / "gray.npz"), "--ch", "32", "--ch-mult", "1,2", "--num-res-blocks", "1",
             "--attn", "8", "--timesteps", "50", "--batch-size", "16", "--steps", "3", "--warmup", "1",
             "--class-cond", "--num-samples", "4", "--sample-steps", "2", "--device", "cpu",
             "--out", str(tmp_path / "run"))
     assert r.returncode == 0, r.stderr
-    ckpt = train.load_checkpoint(str(tmp_path / "run"))
+    ckpt = load_checkpoint(str(tmp_path / "run"))
     cfg = ckpt["model_config"]
     assert (cfg["image_size"], cfg["in_channels"], cfg["num_classes"]) == (16, 1, 4)
     assert decode_png(tmp_path / "run" / "samples_0000003.png").shape[2] == 1
@@ -267,7 +228,7 @@ def test_torchrun_two_cpu_processes(tmp_path):
                         "--out", str(out)], capture_output=True, text=True, timeout=180, cwd=HERE, env=ENV)
     assert r.returncode == 0, r.stdout + r.stderr
     assert sorted(os.listdir(out)) == ["ckpt.pt", "log.txt"]
-    ckpt = train.load_checkpoint(str(out))
+    ckpt = load_checkpoint(str(out))
     assert ckpt["step"] == 4 and len(ckpt["rng"]["ranks"]) == 2
     assert not torch.equal(ckpt["rng"]["ranks"][0]["cpu"], ckpt["rng"]["ranks"][1]["cpu"])
     log = (out / "log.txt").read_text()
@@ -294,14 +255,14 @@ def test_signal_checkpoints_and_resume_continues(tmp_path, sig, code):
     stdout, stderr = p.communicate(timeout=60)
     assert p.returncode == code, stderr
     assert "stopped at step" in stdout and "Traceback" not in stderr
-    step = train.load_checkpoint(str(out))["step"]
+    step = load_checkpoint(str(out))["step"]
     assert 2 <= step < 100000
     if sig == signal.SIGINT:
         return  # the same resume as after SIGTERM
     r = run("--resume", str(out), "--steps", str(step + 2), "--log-every", "1")
     assert r.returncode == 0, r.stderr
     assert f"resuming at step {step}" in r.stdout and f"step {step + 2}/{step + 2} |" in r.stdout
-    assert train.load_checkpoint(str(out))["step"] == step + 2
+    assert load_checkpoint(str(out))["step"] == step + 2
 
 
 # ---------------------------------------------------------------------------- bad input
@@ -343,8 +304,8 @@ def test_fresh_run_refuses_to_overwrite_and_corrupt_resume(good_run, tmp_path):
     with one line; nothing is written."""
     before = sha(good_run / "ckpt.pt")
     assert "--resume" in assert_one_line_error(run(*TINY, "--steps", "2", "--out", str(good_run)))
-    data = (good_run / "ckpt.pt").read_bytes()
-    (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
+    blob = (good_run / "ckpt.pt").read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(blob[: len(blob) // 2])
     assert "corrupt or truncated" in assert_one_line_error(run("--resume", str(tmp_path / "truncated.pt")))
     torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
     assert "not a train.py checkpoint" in assert_one_line_error(run("--resume", str(tmp_path / "foreign.pt")))
@@ -364,15 +325,15 @@ def test_full_disk_keeps_previous_checkpoint(good_run, tmp_path, monkeypatch, wh
         def full_save(obj, f):
             f.write(b"partial")
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        monkeypatch.setattr(train.torch, "save", full_save)
+        monkeypatch.setattr(torch, "save", full_save)
     else:
         def full_replace(src, dst):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        monkeypatch.setattr(train.os, "replace", full_replace)
+        monkeypatch.setattr(os, "replace", full_replace)
     with pytest.raises(SystemExit, match="No space left on device.*intact"):
         in_process(["--resume", str(run_dir), "--steps", "5", "--ckpt-every", "1", "--sample-every", "0"])
     monkeypatch.undo()
-    assert sha(run_dir / "ckpt.pt") == before and train.load_checkpoint(str(run_dir))["step"] == 4
+    assert sha(run_dir / "ckpt.pt") == before and load_checkpoint(str(run_dir))["step"] == 4
     assert sorted(os.listdir(run_dir)) == ["ckpt.pt", "log.txt"]
 
 

@@ -9,9 +9,12 @@ import torch
 import torch.nn as nn
 
 import unet
-from unet import CONFIGS, UNet, convert_diffusers_state_dict
+from checkpoint import convert_diffusers_state_dict, load_pretrained, read_safetensors
+from conftest import randomized
+from unet import CONFIGS, UNet
 
-KEYS_FILE = Path(__file__).resolve().parent.parent / "shared" / "reference" / "ddpm_cifar10_keys.txt"
+# the released checkpoint's key list, committed here so that a clone alone runs the whole suite
+KEYS_FILE = Path(__file__).resolve().parent / "assets" / "ddpm_cifar10_keys.txt"
 TINY = dict(image_size=16, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), dropout=0.0)
 # google/ddpm-cifar10-32's config.json (the paper's net in diffusers terms; up blocks listed lowest resolution first)
 DDPM_CIFAR10_32 = dict(
@@ -20,20 +23,6 @@ DDPM_CIFAR10_32 = dict(
     up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), attention_head_dim=None,
     norm_eps=1e-6, norm_num_groups=32, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1,
     act_fn="silu", center_input_sample=False, mid_block_scale_factor=1, time_embedding_type="positional")
-
-
-def randomized(net, seed=0):
-    """The original init makes every residual branch and the output ~0; tests need a net whose output
-    depends on everything, so re-draw conv/linear weights with PyTorch's default init and jitter the norms."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear, nn.Embedding)):
-                m.reset_parameters()
-            if isinstance(m, nn.GroupNorm):
-                m.weight.add_(0.1 * torch.randn_like(m.weight))
-                m.bias.add_(0.1 * torch.randn_like(m.bias))
-    return net.eval()
 
 
 def inputs(batch, channels=3, size=32, seed=1):
@@ -63,8 +52,6 @@ def test_256_configs_parameter_count():
 
 def test_state_dict_matches_released_keys(cifar_net):
     """The state_dict keys and shapes, in order, are those of the released weights (ddpm_cifar10_keys.txt)."""
-    if not KEYS_FILE.is_file():
-        pytest.skip(f"reference key list not found at {KEYS_FILE} (shared/ is cloned beside the repo in CI)")
     expected = [tuple(line.split()) for line in KEYS_FILE.read_text().splitlines() if line.strip()]
     ours = [(k, "x".join(map(str, v.shape))) for k, v in cifar_net.state_dict().items()]
     assert len(expected) == 328 and ours == expected
@@ -197,7 +184,7 @@ def test_tf_scope_state_dict_roundtrip(tmp_path, cifar_net):
     with torch.no_grad():
         ref = cifar_net(x, t)
     torch.save(cifar_net.state_dict(), tmp_path / "model-790000.ckpt")
-    net = UNet.from_pretrained(tmp_path / "model-790000.ckpt")
+    net = load_pretrained(tmp_path / "model-790000.ckpt")
     assert not net.training and net.config["attn_resolutions"] == [16] and net.config["ch_mult"] == [1, 2, 2, 2]
     with torch.no_grad():
         torch.testing.assert_close(net(x, t), ref, atol=0, rtol=0)
@@ -211,7 +198,7 @@ def test_tf_scope_state_dict_roundtrip(tmp_path, cifar_net):
                          "model_config": small.config, "format": "ddpm-checkpoint-v1"}}
     for name, obj in files.items():
         torch.save(obj, tmp_path / name)
-        loaded = UNet.from_pretrained(tmp_path / name)
+        loaded = load_pretrained(tmp_path / name)
         with torch.no_grad():
             torch.testing.assert_close(loaded(x, t, torch.tensor([0, 4])), ref, atol=0, rtol=0)
 
@@ -229,8 +216,6 @@ def diffusers_cifar():
 
 def test_diffusers_keys_convert_to_released_keys(diffusers_cifar):
     """diffusers' google/ddpm-cifar10-32 layout renamed to TF scopes gives exactly the released key list."""
-    if not KEYS_FILE.is_file():
-        pytest.skip(f"reference key list not found at {KEYS_FILE}")
     expected = {k: s for k, s in (line.split() for line in KEYS_FILE.read_text().splitlines() if line.strip())}
     converted = convert_diffusers_state_dict(diffusers_cifar.state_dict())
     assert {k: "x".join(map(str, v.shape)) for k, v in converted.items()} == expected
@@ -242,7 +227,7 @@ def test_parity_with_diffusers_cifar10(tmp_path, diffusers_cifar):
     with UNet.from_pretrained and gives the same eps as diffusers on the same (x, t), in fp32."""
     diffusers_cifar.save_pretrained(tmp_path)
     assert (tmp_path / "diffusion_pytorch_model.safetensors").is_file()
-    net = UNet.from_pretrained(tmp_path)
+    net = load_pretrained(tmp_path)
     assert net.config == UNet(dropout=net.config["dropout"]).config
     x, t = inputs(2)
     t[0] = 999
@@ -261,12 +246,12 @@ def test_parity_with_diffusers_small_bin_and_old_names(tmp_path):
     x, t = inputs(2, channels=1, size=16)
     with torch.no_grad():
         ref = d(x, t).sample
-        torch.testing.assert_close(UNet.from_pretrained(tmp_path / "pipe")(x, t), ref, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(load_pretrained(tmp_path / "pipe")(x, t), ref, atol=1e-4, rtol=1e-4)
     old = {k.replace("to_q", "query").replace("to_k", "key").replace("to_v", "value").replace("to_out.0", "proj_attn"): v
            for k, v in d.state_dict().items()}
     torch.save(old, tmp_path / "old.bin")
     with torch.no_grad():
-        torch.testing.assert_close(UNet.from_pretrained(tmp_path / "old.bin")(x, t), ref, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(load_pretrained(tmp_path / "old.bin")(x, t), ref, atol=1e-4, rtol=1e-4)
 
 
 def test_diffusers_config_not_the_paper_is_refused(tmp_path):
@@ -278,7 +263,7 @@ def test_diffusers_config_not_the_paper_is_refused(tmp_path):
     for key, value in [("attention_head_dim", 8), ("downsample_padding", 1)]:
         (tmp_path / "config.json").write_text(json.dumps(dict(cfg, **{key: value})))
         with pytest.raises(ValueError, match=key):
-            UNet.from_pretrained(tmp_path)
+            load_pretrained(tmp_path)
 
 
 def write_safetensors(path, state_dict):
@@ -299,22 +284,22 @@ def test_safetensors_reader_roundtrip(tmp_path):
     net = randomized(UNet(**TINY))
     sd = dict(net.state_dict(), extra=torch.arange(5))
     write_safetensors(tmp_path / "w.safetensors", sd)
-    back = unet.read_safetensors(tmp_path / "w.safetensors")
+    back = read_safetensors(tmp_path / "w.safetensors")
     assert list(back) == list(sd) and all(torch.equal(back[k], v) and back[k].dtype == v.dtype for k, v in sd.items())
     sd.pop("extra")
     write_safetensors(tmp_path / "tf.safetensors", sd)
     x, t = inputs(2, size=16)
     with torch.no_grad():
-        torch.testing.assert_close(UNet.from_pretrained(tmp_path / "tf.safetensors")(x, t), net(x, t), atol=0, rtol=0)
+        torch.testing.assert_close(load_pretrained(tmp_path / "tf.safetensors")(x, t), net(x, t), atol=0, rtol=0)
 
 
 def test_load_errors(tmp_path):
     """Missing, empty, truncated or foreign inputs end in FileNotFoundError/ValueError with a one-line message
     that names the file."""
     with pytest.raises(FileNotFoundError):
-        UNet.from_pretrained(tmp_path / "nope.ckpt")
+        load_pretrained(tmp_path / "nope.ckpt")
     with pytest.raises(FileNotFoundError):
-        UNet.from_pretrained(tmp_path)  # a folder without weights
+        load_pretrained(tmp_path)  # a folder without weights
     sd = UNet(**TINY).state_dict()
     write_safetensors(tmp_path / "good.safetensors", sd)
     torch.save(sd, tmp_path / "good.pt")
@@ -329,5 +314,5 @@ def test_load_errors(tmp_path):
     torch.save(sd, tmp_path / "incomplete.pt")
     for name in [*cases, "foreign.pt", "list.pt", "incomplete.pt"]:
         with pytest.raises(ValueError) as e:
-            UNet.from_pretrained(tmp_path / name)
+            load_pretrained(tmp_path / name)
         assert "\n" not in str(e.value) and name in str(e.value)
