@@ -23,7 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from checkpoint import build_diffusion, convert_diffusers_state_dict
 from guidance import model_fn
 from runtime import resolve_device
-from training import FAST_PATHS, make_optimizer, train_losses, train_step
+from training import FAST_PATHS, DiffusionLoss, make_optimizer, train_step
 from unet import AttnBlock, UNet
 
 PAPER_FWD_GFLOP, PAPER_TRAIN_GFLOP = 12.4, 37.0  # per 32x32 image (the paper's speed anchors)
@@ -110,10 +110,11 @@ class Bench:
         self.ema = copy.deepcopy(self.net).requires_grad_(False).eval()
         self.optimizer = make_optimizer(self.net, 2e-4, args.fused_adam, device)  # as train.py
         compile = (lambda f: torch.compile(f, mode=args.compile_mode)) if args.compile else (lambda f: f)
-        self.losses_fn, self.ema_model = compile(train_losses), compile(self.ema)  # as train.py and sample.py
+        self.loss_fn = DiffusionLoss(diffusion, bf16=args.bf16)
+        self.losses, self.ema_model = compile(self.loss_fn.__call__), compile(self.ema)  # as train.py and sample.py
         self.diffusion, self.device = diffusion, device
         self.bf16 = args.bf16 and device.type == "cuda"
-        self.step_args = SimpleNamespace(grad_clip=1.0, ema_decay=0.9999, p_uncond=0.0, bf16=args.bf16)  # paper's
+        self.step_args = SimpleNamespace(grad_clip=1.0, ema_decay=0.9999, grad_accum=1)  # the paper's
         c, s = config["in_channels"], config["image_size"]
         g = torch.Generator().manual_seed(args.seed)
         self.x0 = (torch.rand(args.batch_size, c, s, s, generator=g) * 2 - 1).to(device)  # a batch in [-1, 1]
@@ -121,7 +122,7 @@ class Bench:
 
     def train(self):
         x0 = self.x0.contiguous(memory_format=self.fmt)  # as train.py: each batch is a fresh tensor
-        train_step(self.net, self.ema, self.optimizer, self.diffusion, x0, None, self.step_args, None, self.losses_fn)
+        train_step(self.net, self.ema, self.optimizer, self.loss_fn, x0, None, self.step_args, None, self.losses)
 
     @torch.no_grad()
     def sample(self):

@@ -7,17 +7,23 @@ import sys
 import zipfile
 import zlib
 
+import math
+
 import torch
 import torch.nn as nn
-from hypothesis import settings
+from hypothesis import settings, strategies as st
 
 from data import read_npy
+from ddpm import make_beta_schedule
 from unet import UNet
 
 # Hypothesis settings: in CI (CI=true) every run draws the same examples, so a red build is reproducible.
 settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
+
+FAST = settings(max_examples=40, deadline=None)
+SLOW = settings(max_examples=12, deadline=None)  # Monte Carlo tests
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # Tiny nets gain nothing from a second thread, and on a busy machine OpenMP threads spin-wait for each
@@ -101,3 +107,62 @@ def decode_png(path):
     rows = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(h, 1 + w * c)
     assert (rows[:, 0] == 0).all()
     return rows[:, 1:].reshape(h, w, c)
+
+
+# ---- the math tests' strategies and independent references (computed in float64 from the betas) ----
+
+@st.composite
+def schedules(draw, min_t=2, max_t=300):
+    """Betas (float64) from the paper's linear schedule, cosine, constant, or random increasing.
+    Betas stay <= 0.2 so that abar_T (>= 0.8^300) is a normal float32 number."""
+    kind = draw(st.sampled_from(["linear", "cosine", "const", "random"]))
+    T = draw(st.integers(min_t, max_t))
+    if kind == "linear":
+        start = draw(st.floats(1e-5, 1e-2))
+        end = draw(st.floats(start, 0.2))
+        return make_beta_schedule("linear", T, start, end)
+    if kind == "cosine":
+        return make_beta_schedule("cosine", T)
+    if kind == "const":
+        return make_beta_schedule("const", T, beta_end=draw(st.floats(1e-4, 0.2)))
+    betas = draw(st.lists(st.floats(1e-5, 0.2), min_size=T, max_size=T))
+    return torch.tensor(sorted(betas), dtype=torch.float64)
+
+
+def destroying_schedules():
+    """Schedules whose abar_T is tiny: the paper's, cosine, and strong constant ones."""
+    return st.one_of(st.just(make_beta_schedule("linear", 1000)),
+                     st.integers(50, 1000).map(lambda T: make_beta_schedule("cosine", T)),
+                     st.integers(200, 1000).map(lambda T: make_beta_schedule("const", T, beta_end=0.05)))
+
+
+def chain_moments(betas, mean0, var0):
+    """Iterate Eq. (2), q(x_t|x_{t-1}) = N(sqrt(1-beta_t) x_{t-1}, beta_t I), on the first two
+    moments: m_t = sqrt(1-beta_t) m_{t-1}, v_t = (1-beta_t) v_{t-1} + beta_t. Returns lists."""
+    means, variances, m, v = [], [], mean0, var0
+    for beta in betas.tolist():
+        m, v = math.sqrt(1 - beta) * m, (1 - beta) * v + beta
+        means.append(m)
+        variances.append(v)
+    return means, variances
+
+
+def full(n, i):
+    return torch.full((n,), i, dtype=torch.long)
+
+
+def gaussian_logpdf(x, mean, var):
+    return -0.5 * (math.log(2 * math.pi) + torch.log(var) + (x - mean) ** 2 / var)
+
+
+def oracle(betas, x0, mean_type):
+    """A network that knows x_0: returns the exact noise (x_t - sqrt(abar_t) x_0)/sqrt(1-abar_t)
+    (computed in float64 from the betas) or x_0 itself."""
+    abar = torch.cumprod(1 - betas, 0)
+
+    def model(x_t, t):
+        if mean_type == "x0":
+            return x0.to(x_t.dtype)
+        a = abar[t].view(-1, *([1] * (x_t.dim() - 1)))
+        return ((x_t.double() - a.sqrt() * x0) / (1 - a).sqrt()).to(x_t.dtype)
+    return model

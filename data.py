@@ -23,6 +23,7 @@ import zlib
 import torch
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+SHAPES_CLASSES = ("square", "disk", "triangle", "cross")
 
 
 def first_line(e):
@@ -283,17 +284,167 @@ def load_file(path):
     return images, (labels.long() if labels is not None else None)
 
 
+# -----------------------------------------------------------------------------
+# a folder of images: PNG read with the standard library, other formats through Pillow where it is installed
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def _unfilter(raw, height, stride, bpp):
+    """Undo the PNG scanline filters (spec Sec. 9: 0 None, 1 Sub, 2 Up, 3 Average, 4 Paeth) -> (height, stride)
+    uint8. Sub and Up are vectorised; Average and Paeth depend on the byte to their left, so they loop."""
+    out = torch.zeros(height + 1, stride, dtype=torch.uint8)  # row 0: the zero row 'above' the image
+    rows = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(height, stride + 1)
+    for y in range(height):
+        kind, line, up = int(rows[y, 0]), rows[y, 1:], out[y]
+        if kind == 0:
+            out[y + 1] = line
+        elif kind == 1:  # Sub: a running sum (mod 256) along each of the bpp interleaved byte streams
+            padded = torch.zeros(-(-stride // bpp) * bpp, dtype=torch.int64)
+            padded[:stride] = line
+            out[y + 1] = (padded.view(-1, bpp).cumsum(0).view(-1)[:stride] % 256).to(torch.uint8)
+        elif kind == 2:  # Up
+            out[y + 1] = ((line.int() + up.int()) % 256).to(torch.uint8)
+        elif kind in (3, 4):
+            cur, prev, data = bytearray(stride), bytes(up.tolist()), bytes(line.tolist())
+            for i in range(stride):
+                a = cur[i - bpp] if i >= bpp else 0
+                b = prev[i]
+                if kind == 3:  # Average
+                    cur[i] = (data[i] + ((a + b) >> 1)) & 255
+                else:  # Paeth: the neighbour (left, up, up-left) closest to a + b - c
+                    c = prev[i - bpp] if i >= bpp else 0
+                    pa, pb, pc = abs(b - c), abs(a - c), abs(a + b - 2 * c)
+                    cur[i] = (data[i] + (a if pa <= pb and pa <= pc else b if pb <= pc else c)) & 255
+            out[y + 1] = torch.frombuffer(cur, dtype=torch.uint8)
+        else:
+            raise ValueError(f"unknown filter type {kind}")
+    return out[1:]
+
+
+def read_png(path):
+    """A PNG file -> uint8 (H, W, C), C = 1 (grey) or 3 (colour), with the standard library: bit depths 1-16 (16 is
+    rounded to 8), grey, RGB, palette, grey + alpha and RGBA, every filter type; not interlaced. Transparency is
+    composited onto white (a transparent background shows as white, as in a viewer)."""
+    data = open(path, "rb").read()
+    if data[:8] != b"\x89PNG\r\n\x1a\n":
+        raise ValueError("not a PNG file")
+    pos, idat, palette, trns, ihdr = 8, [], None, None, None
+    while pos + 8 <= len(data):
+        n, tag = struct.unpack(">I4s", data[pos:pos + 8])
+        body, crc = data[pos + 8:pos + 8 + n], data[pos + 8 + n:pos + 12 + n]
+        if len(crc) < 4 or struct.unpack(">I", crc)[0] != zlib.crc32(tag + body) & 0xFFFFFFFF:
+            raise ValueError(f"chunk {tag.decode('latin1')} is truncated or corrupt (CRC)")
+        if tag == b"IHDR":
+            ihdr = struct.unpack(">IIBBBBB", body)
+        elif tag == b"PLTE":
+            palette = torch.frombuffer(bytearray(body), dtype=torch.uint8).view(-1, 3)
+        elif tag == b"tRNS":
+            trns = body
+        elif tag == b"IDAT":
+            idat.append(body)
+        elif tag == b"IEND":
+            break
+        pos += 12 + n
+    if ihdr is None or not idat:
+        raise ValueError("no IHDR or no image data")
+    w, h, depth, colour, _, _, interlace = ihdr
+    channels = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}.get(colour)
+    if channels is None or depth not in (1, 2, 4, 8, 16) or interlace:
+        raise ValueError(f"unsupported PNG (colour type {colour}, bit depth {depth}, interlace {interlace})")
+    bits = channels * depth
+    rows = _unfilter(zlib.decompress(b"".join(idat)), h, (w * bits + 7) // 8, max(1, bits // 8))
+    if depth == 16:
+        x = rows.view(h, w * channels, 2)[..., 0]  # the high byte
+    elif depth < 8:  # packed samples, most significant bits first
+        shifts = torch.arange(8 - depth, -1, -depth, dtype=torch.uint8)
+        x = ((rows[..., None] >> shifts) & (2 ** depth - 1)).view(h, -1)[:, :w * channels]
+        if colour == 0:
+            x = x * (255 // (2 ** depth - 1))  # scale grey to 0..255 (palette indices stay indices)
+    else:
+        x = rows
+    x = x.reshape(h, w, channels)
+    alpha = None
+    if colour == 3:
+        if palette is None:
+            raise ValueError("palette image without a PLTE chunk")
+        index = x[..., 0].long()
+        if trns is not None:
+            table = torch.full((256,), 255, dtype=torch.uint8)
+            table[:len(trns)] = torch.frombuffer(bytearray(trns), dtype=torch.uint8)
+            alpha = table[index]
+        x = palette[index.clamp(max=len(palette) - 1)]
+    elif colour in (4, 6):
+        x, alpha = x[..., :-1], x[..., -1]
+    if alpha is not None:  # over white
+        a = alpha[..., None].float() / 255
+        x = (x.float() * a + 255 * (1 - a)).round().to(torch.uint8)
+    return x
+
+
+def read_image(path):
+    """An image file -> uint8 (H, W, C): PNG with the standard library, anything else with Pillow."""
+    if path.lower().endswith(".png"):
+        return read_png(path)
+    try:
+        from PIL import Image
+    except ImportError:
+        raise SystemExit(f"error: {path}: reading {os.path.splitext(path)[1]} files needs Pillow "
+                         f"(pip install Pillow); PNG files are read without it") from None
+    with Image.open(path) as im:
+        im = im.convert("L" if im.mode in ("1", "L", "I;16", "I") else "RGB")
+        return torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(im.height, im.width, -1)
+
+
+def center_crop_resize(img, size):
+    """uint8 (H, W, C) -> the centred square, resized to size x size: bicubic with antialiasing (PIL's BICUBIC),
+    in both directions; uint8 (C, size, size)."""
+    h, w, _ = img.shape
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    x = img[top:top + side, left:left + side].permute(2, 0, 1)[None].float()
+    if side != size:
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    return x[0].round().clamp(0, 255).to(torch.uint8)
+
+
+def load_folder(path, image_size):
+    """Every image file under a folder, centre-cropped and resized to image_size: uint8 (N, C, H, W), C = 1 if all
+    are grey, else 3; labels from the first-level subfolders (sorted names, as torchvision's ImageFolder) when the
+    images sit in subfolders, else None; and the class names."""
+    files = sorted(os.path.join(root, f) for root, _, names in os.walk(path) for f in names
+                   if f.lower().endswith(IMAGE_SUFFIXES))
+    if not files:
+        raise SystemExit(f"error: --data {path}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+    tops = [os.path.relpath(f, path).split(os.sep)[0] for f in files]
+    classes = sorted(set(tops)) if all(os.sep in os.path.relpath(f, path) for f in files) else None
+    images = []
+    for f in files:
+        try:
+            images.append(center_crop_resize(read_image(f), image_size))
+        except (ValueError, OSError, zlib.error, RuntimeError) as e:
+            raise SystemExit(f"error: cannot read {f}: {first_line(e)}") from None
+    colour = any(x.shape[0] == 3 and not (x == x[:1]).all() for x in images)
+    images = torch.stack([x.expand(3, -1, -1) if colour else x[:1] for x in images])
+    labels = torch.tensor([classes.index(t) for t in tops]) if classes else None
+    return images, labels, classes
+
+
 def load_data(spec, data_dir, image_size):
-    """The training set named by train.py's --data: uint8 images (N, C, H, W), int64 labels (N,) or None."""
+    """The training set named by train.py's --data: uint8 images (N, C, H, W), int64 labels (N,) or None, and the
+    class names (None where the data have none)."""
     if spec == "cifar10":
-        return load_cifar10(data_dir)
+        return (*load_cifar10(data_dir), CIFAR10_CLASSES)
     if spec == "shapes":
         images, labels = make_shapes(SHAPES_N, image_size, 3, seed=0)
-    elif os.path.exists(spec):
+        return images.permute(0, 3, 1, 2).contiguous(), labels, SHAPES_CLASSES
+    if os.path.isdir(spec):
+        return load_folder(spec, image_size)
+    if os.path.exists(spec):
         images, labels = load_file(spec)
-    else:
-        raise SystemExit(f"error: --data {spec}: not cifar10, shapes, or an existing .npy/.npz/.pt file")
-    return images.permute(0, 3, 1, 2).contiguous(), labels
+        return images.permute(0, 3, 1, 2).contiguous(), labels, None
+    raise SystemExit(f"error: --data {spec}: not cifar10, shapes, a folder of images, or an existing "
+                     f".npy/.npz/.pt file")
 
 
 def load_eval_images(spec, data_dir, image_size, channels):

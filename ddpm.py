@@ -211,13 +211,15 @@ class GaussianDiffusion(nn.Module):
     def p_sample_loop(self, model, shape, noise=None, generator=None, clip_denoised=True,
                       callback=None):
         """Algorithm 2: x_T ~ N(0, I); for t = T..1: x_{t-1} = mu_theta(x_t, t) + sigma_t z.
-        noise is x_T (drawn if None); z is drawn with generator, so a seeded generator gives
-        reproducible samples. callback(i, x, pred_xstart) is called after each step."""
+        noise is x_T (drawn if None). Every draw (x_T and each z) comes from generator, so a seeded
+        generator gives reproducible samples and leaves the global random state untouched.
+        callback(i, x, pred_xstart) is called after each step."""
         device = self.betas.device
         x = torch.randn(shape, generator=generator, device=device) if noise is None else noise
         for i in reversed(range(self.num_timesteps)):  # line 2
             t = torch.full((shape[0],), i, device=device, dtype=torch.long)
-            z = torch.randn(shape, generator=generator, device=device) if i > 0 else None  # line 3
+            # line 3: z ~ N(0, I) if t > 1, else z = 0 (passed as zeros, so p_sample draws nothing)
+            z = torch.randn(shape, generator=generator, device=device) if i > 0 else torch.zeros_like(x)
             x, pred_xstart = self.p_sample(model, x, t, z, clip_denoised, return_pred_xstart=True)
             if callback is not None:
                 callback(i, x, pred_xstart)
@@ -257,19 +259,20 @@ class GaussianDiffusion(nn.Module):
         return _mean_flat(kl) / math.log(2.0)
 
     @torch.no_grad()
-    def calc_bpd_loop(self, model, x0, clip_denoised=True):
-        """Eq. (5): L = L_T + sum_{t>1} L_{t-1} + L_0, each term estimated with one draw of x_t,
-        in bits/dim (the NLL column of Table 1). Returns a dict of (B,) tensors total_bpd,
-        prior_bpd (L_T), vb_bpd (sum of L_{t-1}), decoder_bpd (L_0), and (B, T) terms_bpd and
-        mse (the eps error at each t), index 0 holding L_0."""
+    def calc_bpd_loop(self, model, x0, clip_denoised=True, generator=None):
+        """Eq. (5): L = L_T + sum_{t>1} L_{t-1} + L_0, each term estimated with one draw of x_t
+        (from generator), in bits/dim (the NLL column of Table 1). Returns a dict of (B,) tensors
+        total_bpd, prior_bpd (L_T), vb_bpd (sum of L_{t-1}), decoder_bpd (L_0), and (B, T) tensors
+        terms_bpd (index 0 holding L_0) and mse, the squared error of x0_hat (Eq. 15) at each t,
+        as in the original code (Sec. 4.3 reads its root as the distortion, Figure 5)."""
         terms, mse = [], []
         for i in reversed(range(self.num_timesteps)):
             t = torch.full((x0.shape[0],), i, device=x0.device, dtype=torch.long)
-            noise = torch.randn_like(x0)
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
             x_t = self.q_sample(x0, t, noise)
             term, pred_xstart = self._vb_terms_bpd(model, x0, x_t, t, clip_denoised)
             terms.append(term)
-            mse.append(_mean_flat((self.predict_noise_from_start(x_t, t, pred_xstart) - noise) ** 2))
+            mse.append(_mean_flat((pred_xstart - x0) ** 2))
         terms_bpd = torch.stack(terms[::-1], dim=1)
         prior_bpd = self.prior_bpd(x0)
         return dict(total_bpd=terms_bpd.sum(dim=1) + prior_bpd, prior_bpd=prior_bpd,

@@ -1,10 +1,13 @@
 """
-What a long run needs, training or sampling: the device it runs on, the random state it resumes from, and
-progress lines with an ETA.
+What a long run needs, training or sampling: the device it runs on, its processes under torchrun, the random
+state it resumes from, stopping cleanly on Ctrl-C or SIGTERM, and progress lines with an ETA.
 """
 import math
+import os
+import signal
 
 import torch
+import torch.distributed as dist
 
 
 def resolve_device(name):
@@ -46,3 +49,43 @@ def format_eta(seconds):
         return "?"
     m = int(seconds) // 60
     return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{int(seconds) % 60:02d}s"
+
+
+def init_distributed(device_name):
+    """(rank, local_rank, world, device). Under torchrun (RANK, LOCAL_RANK, WORLD_SIZE set) one process per GPU,
+    NCCL; or several CPU processes, gloo. On CUDA also let cuDNN pick its fastest kernels for the fixed shapes."""
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    device = resolve_device(device_name)
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return rank, local_rank, world, device
+
+
+def close_distributed():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class StopSignal:
+    """Ctrl-C (SIGINT) and SIGTERM (pre-emption) set .signum, so a loop can finish its step, save and exit; a
+    second signal raises KeyboardInterrupt at once. The files on disk stay whole either way (atomic writes)."""
+
+    def __init__(self):
+        self.signum = None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    @property
+    def exit_code(self):
+        return 130 if self.signum == signal.SIGINT else 0

@@ -18,7 +18,7 @@ from checkpoint import build_diffusion, load_model
 from data import CIFAR10_CLASSES, load_eval_images, save_grid, to_uint8, write_npz
 from guidance import model_fn
 from runtime import resolve_device
-from samplers import ddim_sample_loop
+from samplers import SAMPLERS, SPACINGS, sample_loop
 
 GRID_MAX = 256  # the PNG shows at most this many samples; --npz keeps all of them
 
@@ -82,17 +82,24 @@ def save_trajectory(path, frames):
     save_grid(path, torch.cat(rows), nrow=cols)
 
 
+def describe_sampler(args, diffusion):
+    T = diffusion.num_timesteps
+    if args.sampler == "ddpm" and args.steps == T and args.spacing == "trailing":
+        return f"Algorithm 2, {T} steps, {diffusion.var_type}"
+    name = {"ddpm": "ancestral (DDIM eta 1)", "ddim": f"DDIM eta {args.eta or 0.0}",
+            "dpm++": "SDE-DPM-Solver++(2M)" if args.eta == 1 else "DPM-Solver++(2M)"}[args.sampler]
+    return f"{name}, {args.steps} steps ({args.spacing} spacing)"
+
+
 @torch.no_grad()
 def run_sampling(args, net, diffusion, device, num_classes, names):
     c, s = net.config["in_channels"], net.config["image_size"]
-    T = diffusion.num_timesteps
-    ddim = args.steps < T or args.eta is not None
     classes = parse_classes(args.class_, num_classes, names) if args.class_ is not None else None
     labels = None if classes is None else \
         torch.cat([torch.full((k,), label) for label, k in zip(classes, class_counts(args.n, len(classes)))])
     if num_classes is not None and classes is None:
         print(f"note: class-conditional model and no --class: unconditional samples (the null label {num_classes})")
-    how = f"DDIM {args.steps} steps, eta {args.eta or 0.0}" if ddim else f"Algorithm 2, {T} steps, {diffusion.var_type}"
+    how = describe_sampler(args, diffusion)
     print(f"sampling {args.n} images {s}x{s}x{c}: {how}, batch {args.batch_size}, seed {args.seed}, {device}"
           + (f", classes {classes}, guidance {args.guidance}" if classes else "") + (", bf16" if args.bf16 else ""))
     out, n_batches, t0 = [], math.ceil(args.n / args.batch_size), time.time()
@@ -106,7 +113,7 @@ def run_sampling(args, net, diffusion, device, num_classes, names):
         else:
             y = torch.full((bs,), num_classes, device=device) if num_classes is not None else None
         fn = model_fn(net, y, args.guidance if classes else 0.0, args.bf16)
-        num_steps, tick = args.steps if ddim else T, [time.time(), 0]
+        num_steps, tick = args.steps, [time.time(), 0]
         record, frames = trajectory_recorder(num_steps, min(bs, 4)) if args.trajectory and b == 0 else (None, None)
         def callback(i, x, pred_x0):
             if record:
@@ -116,11 +123,8 @@ def run_sampling(args, net, diffusion, device, num_classes, names):
                 print(f"  batch {b + 1}: step {tick[1]}/{num_steps}", flush=True)
                 tick[0] = time.time()
         shape, clip = (bs, c, s, s), not args.no_clip
-        if ddim:
-            x = ddim_sample_loop(diffusion, fn, shape, args.steps, args.eta or 0.0, generator=g, clip_denoised=clip,
-                                           callback=callback)
-        else:
-            x = diffusion.p_sample_loop(fn, shape, generator=g, clip_denoised=clip, callback=callback)
+        x = sample_loop(diffusion, fn, shape, args.sampler, args.steps, args.eta, args.spacing, generator=g,
+                        clip_denoised=clip, callback=callback)
         out.append(to_uint8(x))
         if frames:
             save_trajectory(args.trajectory, frames)
@@ -151,12 +155,12 @@ def run_nll(args, net, diffusion, device, num_classes):
     if num_classes is not None:
         print(f"note: class-conditional model: the bound is of the unconditional model (null label {num_classes})")
     print(f"NLL bound on {len(images)} images of {args.nll}: {diffusion.num_timesteps} terms per image, {device}")
-    torch.manual_seed(args.seed)  # one draw of x_t per term (Eq. 5 estimated as in the original code)
     sums, t0 = {k: 0.0 for k in ("total_bpd", "prior_bpd", "vb_bpd", "decoder_bpd")}, time.time()
     for i in range(0, len(images), args.batch_size):
         x0 = images[i:i + args.batch_size].to(device).permute(0, 3, 1, 2).float() / 127.5 - 1  # as in training
         y = torch.full((len(x0),), num_classes, device=device) if num_classes is not None else None
-        bpd = diffusion.calc_bpd_loop(model_fn(net, y, 0.0, args.bf16), x0, clip_denoised=not args.no_clip)
+        g = torch.Generator(device).manual_seed(args.seed * 1_000_003 + i // args.batch_size)  # x_t draws, per batch
+        bpd = diffusion.calc_bpd_loop(model_fn(net, y, 0.0, args.bf16), x0, not args.no_clip, generator=g)
         for k in sums:
             sums[k] += bpd[k].sum().item()
         n = i + len(x0)
@@ -178,10 +182,15 @@ def get_parser():
       "(model-790000.ckpt) or the diffusers google/ddpm-cifar10-32 folder, .safetensors or .bin")
     a("--n", type=int, default=None, help="samples to draw (default 64); with --nll, images to evaluate (default all)")
     a("--batch-size", type=int, default=128, help="images per batch (default 128)")
-    a("--steps", type=int, default=None, help="sampling steps; fewer than T uses DDIM (Song et al. 2021) (default T: "
-      "Algorithm 2)")
-    a("--eta", type=float, default=None, help="DDIM noise: 0 deterministic, 1 ancestral-like (default 0; giving it "
-      "with --steps T also selects DDIM)")
+    a("--sampler", default=None, choices=SAMPLERS, help="ddpm: Algorithm 2 (with fewer steps: ancestral on the "
+      "spaced chain); ddim (Song et al. 2021); dpm++: DPM-Solver++(2M) (Lu et al. 2022). Default: ddpm for --steps "
+      "T, ddim for fewer")
+    a("--steps", type=int, default=None, help="network evaluations (default T)")
+    a("--spacing", default="trailing", choices=SPACINGS, help="which timesteps --steps K < T visits: trailing "
+      "(default) starts at T-1 for every K; uniform and quadratic are the DDIM paper's (its CIFAR-10 FIDs: "
+      "--spacing quadratic --eta 0 --no-clip)")
+    a("--eta", type=float, default=None, help="ddim: noise, 0 deterministic (default), 1 ancestral-like; dpm++: 1 "
+      "selects the stochastic SDE-DPM-Solver++. Given alone it selects ddim")
     a("--no-clip", action="store_true", help="do not clip the predicted x0 to [-1, 1] (the literal Algorithm 2; "
       "the original code clips)")
     a("--no-ema", action="store_true", help="use the raw weights instead of their EMA (train.py checkpoints)")
@@ -201,6 +210,8 @@ def get_parser():
     a("--device", default="auto", help="auto (default), cpu, cuda or mps")
     a("--compile", action="store_true", help="torch.compile the network; on CUDA with CUDA graphs (mode "
       "reduce-overhead), so each of the T network calls is one graph launch. Compiling takes a minute or more")
+    a("--tf32", action="store_true", help="TF32 matmuls and convolutions on CUDA (faster; off by default, so the "
+      "network runs in true fp32 as the paper's numbers do)")
     a("--bf16", action="store_true", help="bf16 autocast for the network on CUDA (faster; the diffusion math stays "
       "fp32). Off by default: the paper's numbers are fp32")
     return p
@@ -214,13 +225,17 @@ def main(argv=None):
     if args.eta is not None and args.eta < 0:
         raise SystemExit("error: --eta must be >= 0")
     if args.nll and (args.class_ is not None or args.guidance or args.steps or args.eta is not None or args.npz or
-                     args.trajectory):
-        raise SystemExit("error: --nll uses all T steps of the model itself; drop --class/--guidance/--steps/--eta/"
-                         "--npz/--trajectory")
+                     args.trajectory or args.sampler):
+        raise SystemExit("error: --nll uses all T steps of the model itself; drop --class/--guidance/--sampler/"
+                         "--steps/--eta/--npz/--trajectory")
     for flag, path in (("--out", args.out), ("--npz", args.npz), ("--trajectory", args.trajectory)):
         if path and not os.path.isdir(os.path.dirname(path) or "."):  # find out now, not after hours of sampling
             raise SystemExit(f"error: {flag} {path}: folder {os.path.dirname(path)} does not exist")
     device = resolve_device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest convolution kernels
+        # fp32 means fp32: cuDNN would use TF32 for convolutions by default
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     if args.bf16 and device.type != "cuda":
         print(f"note: --bf16 is for CUDA; running fp32 on {device.type}")
         args.bf16 = False
@@ -240,6 +255,12 @@ def main(argv=None):
     args.n, args.steps = args.n or 64, args.steps or T
     if args.steps > T:
         raise SystemExit(f"error: --steps {args.steps} is more than the model's T = {T}")
+    if args.sampler is None:  # as before --sampler existed: all T steps are Algorithm 2, fewer (or --eta) DDIM
+        args.sampler = "ddpm" if args.steps == T and args.eta is None else "ddim"
+    if args.sampler == "ddpm" and args.eta not in (None, 1.0):
+        raise SystemExit("error: --sampler ddpm has no --eta (it is eta 1); use --sampler ddim")
+    if args.sampler == "dpm++" and args.eta not in (None, 0.0, 1.0):
+        raise SystemExit("error: --sampler dpm++ takes --eta 0 (the ODE solver, default) or 1 (SDE-DPM-Solver++)")
     if args.class_ is not None and num_classes is None:
         raise SystemExit("error: --class needs a class-conditional model (train.py --class-cond); "
                          "this one is unconditional")

@@ -8,14 +8,27 @@ import sys
 
 import pytest
 import torch
+from hypothesis import given, strategies as st
 
 import sample
 from checkpoint import build_diffusion
-from conftest import HERE, TINY_DIFFUSION as DIFFUSION, TINY_NET as TINY, randomized, read_npz, write_checkpoint
+from conftest import FAST, HERE, TINY_DIFFUSION as DIFFUSION, TINY_NET as TINY, randomized, read_npz, write_checkpoint
 from data import make_shapes, to_uint8
 from guidance import classifier_free_guidance, model_fn
 from samplers import ddim_sample_loop
 from unet import UNet
+
+
+@FAST
+@given(st.floats(-2, 10), st.integers(0, 2**31 - 1))
+def test_classifier_free_guidance(w, seed):
+    """eps~ = (1+w) eps_c - w eps_u: w = 0 gives the conditional prediction; equal predictions are
+    a fixed point; eps~ - eps_u = (1+w)(eps_c - eps_u), extrapolation along the difference."""
+    g = torch.Generator().manual_seed(seed)
+    c, u = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g)
+    assert torch.equal(classifier_free_guidance(c, u, 0.0), c)
+    assert torch.allclose(classifier_free_guidance(c, c, w), c, atol=1e-5)
+    assert torch.allclose(classifier_free_guidance(c, u, w) - u, (1 + w) * (c - u), atol=1e-4)
 
 
 def test_zero_guidance_is_the_conditional_prediction():

@@ -9,61 +9,10 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import assume, given, strategies as st
 
+from conftest import FAST, SLOW, chain_moments, destroying_schedules, full, gaussian_logpdf, oracle, schedules
 from ddpm import GaussianDiffusion, discretized_gaussian_log_likelihood, make_beta_schedule, normal_kl
-from guidance import classifier_free_guidance
-from samplers import ddim_sample, ddim_sample_loop
-
-FAST = settings(max_examples=40, deadline=None)
-SLOW = settings(max_examples=12, deadline=None)  # Monte Carlo tests
-
-# ---- strategies ----
-
-
-@st.composite
-def schedules(draw, min_t=2, max_t=300):
-    """Betas (float64) from the paper's linear schedule, cosine, constant, or random increasing.
-    Betas stay <= 0.2 so that abar_T (>= 0.8^300) is a normal float32 number."""
-    kind = draw(st.sampled_from(["linear", "cosine", "const", "random"]))
-    T = draw(st.integers(min_t, max_t))
-    if kind == "linear":
-        start = draw(st.floats(1e-5, 1e-2))
-        end = draw(st.floats(start, 0.2))
-        return make_beta_schedule("linear", T, start, end)
-    if kind == "cosine":
-        return make_beta_schedule("cosine", T)
-    if kind == "const":
-        return make_beta_schedule("const", T, beta_end=draw(st.floats(1e-4, 0.2)))
-    betas = draw(st.lists(st.floats(1e-5, 0.2), min_size=T, max_size=T))
-    return torch.tensor(sorted(betas), dtype=torch.float64)
-
-
-def destroying_schedules():
-    """Schedules whose abar_T is tiny: the paper's, cosine, and strong constant ones."""
-    return st.one_of(st.just(make_beta_schedule("linear", 1000)),
-                     st.integers(50, 1000).map(lambda T: make_beta_schedule("cosine", T)),
-                     st.integers(200, 1000).map(lambda T: make_beta_schedule("const", T, beta_end=0.05)))
-
-
-def chain_moments(betas, mean0, var0):
-    """Iterate Eq. (2), q(x_t|x_{t-1}) = N(sqrt(1-beta_t) x_{t-1}, beta_t I), on the first two
-    moments: m_t = sqrt(1-beta_t) m_{t-1}, v_t = (1-beta_t) v_{t-1} + beta_t. Returns lists."""
-    means, variances, m, v = [], [], mean0, var0
-    for beta in betas.tolist():
-        m, v = math.sqrt(1 - beta) * m, (1 - beta) * v + beta
-        means.append(m)
-        variances.append(v)
-    return means, variances
-
-
-def full(n, i):
-    return torch.full((n,), i, dtype=torch.long)
-
-
-def gaussian_logpdf(x, mean, var):
-    return -0.5 * (math.log(2 * math.pi) + torch.log(var) + (x - mean) ** 2 / var)
-
 
 # ---- the schedule tables ----
 
@@ -320,19 +269,6 @@ def test_score_identity(betas, seed, data):
 # ---- the reverse process ----
 
 
-def oracle(betas, x0, mean_type):
-    """A network that knows x_0: returns the exact noise (x_t - sqrt(abar_t) x_0)/sqrt(1-abar_t)
-    (computed in float64 from the betas) or x_0 itself."""
-    abar = torch.cumprod(1 - betas, 0)
-
-    def model(x_t, t):
-        if mean_type == "x0":
-            return x0.to(x_t.dtype)
-        a = abar[t].view(-1, *([1] * (x_t.dim() - 1)))
-        return ((x_t.double() - a.sqrt() * x0) / (1 - a).sqrt()).to(x_t.dtype)
-    return model
-
-
 @FAST
 @given(schedules(), st.sampled_from(["eps", "x0"]), st.booleans(), st.integers(0, 2**31 - 1), st.data())
 def test_oracle_network_gives_true_posterior_mean(betas, mean_type, clip, seed, data):
@@ -379,7 +315,7 @@ def test_p_sample_step_noise(betas, var_type, seed, data):
 @given(schedules(max_t=80), st.sampled_from(["eps", "x0"]), st.integers(0, 2**31 - 1))
 def test_reverse_chain_with_oracle_recovers_data(betas, mean_type, seed):
     """Algorithm 2 run with an oracle network ends exactly at x_0: at the last step the posterior
-    mean is x0_hat (coef1 = 1, coef2 = 0) and no noise is added. Same for DDIM (any eta)."""
+    mean is x0_hat (coef1 = 1, coef2 = 0) and no noise is added."""
     d = GaussianDiffusion(betas, mean_type=mean_type, dtype=torch.float64)
     g = torch.Generator().manual_seed(seed)
     x0 = torch.rand(3, 2, 4, 4, generator=g, dtype=torch.float64) * 2 - 1
@@ -388,9 +324,6 @@ def test_reverse_chain_with_oracle_recovers_data(betas, mean_type, seed):
     seen = []
     out = d.p_sample_loop(model, x0.shape, noise=x_T.clone(), callback=lambda i, x, p: seen.append(i))
     assert seen == list(range(len(betas) - 1, -1, -1))
-    assert torch.allclose(out.double(), x0, atol=1e-5)
-    steps = max(1, len(betas) // 3)
-    out = ddim_sample_loop(d, model, x0.shape, steps, eta=0.5, noise=x_T.clone())
     assert torch.allclose(out.double(), x0, atol=1e-5)
 
 
@@ -416,6 +349,45 @@ def test_p_sample_loop_is_algorithm_2(betas, seed):
 
 
 @FAST
+@given(schedules(min_t=2), st.sampled_from(["eps", "x0"]), st.integers(0, 2**31 - 1), st.data())
+def test_clipping_keeps_x0_in_range_and_mean_at_clipped_x0(betas, mean_type, seed, data):
+    """The original code's clipping (an addition to Algorithm 2): for a network whose x0_hat leaves [-1, 1],
+    p_mean_variance returns pred_x0 = clamp(x0_hat, -1, 1) and the posterior mean (7) at that clipped x_0,
+    coef1 and coef2 computed here from the betas; with clip_denoised=False, the unclipped x0_hat."""
+    d = GaussianDiffusion(betas, mean_type=mean_type, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    t = torch.tensor(data.draw(st.lists(st.integers(0, len(betas) - 1), min_size=3, max_size=3)))
+    x_t = torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64)
+    out = 4 * torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64)  # x0_hat far outside [-1, 1]
+    abar = torch.cumprod(1 - betas, 0)
+    a = abar[t].view(-1, 1, 1, 1)
+    x0_hat = out if mean_type == "x0" else (x_t - (1 - a).sqrt() * out) / a.sqrt()  # Eq. (15)
+    assume((x0_hat.abs() > 1).any())
+    mean, _, _, pred = d.p_mean_variance(lambda x, tt: out, x_t, t, clip_denoised=True)
+    assert pred.min() >= -1 and pred.max() <= 1
+    assert torch.allclose(pred, x0_hat.clamp(-1, 1), atol=1e-12 / a.sqrt().min().item())
+    a_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])[t].view(-1, 1, 1, 1)
+    beta = betas[t].view(-1, 1, 1, 1)
+    expected = (a_prev.sqrt() * beta / (1 - a) * x0_hat.clamp(-1, 1)  # Eq. (7), written out
+                + (1 - beta).sqrt() * (1 - a_prev) / (1 - a) * x_t)
+    assert torch.allclose(mean, expected, rtol=1e-6, atol=1e-8)
+    _, _, _, unclipped = d.p_mean_variance(lambda x, tt: out, x_t, t, clip_denoised=False)
+    assert torch.allclose(unclipped, x0_hat, rtol=1e-9, atol=1e-9)
+
+
+def test_sampling_with_a_generator_leaves_the_global_random_state_alone():
+    """p_sample_loop and calc_bpd_loop draw every random number from the generator they are given, the last
+    step included (where z = 0), so a caller's global random stream (a training run's) is untouched."""
+    d = GaussianDiffusion(make_beta_schedule("linear", 20, 1e-3, 0.2))
+    model = lambda x, t: 0.1 * x
+    before = torch.get_rng_state()
+    d.p_sample_loop(model, (2, 1, 4, 4), generator=torch.Generator().manual_seed(0))
+    d.p_sample_loop(model, (2, 1, 4, 4), noise=torch.zeros(2, 1, 4, 4), generator=torch.Generator())
+    d.calc_bpd_loop(model, torch.zeros(2, 1, 4, 4), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+@FAST
 @given(schedules(), st.integers(0, 2**31 - 1), st.data())
 def test_training_loss_is_eq14(betas, seed, data):
     """Algorithm 1 / Eq. (14): loss = mean ||eps - eps_theta(sqrt(abar_t) x_0 + sqrt(1-abar_t) eps, t)||^2
@@ -435,45 +407,76 @@ def test_training_loss_is_eq14(betas, seed, data):
     assert torch.allclose(d0.training_losses(oracle(betas, x0, "x0"), x0, t, eps), torch.zeros(3, dtype=torch.float64))
 
 
-# ---- DDIM (an extension; Song, Meng, Ermon 2021) ----
+# ---- the bound in bits/dim ----
 
 
 @FAST
-@given(schedules(min_t=2), st.integers(0, 2**31 - 1), st.data())
-def test_ddim_eta1_single_steps_is_the_posterior(betas, seed, data):
-    """DDIM Eqs. (12), (16) with eta = 1 and t_prev = t - 1 give mean mu~_t(x_t, x0_hat) and variance
-    beta~_t: DDPM's posterior (7) at the predicted x_0."""
-    d = GaussianDiffusion(betas, dtype=torch.float64)
+@given(schedules(min_t=3, max_t=100), st.sampled_from(["fixedlarge", "fixedsmall"]), st.integers(0, 2**31 - 1))
+def test_decoder_L0_by_hand(betas, var_type, seed):
+    """Eq. (13) at the last step: L_0 = -log p(x_0 | x_1) summed over the 256-bin decoder, each pixel the mass
+    of N(mu_theta(x_1, 1), sigma_1^2) on [x - 1/255, x + 1/255] (edges open), with mu_theta from Eq. (11) and the
+    model's sigma_1^2 (beta~ of the second step for both variance types, as in the original code), all computed
+    here from the betas with math.erf; in bits per dimension."""
+    d = GaussianDiffusion(betas, var_type=var_type, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randint(0, 256, (2, 3, 4, 4), generator=g).double() / 127.5 - 1
+    x1 = d.q_sample(x0, full(2, 0), torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64))
+    eps_theta = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64) * 0.3
+    term, _ = d._vb_terms_bpd(lambda x, t: eps_theta, x0, x1, full(2, 0), clip_denoised=False)
+    abar = torch.cumprod(1 - betas, 0)
+    beta1 = betas[0].item()
+    mu = (x1 - beta1 / math.sqrt(1 - abar[0].item()) * eps_theta) / math.sqrt(1 - beta1)  # Eq. (11) at t = 1
+    sigma = math.sqrt((1 - abar[0].item()) / (1 - abar[1].item()) * betas[1].item())  # beta~_2
+    cdf = lambda v: 0.5 * (1 + math.erf(v / math.sqrt(2)))
+    nats = torch.zeros(2)
+    for idx in range(x0.numel()):
+        b, rest = divmod(idx, x0[0].numel())
+        x, m = x0.view(2, -1)[b, rest].item(), mu.view(2, -1)[b, rest].item()
+        hi = 1.0 if x > 0.999 else cdf((x + 1 / 255 - m) / sigma)
+        lo = 0.0 if x < -0.999 else cdf((x - 1 / 255 - m) / sigma)
+        nats[b] -= math.log(max(hi - lo, 1e-12))
+    expected = nats / x0[0].numel() / math.log(2)
+    assert torch.allclose(term.float(), expected, rtol=1e-4, atol=1e-6)
+
+
+@FAST
+@given(schedules(min_t=3), st.integers(0, 2**31 - 1), st.data())
+def test_kl_term_fixedlarge_by_hand(betas, seed, data):
+    """Eq. (5): for t > 1, L_{t-1} = KL(q(x_{t-1}|x_t,x_0) || p_theta(x_{t-1}|x_t)) with the fixedlarge
+    variance sigma_t^2 = beta_t, which differs from the posterior's beta~_t, so the KL is not symmetric:
+    per dimension 1/2 [log(beta_t / beta~_t) + beta~_t / beta_t + (mu~ - mu_theta)^2 / beta_t - 1], with mu~ and
+    mu_theta from Eqs. (7) and (11), written out here from the betas; in bits per dimension."""
+    d = GaussianDiffusion(betas, var_type="fixedlarge", dtype=torch.float64)
     g = torch.Generator().manual_seed(seed)
     i = data.draw(st.integers(1, len(betas) - 1))
-    x_t = torch.randn(2, 1, 4, 4, generator=g, dtype=torch.float64)
-    z = torch.randn(2, 1, 4, 4, generator=g, dtype=torch.float64)
-    model = lambda x, t: 0.5 * x
-    t = full(2, i)
-    a, pred_xstart = ddim_sample(d, model, x_t, t, i - 1, 1.0, torch.zeros_like(z), return_pred_xstart=True)
-    b = ddim_sample(d, model, x_t, t, i - 1, 1.0, z)
-    post_mean, post_var, _ = d.q_posterior_mean_variance(pred_xstart, x_t, t)
-    assert torch.allclose(a, post_mean, rtol=1e-7, atol=1e-9)
-    assert torch.allclose(((b - a) / z) ** 2, post_var, rtol=1e-6)
+    x0 = torch.rand(2, 3, 4, 4, generator=g, dtype=torch.float64) * 2 - 1
+    x_t = d.q_sample(x0, full(2, i), torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64))
+    eps_theta = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64)
+    term, _ = d._vb_terms_bpd(lambda x, t: eps_theta, x0, x_t, full(2, i), clip_denoised=False)
+    abar = torch.cumprod(1 - betas, 0)
+    beta, a, a_prev = betas[i], abar[i], abar[i - 1]
+    tilde = (1 - a_prev) / (1 - a) * beta
+    mu_tilde = a_prev.sqrt() * beta / (1 - a) * x0 + (1 - beta).sqrt() * (1 - a_prev) / (1 - a) * x_t
+    mu_theta = (x_t - beta / (1 - a).sqrt() * eps_theta) / (1 - beta).sqrt()
+    kl = 0.5 * (torch.log(beta / tilde) + tilde / beta + (mu_tilde - mu_theta) ** 2 / beta - 1)
+    assert torch.allclose(term, kl.flatten(1).mean(1) / math.log(2), rtol=1e-6, atol=1e-9)
 
 
-@FAST
-@given(schedules(min_t=4, max_t=60), st.integers(1, 20), st.integers(0, 2**31 - 1))
-def test_ddim_eta0_is_deterministic(betas, steps, seed):
-    """With eta = 0 DDIM adds no noise: given x_T, two runs with different generators agree,
-    and the step count is the one asked for."""
-    steps = min(steps, len(betas))
-    d = GaussianDiffusion(betas)
-    model = lambda x, t: 0.2 * x
-    x_T = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(seed))
-    seen = []
-    a = ddim_sample_loop(d, model, x_T.shape, steps, 0.0, x_T.clone(), torch.Generator().manual_seed(1),
-                           callback=lambda i, x, p: seen.append(i))
-    b = ddim_sample_loop(d, model, x_T.shape, steps, 0.0, x_T.clone(), torch.Generator().manual_seed(2))
-    assert torch.equal(a, b) and len(seen) == steps and seen[-1] == 0
-
-
-# ---- the bound in bits/dim ----
+@SLOW
+@given(st.integers(2, 30), st.floats(0.01, 0.5), st.integers(0, 2**31 - 1))
+def test_bpd_mse_is_the_x0_error(T, offset, seed):
+    """calc_bpd_loop's mse is the squared error of x0_hat (Eq. 15) against x_0 at every t, as in the original
+    code (Figure 5's distortion is its root): 0 for an oracle, offset^2 for an x0-network off by a constant (no
+    clipping). It draws x_t from the generator: the same generator seed gives the same terms."""
+    betas = make_beta_schedule("linear", T, 1e-3, 0.3)
+    d = GaussianDiffusion(betas, mean_type="x0", dtype=torch.float64)
+    x0 = (torch.randint(0, 256, (2, 3, 4, 4), generator=torch.Generator().manual_seed(seed)).double() / 127.5 - 1)
+    exact = d.calc_bpd_loop(oracle(betas, x0, "x0"), x0, generator=torch.Generator().manual_seed(seed))
+    assert torch.allclose(exact["mse"], torch.zeros(2, T, dtype=torch.float64), atol=1e-20)
+    off = d.calc_bpd_loop(lambda x, t: x0 + offset, x0, clip_denoised=False, generator=torch.Generator())
+    assert torch.allclose(off["mse"], torch.full((2, T), offset ** 2, dtype=torch.float64), rtol=1e-9)
+    again = d.calc_bpd_loop(oracle(betas, x0, "x0"), x0, generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(again["terms_bpd"], exact["terms_bpd"])
 
 
 @FAST
@@ -548,21 +551,6 @@ def test_loss_weighting_eq12_matches_kl_for_eps_model():
     sigma2 = (1 - abar[t - 1]).view(4, 1, 1, 1) / (1 - a) * beta
     weighted = beta ** 2 / (2 * sigma2 * (1 - beta) * (1 - a)) * (eps - eps_theta) ** 2
     assert torch.allclose(bpd * math.log(2), weighted.flatten(1).mean(1), rtol=1e-6)
-
-
-# ---- guidance (an extension; Ho & Salimans 2021) ----
-
-
-@FAST
-@given(st.floats(-2, 10), st.integers(0, 2**31 - 1))
-def test_classifier_free_guidance(w, seed):
-    """eps~ = (1+w) eps_c - w eps_u: w = 0 gives the conditional prediction; equal predictions are
-    a fixed point; eps~ - eps_u = (1+w)(eps_c - eps_u), extrapolation along the difference."""
-    g = torch.Generator().manual_seed(seed)
-    c, u = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g)
-    assert torch.equal(classifier_free_guidance(c, u, 0.0), c)
-    assert torch.allclose(classifier_free_guidance(c, c, w), c, atol=1e-5)
-    assert torch.allclose(classifier_free_guidance(c, u, w) - u, (1 + w) * (c - u), atol=1e-4)
 
 
 def test_bad_arguments_raise():

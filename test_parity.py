@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from ddpm import GaussianDiffusion, make_beta_schedule
-from samplers import ddim_sample_loop
+from samplers import ddim_sample_loop, dpm_solver_pp_sample_loop, spaced_timesteps
 
 diffusers = pytest.importorskip("diffusers")
 PARITY = settings(max_examples=25, deadline=None)
@@ -65,21 +65,27 @@ def test_q_sample_and_p_sample_match_ddpm_scheduler(name, var_type, mean_type, i
 
 
 @PARITY
-@given(st.sampled_from([5, 10, 50, 100]), st.sampled_from([0.0, 0.5, 1.0]), st.integers(0, 2**31 - 1))
-def test_ddim_matches_ddim_scheduler(steps, eta, seed):
-    """DDIM Eqs. (12), (16) over the uniform timesteps equal DDIMScheduler (leading spacing, abar = 1
-    after the last step, eps recomputed from the clipped x0), step by step along a whole run."""
+@given(st.sampled_from([5, 10, 50, 100, 600, 1000]), st.sampled_from([0.0, 0.5, 1.0]),
+       st.sampled_from(["uniform", "trailing"]), st.integers(0, 2**31 - 1))
+def test_ddim_matches_ddim_scheduler(steps, eta, spacing, seed):
+    """DDIM Eqs. (12), (16) over the uniform or trailing timesteps equal DDIMScheduler ("leading" and
+    "trailing" spacing, abar = 1 after the last step, eps recomputed from the clipped x0), step by step along
+    a whole run, visiting the same timesteps. (DDIMScheduler steps back by T // K, so trailing is compared where
+    K divides T; at K = 600 its step from 999 would go to 998 where the next trailing timestep is 997.)"""
+    if spacing == "trailing" and 1000 % steps:
+        steps = 1000 // (1000 // steps)  # 600 -> 1000
     T = 1000
     d = GaussianDiffusion(make_beta_schedule("linear", T))
-    sched = diffusers.DDIMScheduler(num_train_timesteps=T, clip_sample=True, set_alpha_to_one=True)
+    sched = diffusers.DDIMScheduler(num_train_timesteps=T, clip_sample=True, set_alpha_to_one=True,
+                                    timestep_spacing={"uniform": "leading", "trailing": "trailing"}[spacing])
     sched.set_timesteps(steps)
     model = lambda x, t: torch.tanh(x) * 0.7 + 0.01 * t.view(-1, 1, 1, 1) / T
 
     g = torch.Generator().manual_seed(seed)
     x_T = torch.randn(2, 3, 8, 8, generator=g)
     visited = []
-    ours = ddim_sample_loop(d, model, x_T.shape, steps, eta, x_T.clone(), torch.Generator().manual_seed(seed),
-                              callback=lambda i, x, p: visited.append(i))
+    ours = ddim_sample_loop(d, model, x_T.shape, steps, eta, spacing, x_T.clone(), torch.Generator().manual_seed(seed),
+                            callback=lambda i, x, p: visited.append(i))
     assert visited == sched.timesteps.tolist()
 
     g = torch.Generator().manual_seed(seed)
@@ -88,4 +94,32 @@ def test_ddim_matches_ddim_scheduler(steps, eta, seed):
         z = torch.randn(x.shape, generator=g) if eta > 0 else None
         out = model(x, torch.full((2,), i, dtype=torch.long))
         x = sched.step(out, i, x, eta=eta, use_clipped_model_output=True, variance_noise=z).prev_sample
+    assert torch.allclose(ours, x, rtol=1e-4, atol=1e-4)
+
+
+@PARITY
+@given(st.sampled_from([5, 10, 20, 50]), st.sampled_from(["trailing", "uniform", "quadratic"]),
+       st.booleans(), st.integers(0, 2**31 - 1))
+def test_dpm_solver_pp_matches_dpm_solver_multistep_scheduler(steps, spacing, stochastic, seed):
+    """DPM-Solver++(2M) (and its SDE variant) over our timesteps equals diffusers' DPMSolverMultistepScheduler
+    (algorithm_type "dpmsolver++" / "sde-dpmsolver++", solver_order 2, final_sigmas_type "zero", no thresholding)
+    given the same timesteps, network outputs and noise, step by step along a whole run."""
+    T = 1000
+    d = GaussianDiffusion(make_beta_schedule("linear", T))
+    sched = diffusers.DPMSolverMultistepScheduler(
+        num_train_timesteps=T, solver_order=2, prediction_type="epsilon", final_sigmas_type="zero",
+        algorithm_type="sde-dpmsolver++" if stochastic else "dpmsolver++")
+    indices = spaced_timesteps(T, steps, spacing)
+    sched.set_timesteps(timesteps=indices)
+    model = lambda x, t: torch.tanh(x) * 0.7 + 0.01 * t.view(-1, 1, 1, 1) / T
+
+    x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+    ours = dpm_solver_pp_sample_loop(d, model, x_T.shape, steps, spacing, stochastic=stochastic, noise=x_T.clone(),
+                                     generator=torch.Generator().manual_seed(seed), clip_denoised=False)
+    g = torch.Generator().manual_seed(seed)
+    x = x_T.clone()
+    for k, i in enumerate(sched.timesteps.tolist()):
+        last = k == len(indices) - 1
+        z = (torch.zeros(x.shape) if last else torch.randn(x.shape, generator=g)) if stochastic else None
+        x = sched.step(model(x, torch.full((2,), i, dtype=torch.long)), i, x, variance_noise=z).prev_sample
     assert torch.allclose(ours, x, rtol=1e-4, atol=1e-4)

@@ -90,7 +90,7 @@ def test_ddim_fewer_steps(ckpt, tmp_path, capsys):
     """--steps 50 with T = 100 samples with DDIM (eta 0: deterministic), and --eta 1 adds noise."""
     out = run([ckpt, "--n", "2", "--steps", "50", "--out", str(tmp_path / "g.png"), "--npz", str(tmp_path / "d.npz")],
               capsys)
-    assert "DDIM 50 steps" in out and "| 50 steps |" in out
+    assert "DDIM eta 0.0, 50 steps (trailing spacing)" in out and "| 50 steps |" in out
     assert read_npz(tmp_path / "d.npz")["arr_0"].shape == (2, 8, 8, 3)
     run([ckpt, "--n", "2", "--steps", "50", "--eta", "1", "--out", str(tmp_path / "g.png"),
          "--npz", str(tmp_path / "e.npz")], capsys)
@@ -113,6 +113,16 @@ def test_nll_terms_sum_to_total(ckpt, tmp_path, capsys):
     total, prior, vb, decoder = (float(last[i]) for i in (2, 9, 13, 16))
     assert last[:2] == ["NLL", "<="] and all(map(torch.isfinite, torch.tensor([total, prior, vb, decoder])))
     assert total > 0 and abs(prior + vb + decoder - total) <= 2e-4  # each printed to 4 decimals
+    # the value itself: calc_bpd_loop on the EMA net, the images scaled as in training, the per-batch generators
+    net = UNet(**TINY)
+    net.load_state_dict(torch.load(ckpt)["ema"])
+    diffusion, expected = build_diffusion(DIFFUSION), []
+    x0 = images.permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        for b, part in enumerate(x0.split(2)):
+            g = torch.Generator().manual_seed(b)
+            expected.append(diffusion.calc_bpd_loop(lambda x, t: net.eval()(x, t), part, generator=g)["total_bpd"])
+    assert total == pytest.approx(torch.cat(expected).mean().item(), abs=1e-4)
 
 
 def test_nll_cifar10_test_split(tmp_path, capsys):

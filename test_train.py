@@ -13,16 +13,21 @@ import subprocess
 import sys
 import tarfile
 import time
+import copy
 import urllib.error
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import data
 import train
-from checkpoint import load_checkpoint
-from conftest import ENV, HERE, TRAIN_TINY as TINY, assert_one_line_error, decode_png, run_script
+import training
+from checkpoint import build_diffusion, load_checkpoint
+from conftest import (ENV, HERE, TINY_NET, TRAIN_TINY as TINY, assert_one_line_error, decode_png, randomized,
+                      run_script)
 from ddpm import GaussianDiffusion
+from unet import UNet
 
 TRAIN = os.path.join(HERE, "train.py")
 
@@ -168,6 +173,103 @@ def test_cifar10_batches_parsed_without_numpy(tmp_path, monkeypatch):
     assert not os.path.exists(tmp_path / "nothing" / "cifar-10-python.tar.gz.part")
 
 
+# ---------------------------------------------------------------------------- the training step (training.py)
+
+def test_warmup_is_linear_from_zero():
+    """The original code's warmup: lr * min(step / warmup, 1) with step the updates done so far (so the first
+    update has lr 0); no warmup: the constant lr."""
+    args = SimpleNamespace(lr=2e-4, warmup=5000)
+    assert [training.get_lr(s, args) for s in (0, 1, 2500, 5000, 10**6)] == [0.0, 2e-4 / 5000, 1e-4, 2e-4, 2e-4]
+    assert training.get_lr(0, SimpleNamespace(lr=1e-3, warmup=0)) == 1e-3
+
+
+def test_batches_scale_flip_and_cover_each_epoch():
+    """Batches: pixels scaled by x / 127.5 - 1 exactly; with flips each image comes back as itself or mirrored
+    left-right (the last axis), about half of each; without, never mirrored; each epoch visits every image once
+    (the remainder of a batch dropped); the batch at a step does not depend on what was drawn before."""
+    images = torch.randint(0, 256, (40, 1, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(40)
+    for flip in (True, False):
+        batches = training.Batches(images, labels, 8, seed=3, flip=flip)
+        seen, flipped = [], 0
+        for step in range(5):
+            x, y = batches(step)
+            seen += y.tolist()
+            ref = images[y].float() / 127.5 - 1
+            same, mirrored = (x == ref).flatten(1).all(1), (x == ref.flip(3)).flatten(1).all(1)
+            assert (same | mirrored).all()
+            flipped += int((mirrored & ~same).sum())
+        assert sorted(seen) == list(range(40))
+        assert (10 <= flipped <= 30) if flip else flipped == 0
+    fresh = training.Batches(images, labels, 8, seed=3, flip=False)
+    assert torch.equal(fresh(7)[1], batches(7)[1])
+
+
+def test_timesteps_are_drawn_uniformly_over_all_T():
+    """Algorithm 1 line 3: t ~ Uniform({1, ..., T}), i.e. indices 0..T-1, each about equally often."""
+    diffusion = build_diffusion(dict(num_timesteps=10, beta_start=1e-3, beta_end=0.2))
+    torch.manual_seed(0)
+    loss_fn = training.DiffusionLoss(diffusion)
+    x0 = torch.zeros(5000, 1, 1, 1)
+    t, noise, _ = loss_fn.draw(x0, None)
+    losses, _ = loss_fn(lambda x, t, y: torch.zeros_like(x), x0, None, t, noise, None)
+    counts = torch.bincount(t, minlength=10)
+    assert t.min() == 0 and t.max() == 9 and counts.min() > 400
+    assert torch.allclose(losses, noise.flatten(1).square().mean(1))  # Eq. (14) with eps_theta = 0
+
+
+def test_train_step_clips_drops_labels_and_updates_the_ema():
+    """train_step: the update sees gradients of global norm <= grad_clip, and returns the norm before clipping;
+    labels are replaced by the null class (num_classes) with probability p_uncond; the EMA moves by
+    (1 - decay) of the way to the new weights."""
+    net = randomized(UNet(**dict(TINY_NET, num_classes=3))).train()
+    ema = copy.deepcopy(net).requires_grad_(False)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    diffusion = build_diffusion(dict(num_timesteps=10, beta_start=1e-3, beta_end=0.2))
+    seen = {}
+    step = optimizer.step
+    def spy():
+        seen["norm"] = torch.norm(torch.stack([p.grad.norm() for p in net.parameters() if p.grad is not None]))
+        step()
+    optimizer.step = spy
+    labels = []
+    net.register_forward_pre_hook(lambda m, inputs: labels.append(inputs[2]))
+    args = SimpleNamespace(grad_clip=0.01, ema_decay=0.75, grad_accum=1)
+    before = [p.detach().clone() for p in net.parameters()]
+    x0, y = torch.rand(400, 3, 8, 8) * 2 - 1, torch.randint(0, 3, (400,))
+    loss_fn = training.DiffusionLoss(diffusion, num_classes=3, p_uncond=0.3)
+    _, grad_norm = training.train_step(net, ema, optimizer, loss_fn, x0, y, args)
+    assert grad_norm > 0.02 and seen["norm"] <= 0.01 * (1 + 1e-4)
+    dropped = labels[0] == 3
+    assert 0.2 < dropped.float().mean() < 0.4 and torch.equal(labels[0][~dropped], y[~dropped])
+    for e, p, b in zip(ema.parameters(), net.parameters(), before):
+        torch.testing.assert_close(e, 0.75 * b + 0.25 * p, atol=1e-6, rtol=1e-5)
+
+
+def test_gradient_accumulation_is_the_big_batch():
+    """--grad-accum k: the batch runs as k micro-batches with the batch's own random draws (t, eps, dropped
+    labels), each backward scaled by its share, so the loss, the gradient norm, the updated weights (plain SGD, so
+    the update is the gradient itself; Adam would magnify float noise in near-zero gradients) and the EMA equal one
+    step on the whole batch to float error (dropout 0: dropout masks are drawn per pass)."""
+    diffusion = build_diffusion(dict(num_timesteps=50, beta_start=1e-3, beta_end=0.2))
+    x0, y = torch.rand(12, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1, torch.arange(12) % 3
+    results = []
+    for k in (1, 4):
+        net = randomized(UNet(**dict(TINY_NET, num_classes=3)), seed=5).train()
+        ema = copy.deepcopy(net).requires_grad_(False)
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+        loss_fn = training.DiffusionLoss(diffusion, num_classes=3, p_uncond=0.25)
+        torch.manual_seed(1)
+        loss, norm = training.train_step(net, ema, optimizer, loss_fn, x0, y,
+                                         SimpleNamespace(grad_clip=1.0, ema_decay=0.9, grad_accum=k))
+        results.append((loss, norm, net, ema))
+    (l1, n1, net1, ema1), (l4, n4, net4, ema4) = results
+    torch.testing.assert_close(l4, l1, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(n4, n1, rtol=1e-4, atol=1e-6)
+    for a, b in zip(list(net1.parameters()) + list(ema1.parameters()), list(net4.parameters()) + list(ema4.parameters())):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------- runs
 
 def test_short_run_writes_checkpoint_samples_and_log(good_run):
@@ -178,21 +280,33 @@ def test_short_run_writes_checkpoint_samples_and_log(good_run):
     assert set(ckpt["model"]) == set(ckpt["ema"]) and ckpt["args"]["steps"] == 4
     img = decode_png(good_run / "samples_0000004.png")
     assert img.shape == (2 + 2 * 10, 2 + 2 * 10, 3)
+    # the warmup reached the optimizer: lr at the last update (step index 3) = lr * 3 / warmup, capped
+    assert ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(2e-4 * min(3 / 2, 1))
+    # the EMA (decay 0.9) trails the weights: from the same initial weights, it has moved less
+    torch.manual_seed(0)
+    init = UNet(**ckpt["model_config"]).state_dict()
+    moved = {k: sum((ckpt[k][n] - init[n]).norm() ** 2 for n in init) for k in ("model", "ema")}
+    assert 0 < moved["ema"] < moved["model"]
     log = (good_run / "log.txt").read_text()
     assert "step 2/4 | loss " in log and "img/s | eta" in log and "loss by t quartile: q0" in log
     assert not [p for p in os.listdir(good_run) if ".tmp" in p]
 
 
-def test_resume_is_exact(tmp_path):
+@pytest.mark.parametrize("grids, accum", [(0, 1), (3, 2)])
+def test_resume_is_exact(tmp_path, grids, accum):
     """Training 6 steps straight equals 3 steps, then --resume for 3 more: same step count and the same
-    weights, EMA and Adam state bit for bit (LR schedule, data order, RNG streams all restored)."""
+    weights, EMA and Adam state bit for bit (LR schedule, data order, RNG streams all restored). With grids
+    (Algorithm 2, all T steps) drawn at the checkpoint steps too: drawing a grid never moves the training RNG;
+    and with gradient accumulation."""
     a, b = tmp_path / "a", tmp_path / "b"
-    common = [*TINY, "--log-every", "3", "--sample-every", "0", "--sample-steps", "2"]
+    common = [*TINY, "--log-every", "3", "--ckpt-every", "3", "--sample-every", str(grids), "--sample-steps", "0",
+              "--dropout", "0.1", "--grad-accum", str(accum)]
     assert run(*common, "--steps", "6", "--out", str(a)).returncode == 0
     assert run(*common, "--steps", "3", "--out", str(b)).returncode == 0
     r = run("--resume", str(b), "--steps", "6")
     assert r.returncode == 0, r.stderr
     assert "resuming at step 3" in r.stdout and "step 6/6" in r.stdout
+    assert (b / "samples_0000003.png").exists() == bool(grids)
     ca, cb = load_checkpoint(str(a)), load_checkpoint(str(b))
     assert ca["step"] == cb["step"] == 6
     for key in ("model", "ema"):
@@ -200,6 +314,18 @@ def test_resume_is_exact(tmp_path):
             assert torch.equal(ca[key][name], cb[key][name]), (key, name)
     for i, s in ca["optimizer"]["state"].items():
         assert all(torch.equal(s[k], cb["optimizer"]["state"][i][k]) for k in s)
+
+
+def test_sample_grid_never_touches_the_training_random_state(monkeypatch):
+    """Even a sampler that drew from the global RNG could not move a training run: train.sample_images restores
+    the global random state (fork_rng) around the grid."""
+    diffusion = build_diffusion(dict(num_timesteps=10, beta_start=1e-3, beta_end=0.2))
+    ema = UNet(**dict(TINY_NET, image_size=8)).eval()
+    monkeypatch.setattr(GaussianDiffusion, "p_sample", lambda self, model, x, t, *a, **k: (x + torch.randn_like(x),
+                                                                                          x))
+    before = torch.get_rng_state()
+    train.sample_images(ema, diffusion, 2, 0, seed=0, bf16=False)
+    assert torch.equal(torch.get_rng_state(), before)
 
 
 def test_user_npz_grayscale_16x16_class_conditional(tmp_path):
@@ -277,7 +403,7 @@ def bad_files(tmp_path):
 
 
 @pytest.mark.parametrize("case,argv,expect", [
-    ("unknown dataset", ["--data", "imagenet64"], "not cifar10, shapes, or an existing"),
+    ("unknown dataset", ["--data", "imagenet64"], "not cifar10, shapes, a folder of images, or an existing"),
     ("unreadable file", ["--data", "{tmp}/junk.npz"], "cannot read"),
     ("wrong dtype", ["--data", "{tmp}/float.npy"], "must be uint8"),
     ("not square", ["--data", "{tmp}/nonsquare.npy"], "H = W and C = 1 or 3"),

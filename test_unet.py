@@ -2,11 +2,13 @@
 the attention fast path, the class embedding, and parity with diffusers' UNet2DModel on loaded weights."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import unet
 from checkpoint import convert_diffusers_state_dict, load_pretrained, read_safetensors
@@ -84,6 +86,153 @@ def test_original_initialisation():
     assert all(m.bias.abs().max() == 0 for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
     x, t = inputs(2, size=16)
     assert net(x, t).abs().max() < 1e-3
+
+
+def test_every_residual_and_attention_branch_starts_at_zero():
+    """The original init gives the last layer of every residual branch (conv2 of each ResnetBlock, proj_out of
+    each AttnBlock) scale 1e-10: each block starts as its shortcut, block(x) = shortcut(x) to 1e-4 of |x|, while
+    the layers before it keep their full Xavier scale (so the fix is not a global zeroing)."""
+    net = UNet(**dict(TINY, attn_resolutions=(16, 8), ch_mult=(1, 2)))
+    blocks = [m for m in net.modules() if isinstance(m, (unet.ResnetBlock, unet.AttnBlock))]
+    assert len(blocks) == 15  # 2 + 3 (middle) + 4 residual blocks, 2 + 1 + 4 attention blocks
+    temb = torch.randn(2, 128)
+    with torch.no_grad():
+        for m in blocks:
+            if isinstance(m, unet.AttnBlock):
+                xin = torch.randn(2, m.q.in_channels, 4, 4)
+                assert m.proj_out.weight.abs().max() < 1e-5 and m.proj_out.bias.abs().max() == 0
+                assert m.q.weight.abs().max() > 1e-2
+                torch.testing.assert_close(m(xin), xin, atol=1e-4, rtol=0)
+            else:
+                xin = torch.randn(2, m.conv1.in_channels, 4, 4)
+                assert m.conv2.weight.abs().max() < 1e-5 and m.conv2.bias.abs().max() == 0
+                assert m.conv1.weight.abs().max() > 1e-2
+                shortcut = xin if m.nin_shortcut is None else m.nin_shortcut(xin)
+                torch.testing.assert_close(m(xin, temb), shortcut, atol=1e-4, rtol=0)
+
+
+def test_dropout_sits_before_the_second_convolution():
+    """Residual block: norm, swish, conv, + temb, norm, swish, dropout, conv (Appendix B, the original code). In
+    train mode the second convolution's input has about a fraction p of exact zeros (dropped units; swish of a
+    GroupNorm output is never exactly 0) and its output has none; in eval mode there is no dropout."""
+    block = unet.ResnetBlock(32, 32, 128, dropout=0.5)
+    seen = {}
+    block.conv2.register_forward_hook(lambda m, args, out: seen.update(inp=args[0], out=out))
+    x, temb = torch.randn(4, 32, 8, 8), torch.randn(4, 128)
+    block.train()(x, temb)
+    zeros = (seen["inp"] == 0).float().mean().item()
+    assert 0.45 < zeros < 0.55 and (seen["out"] == 0).float().mean() < 0.01
+    block.eval()(x, temb)
+    assert (seen["inp"] == 0).float().mean() < 0.01
+
+
+def test_timestep_embedding_is_the_papers():
+    """The sinusoidal embedding of the original code, written out: for i < half = dim / 2, frequency
+    f_i = exp(-ln(10000) i / (half - 1)); the embedding is [sin(t f_0..), cos(t f_0..)] (sin first)."""
+    t = torch.tensor([0, 1, 17, 999])
+    dim = 16
+    emb = unet.timestep_embedding(t, dim)
+    for row, tt in enumerate(t.tolist()):
+        for i in range(dim // 2):
+            f = math.exp(-math.log(10000) * i / (dim // 2 - 1))
+            assert emb[row, i].item() == pytest.approx(math.sin(tt * f), abs=1e-4)
+            assert emb[row, dim // 2 + i].item() == pytest.approx(math.cos(tt * f), abs=1e-4)
+
+
+def test_blocks_follow_the_papers_description():
+    """Each block computed from its own weights with torch.nn.functional, following Appendix B and the original
+    code: GroupNorm with 32 groups and eps 1e-6; residual block x + conv(drop(swish(norm(conv(swish(norm(x))) +
+    dense(swish(temb)))))) with a 1x1 shortcut where channels change; single-head attention
+    x + proj(softmax(q k^T / sqrt(C)) v) over positions; downsampling a stride-2 3x3 conv with the input padded
+    by one on the right and bottom only (TF 'SAME'); upsampling nearest x2 then a 3x3 conv."""
+    net = randomized(UNet(**dict(TINY, ch_mult=(1, 2), attn_resolutions=(16, 8))))
+    assert all(m.num_groups == 32 and m.eps == 1e-6 for m in net.modules() if isinstance(m, nn.GroupNorm))
+    g = lambda m, h: F.group_norm(h, 32, m.weight, m.bias, 1e-6)
+    x, temb = torch.randn(2, 32, 16, 16), torch.randn(2, 128)
+    with torch.no_grad():
+        block = net.up[0].block[0]  # 96 -> 32 channels: with the 1x1 shortcut
+        xin = torch.randn(2, block.conv1.in_channels, 16, 16)
+        h = F.conv2d(F.silu(g(block.norm1, xin)), block.conv1.weight, block.conv1.bias, padding=1)
+        h = h + F.linear(F.silu(temb), block.temb_proj.weight, block.temb_proj.bias)[:, :, None, None]
+        h = F.conv2d(F.silu(g(block.norm2, h)), block.conv2.weight, block.conv2.bias, padding=1)
+        short = F.conv2d(xin, block.nin_shortcut.weight, block.nin_shortcut.bias)
+        torch.testing.assert_close(block(xin, F.silu(temb)), short + h, atol=1e-5, rtol=1e-4)
+
+        attn = net.down[0].attn[0]
+        B, C, H, W = x.shape
+        h = g(attn.norm, x).flatten(2)  # (B, C, HW)
+        q, k, v = (torch.einsum("oc,bcp->bop", m.weight[:, :, 0, 0], h) + m.bias[None, :, None]
+                   for m in (attn.q, attn.k, attn.v))
+        w = torch.softmax(torch.einsum("bcp,bcs->bps", q, k) / math.sqrt(C), dim=-1)
+        h = torch.einsum("bps,bcs->bcp", w, v)
+        h = torch.einsum("oc,bcp->bop", attn.proj_out.weight[:, :, 0, 0], h) + attn.proj_out.bias[None, :, None]
+        torch.testing.assert_close(attn(x), x + h.view(B, C, H, W), atol=1e-5, rtol=1e-4)
+
+        down = net.down[0].downsample.conv
+        padded = torch.zeros(B, C, H + 1, W + 1)
+        padded[:, :, :H, :W] = x
+        torch.testing.assert_close(net.down[0].downsample(x), F.conv2d(padded, down.weight, down.bias, stride=2),
+                                   atol=1e-5, rtol=1e-4)
+        up = net.up[1].upsample
+        y = torch.randn(2, up.conv.in_channels, 8, 8)
+        nearest = y.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+        torch.testing.assert_close(up(y), F.conv2d(nearest, up.conv.weight, up.conv.bias, padding=1),
+                                   atol=1e-5, rtol=1e-4)
+
+
+def reference_forward(net, x, t):
+    """The original code's model (diffusion_tf/models/unet.py), written out with torch.nn.functional over net's own
+    weights: timestep embedding -> dense -> swish -> dense; conv_in; per level num_res_blocks residual blocks (each
+    takes swish(temb)), attention after each where the resolution has it, a downsample between levels, every output
+    kept; middle block, attention, block; up levels from the lowest resolution, each block taking concat([h, skip])
+    (h first); upsample between levels; norm, swish, conv_out."""
+    gn = lambda m, h: F.group_norm(h, 32, m.weight, m.bias, 1e-6)
+    conv = lambda m, h, **kw: F.conv2d(h, m.weight, m.bias, **kw)
+
+    def res(m, h, temb):
+        out = conv(m.conv1, F.silu(gn(m.norm1, h)), padding=1) + F.linear(F.silu(temb), m.temb_proj.weight,
+                                                                          m.temb_proj.bias)[:, :, None, None]
+        out = conv(m.conv2, F.silu(gn(m.norm2, out)), padding=1)
+        return (h if m.nin_shortcut is None else conv(m.nin_shortcut, h)) + out
+
+    def attn(m, h):
+        B, C, H, W = h.shape
+        n = gn(m.norm, h)
+        q, k, v = (conv(p, n).flatten(2) for p in (m.q, m.k, m.v))
+        w = torch.softmax(torch.einsum("bcp,bcs->bps", q, k) * C ** -0.5, dim=-1)
+        return h + conv(m.proj_out, torch.einsum("bps,bcs->bcp", w, v).view(B, C, H, W))
+
+    half = net.ch // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half) / (half - 1))
+    emb = torch.cat([torch.sin(t[:, None] * freqs), torch.cos(t[:, None] * freqs)], dim=1)
+    temb = F.linear(F.silu(F.linear(emb, *net.temb.dense[0].parameters())), *net.temb.dense[1].parameters())
+    hs = [conv(net.conv_in, x, padding=1)]
+    for i, level in enumerate(net.down):
+        for j, block in enumerate(level.block):
+            h = res(block, hs[-1], temb)
+            hs.append(attn(level.attn[j], h) if len(level.attn) else h)
+        if i < len(net.down) - 1:
+            hs.append(conv(level.downsample.conv, F.pad(hs[-1], (0, 1, 0, 1)), stride=2))
+    h = res(net.mid.block_2, attn(net.mid.attn_1, res(net.mid.block_1, hs[-1], temb)), temb)
+    for i in reversed(range(len(net.up))):
+        level = net.up[i]
+        for j, block in enumerate(level.block):
+            h = res(block, torch.cat([h, hs.pop()], dim=1), temb)
+            h = attn(level.attn[j], h) if len(level.attn) else h
+        if i > 0:
+            h = conv(level.upsample.conv, F.interpolate(h, scale_factor=2, mode="nearest"), padding=1)
+    return conv(net.conv_out, F.silu(gn(net.norm_out, h)), padding=1)
+
+
+@pytest.mark.parametrize("config", [dict(TINY, ch_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(8,)),
+                                    dict(TINY, ch=64, ch_mult=(1, 1), attn_resolutions=(16, 8))])
+def test_network_is_the_original_codes(config):
+    """The whole network equals the original code's forward written out from its description (above), on
+    randomized weights: no diffusers needed to catch a skip connection in the wrong order or a missing swish."""
+    net = randomized(UNet(**config))
+    x, t = inputs(2, size=16)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, t), reference_forward(net, x, t), atol=1e-4, rtol=1e-4)
 
 
 def test_timestep_changes_output():

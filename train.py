@@ -9,7 +9,6 @@ import argparse
 import copy
 import math
 import os
-import signal
 import time
 
 import torch
@@ -19,43 +18,18 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from checkpoint import build_diffusion, load_checkpoint, save_checkpoint
 from data import load_data, save_grid
 from guidance import model_fn
-from runtime import format_eta, resolve_device, rng_state, set_rng_state
+from runtime import StopSignal, close_distributed, format_eta, init_distributed, rng_state, set_rng_state
 from samplers import ddim_sample_loop
-from training import FAST_PATHS, Batches, get_lr, make_optimizer, match_layout, train_losses, train_step
+from training import FAST_PATHS, Batches, DiffusionLoss, get_lr, make_optimizer, match_layout, train_step
 from unet import UNet
-
-# -----------------------------------------------------------------------------
-# sample grids
-
-@torch.no_grad()
-def sample_images(ema, diffusion, n, steps, seed, bf16=True):
-    """n EMA samples, the same noise every time (so grids show one set improving), with labels spread over the
-    classes for a class-conditional model. steps = 0: Algorithm 2 over all T steps; else that many strided
-    steps of DDIM with eta = 1, the stochastic sampler closest to Algorithm 2 (eta = 0 gives noisy images from
-    a briefly trained model where eta = 1 and Algorithm 2 give clean ones)."""
-    device = diffusion.betas.device
-    c, s = ema.config["in_channels"], ema.config["image_size"]
-    y, nrow = None, None
-    if ema.num_classes:
-        nrow = max(1, n // ema.num_classes)  # one row per class
-        y = torch.arange(ema.num_classes, device=device).repeat_interleave(nrow)
-        n = y.shape[0]
-    g = torch.Generator(device).manual_seed(seed)
-    net = model_fn(ema, y, bf16=bf16 and device.type == "cuda")
-    if steps:
-        x = ddim_sample_loop(diffusion, net, (n, c, s, s), steps, eta=1.0, generator=g)
-    else:
-        x = diffusion.p_sample_loop(net, (n, c, s, s), generator=g)
-    return x, nrow
-
 
 # -----------------------------------------------------------------------------
 # command line
 
 MODEL_FLAGS = ("ch", "ch_mult", "num_res_blocks", "attn", "dropout", "class_cond", "timesteps", "schedule",
                "image_size")
-# never taken from a checkpoint
-RUN_FLAGS = ("resume", "device", "compile", "bf16", "tf32", "fused_adam", "channels_last", "out")
+RUN_FLAGS = ("resume", "device", "compile", "bf16", "tf32", "fused_adam", "channels_last", "out")  # never from a ckpt
+FLIP_DATA = ("cifar10", "shapes")  # data whose classes survive a mirror image: flips on by default
 
 
 def int_list(s):
@@ -69,12 +43,15 @@ def get_parser():
         epilog="Short runs need a shorter warmup and a faster EMA than the 800k-step recipe, e.g. --warmup 100 "
                "--ema-decay 0.995 for a few thousand steps: an EMA with decay 0.9999 averages over ~10k steps, so in "
                "a short run it stays near the initial weights and its samples are noise.")
-    a = p.add_argument
-    a("--data", default="cifar10", help="cifar10, shapes (built-in, labelled, generated in code), or a .npy/.npz/.pt "
-      "file of uint8 images N,H,W,C (npz: arr_0 images, arr_1 labels)")
+    a, on_off = p.add_argument, argparse.BooleanOptionalAction
+    a("--data", default="cifar10", help="cifar10, shapes (built-in, labelled, generated in code), a folder of images "
+      "(PNG read without extra packages, JPEG and others with Pillow; class subfolders give labels), or a "
+      ".npy/.npz/.pt file of uint8 images N,H,W,C (npz: arr_0 images, arr_1 labels)")
     a("--data-dir", default="./data", help="where cifar10 is looked for (archive or extracted) and downloaded to")
-    a("--image-size", type=int, default=32, help="image size of the built-in shapes data (other data: their own size)")
-    a("--flip", action=argparse.BooleanOptionalAction, default=True, help="random horizontal flips (the paper's)")
+    a("--image-size", type=int, default=32, help="size of the built-in shapes, and of a folder's images (centre-"
+      "cropped, bicubic with antialiasing); files and cifar10 keep their own size")
+    a("--flip", action=on_off, default=None, help="random horizontal flips. Default: on for cifar10 (the paper's "
+      "augmentation) and shapes, off for your own data (flips would teach mirrored digits and letters)")
     a("--ch", type=int, default=128, help="U-Net base channels (multiple of 32)")
     a("--ch-mult", type=int_list, default="1,2,2,2", help="channel multiplier per resolution level")
     a("--num-res-blocks", type=int, default=2, help="residual blocks per level")
@@ -85,6 +62,8 @@ def get_parser():
     a("--timesteps", type=int, default=1000, help="T; for T != 1000 the betas are scaled by 1000/T (Nichol & Dhariwal)")
     a("--schedule", default="linear", choices=["linear", "cosine"], help="beta schedule (linear: the paper's)")
     a("--batch-size", type=int, default=128, help="global batch size (split across torchrun processes)")
+    a("--grad-accum", type=int, default=1, help="split each process's batch into this many micro-batches whose "
+      "gradients add up to the batch's (less memory, the same step)")
     a("--lr", type=float, default=2e-4, help="Adam learning rate (eps 1e-8, no weight decay)")
     a("--warmup", type=int, default=5000, help="steps of linear learning-rate warmup")
     a("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this (0: off)")
@@ -94,12 +73,12 @@ def get_parser():
     a("--out", default="out", help="run folder: ckpt.pt, samples_<step>.png, log.txt")
     a("--resume", default="", help="run folder or checkpoint to continue from (model and diffusion flags come from it)")
     a("--device", default="auto", help="auto, cpu, cuda or mps")
-    a("--compile", action="store_true", default=FAST_PATHS["compile"], help="torch.compile the step's loss: t and noise draws, q_sample, network, "
-      "L_simple, in one graph (with torchrun: the network alone)")
-    a("--bf16", action=argparse.BooleanOptionalAction, default=FAST_PATHS["bf16"], help="bf16 autocast on CUDA (fp32 weights)")
-    a("--tf32", action=argparse.BooleanOptionalAction, default=FAST_PATHS["tf32"], help="TF32 matmuls and convolutions on CUDA")
-    a("--fused-adam", action=argparse.BooleanOptionalAction, default=FAST_PATHS["fused_adam"], help="fused Adam kernel (CUDA and CPU)")
-    a("--channels-last", action=argparse.BooleanOptionalAction, default=FAST_PATHS["channels_last"],
+    a("--compile", action="store_true", default=FAST_PATHS["compile"], help="torch.compile the step's loss "
+      "(q_sample, network, L_simple) into one graph (with torchrun: the DDP-wrapped network)")
+    a("--bf16", action=on_off, default=FAST_PATHS["bf16"], help="bf16 autocast on CUDA (fp32 weights)")
+    a("--tf32", action=on_off, default=FAST_PATHS["tf32"], help="TF32 matmuls and convolutions on CUDA")
+    a("--fused-adam", action=on_off, default=FAST_PATHS["fused_adam"], help="fused Adam kernel (CUDA and CPU)")
+    a("--channels-last", action=on_off, default=FAST_PATHS["channels_last"],
       help="channels_last (NHWC) weights and batches; off: not yet measured on a GPU, no gain on a CPU")
     a("--log-every", type=int, default=100, help="steps between log lines (and NaN checks)")
     a("--ckpt-every", type=int, default=5000, help="steps between checkpoints (also at the end, on Ctrl-C/SIGTERM)")
@@ -132,7 +111,70 @@ def merge_resume_args(args, explicit, saved):
                 raise SystemExit(f"error: {flag} conflicts with the checkpoint ({v}); drop the flag to resume")
             print(f"note: {flag} overrides the checkpoint's {v}")
 
+
+def check_args(args, world):
+    for k in ("batch_size", "steps", "log_every", "ckpt_every", "timesteps", "num_samples", "grad_accum"):
+        if getattr(args, k) <= 0:
+            raise SystemExit(f"error: --{k.replace('_', '-')} must be positive")
+    if args.batch_size % world:
+        raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by the {world} processes")
+    if (args.batch_size // world) % args.grad_accum:
+        raise SystemExit(f"error: the batch of {args.batch_size // world} per process is not divisible by "
+                         f"--grad-accum {args.grad_accum}")
+
+
+def flip_note(args):
+    """Whether flips are on, and why: said at the start of every run."""
+    if args.flip is None:  # the default follows the data
+        args.flip = args.data in FLIP_DATA
+        why = ("the paper's augmentation for CIFAR-10" if args.data == "cifar10" else
+               "the built-in shapes are mirror-symmetric" if args.data == "shapes" else
+               "the default for your own data, where a mirror image can change the class (digits, letters); "
+               "--flip turns them on")
+    else:
+        why = "--flip" if args.flip else "--no-flip"
+    return f"horizontal flips {'on' if args.flip else 'off'} ({why})"
+
 # -----------------------------------------------------------------------------
+# sample grids
+
+
+@torch.no_grad()
+def sample_images(ema, diffusion, n, steps, seed, bf16=True, rank=0, world=1):
+    """n EMA samples, the same noise every time (so grids show one set improving), with labels spread over the
+    classes for a class-conditional model. steps = 0: Algorithm 2 over all T steps; else that many strided
+    steps of DDIM with eta = 1, the stochastic sampler closest to Algorithm 2 (eta = 0 gives noisy images from
+    a briefly trained model where eta = 1 and Algorithm 2 give clean ones).
+    Under torchrun every rank draws its share and rank 0 gathers them (so no rank idles in a collective while
+    one samples, which on a long grid could trip NCCL's watchdog); the noise then depends on the rank count.
+    Every draw comes from the grid's own generator, and fork_rng restores the global random state anyway, so
+    drawing a grid never changes the training run (resume stays exact)."""
+    device = diffusion.betas.device
+    c, s = ema.config["in_channels"], ema.config["image_size"]
+    y, nrow = None, None
+    if ema.num_classes:
+        nrow = max(1, n // ema.num_classes)  # one row per class
+        y = torch.arange(ema.num_classes, device=device).repeat_interleave(nrow)
+        n = y.shape[0]
+    share = math.ceil(n / world)
+    if y is not None:
+        y = y[torch.arange(rank * share, (rank + 1) * share, device=device) % n]  # the last shares wrap around
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        g = torch.Generator(device).manual_seed(seed * 1_000_003 + rank)
+        net = model_fn(ema, y, bf16=bf16 and device.type == "cuda")
+        if steps:
+            x = ddim_sample_loop(diffusion, net, (share, c, s, s), steps, eta=1.0, generator=g)
+        else:
+            x = diffusion.p_sample_loop(net, (share, c, s, s), generator=g)
+    if world > 1:
+        shares = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(shares, x)
+        x = torch.cat(shares)
+    return x[:n], nrow
+
+# -----------------------------------------------------------------------------
+# the run
+
 
 def main(argv=None):
     args, explicit = get_args(argv)
@@ -142,28 +184,15 @@ def main(argv=None):
         merge_resume_args(args, explicit, ckpt["args"])
         if "out" not in explicit:  # continue in the folder the checkpoint is in
             args.out = args.resume if os.path.isdir(args.resume) else os.path.dirname(args.resume) or "."
-    for k in ("batch_size", "steps", "log_every", "ckpt_every", "timesteps", "num_samples"):
-        if getattr(args, k) <= 0:
-            raise SystemExit(f"error: --{k.replace('_', '-')} must be positive")
-
-    # torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; one process per GPU (or several CPU processes with gloo)
-    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
-    ddp = world > 1
-    device = resolve_device(args.device)
-    if ddp:
-        if device.type == "cuda":
-            device = torch.device("cuda", local_rank)
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    master = rank == 0
-    if args.batch_size % world:
-        raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by the {world} processes")
-    if device.type == "cuda" and args.tf32:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    check_args(args, world)
     ckpt_path = os.path.join(args.out, "ckpt.pt")
-    if master and not args.resume and os.path.exists(ckpt_path):
+    if not args.resume and os.path.exists(ckpt_path):
         raise SystemExit(f"error: {ckpt_path} exists; continue it with --resume {args.out} or pick another --out")
+    rank, local_rank, world, device = init_distributed(args.device)
+    ddp, master = world > 1, rank == 0
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
 
     def log(msg, console=True):
         if master:
@@ -176,9 +205,11 @@ def main(argv=None):
                 raise SystemExit(f"error: could not write {args.out}/log.txt: {e.strerror or e}")
 
     # data: each process keeps its own shard of the images, on its device
-    images, labels = load_data(args.data, args.data_dir, args.image_size)
+    images, labels, class_names = load_data(args.data, args.data_dir, args.image_size)
+    flips = flip_note(args)
     if args.class_cond and labels is None:
-        raise SystemExit(f"error: --class-cond needs labels, and --data {args.data} has none (npz: put them in arr_1)")
+        raise SystemExit(f"error: --class-cond needs labels, and --data {args.data} has none (npz: put them in arr_1; "
+                         f"a folder: one subfolder per class)")
     num_classes = int(labels.max()) + 1 if args.class_cond else None
     images = images[rank::world].to(device)
     labels = labels[rank::world].to(device) if args.class_cond else None
@@ -222,11 +253,14 @@ def main(argv=None):
         optimizer.load_state_dict(ckpt["optimizer"])
         match_layout(optimizer)
         step = ckpt["step"]
-    # --compile: the whole loss computation in one graph; under DDP the network alone (DDP wraps the compiled net)
-    model = torch.compile(raw_model) if args.compile and ddp else raw_model
-    losses_fn = torch.compile(train_losses) if args.compile and not ddp else train_losses
-    if ddp:
-        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    loss_fn = DiffusionLoss(diffusion, num_classes, args.p_uncond if args.class_cond else 0.0, args.bf16)
+    # --compile: the whole loss computation in one graph. Under DDP the compiler wraps the DDP model, the order the
+    # DDP notes and the compiler FAQ give: dynamo then splits the graph at DDP's gradient buckets, so each bucket's
+    # all-reduce overlaps the rest of the backward (a compiled net inside DDP would reduce after the whole backward)
+    model = DDP(raw_model, device_ids=[local_rank] if device.type == "cuda" else None) if ddp else raw_model
+    no_sync = model.no_sync if ddp else None
+    model = torch.compile(model) if args.compile and ddp else model
+    losses = torch.compile(loss_fn.__call__) if args.compile and not ddp else loss_fn
 
     # random state: per process, so each rank draws its own t, noise, flips and dropout
     torch.manual_seed(args.seed + rank)
@@ -249,29 +283,21 @@ def main(argv=None):
             save_checkpoint(ckpt_path, {
                 "model": raw_model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                 "step": step, "model_config": raw_model.config, "diffusion_config": diffusion_config,
-                "args": vars(args), "rng": {"ranks": states}})
+                "args": vars(args), "class_names": class_names, "rng": {"ranks": states}})
         if ddp:
             dist.barrier()
 
-    # Ctrl-C / SIGTERM (pre-emption): finish the step, save, exit. A second signal stops at once; the files
-    # on disk are whole either way, since every write is atomic.
-    stop = []
-    def on_signal(signum, frame):
-        if stop:
-            raise KeyboardInterrupt
-        stop.append(signum)
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-
+    stop = StopSignal()  # Ctrl-C / SIGTERM: finish the step, save, exit
     n_params = sum(p.numel() for p in raw_model.parameters())
     log(f"{'resuming at step ' + str(step) if ckpt else 'training'}: {args.data} {images.shape[0] * world} images "
-        f"{s}x{s}x{c}, {n_params / 1e6:.2f}M params, batch {args.batch_size} on {world} x {device}, "
-        f"T={diffusion.num_timesteps}")
+        f"{s}x{s}x{c}, {n_params / 1e6:.2f}M params, batch {args.batch_size} on {world} x {device}"
+        + (f" in {args.grad_accum} micro-batches" if args.grad_accum > 1 else "") + f", T={diffusion.num_timesteps}")
+    log(flips)
     log("args: " + " ".join(f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()), console=False)
 
-    # the loop. acc: loss sum, grad-norm sum, loss sum per t quartile (4), count per quartile (4); on the
-    # device, read only at sync points (log, checkpoint, samples), so the GPU never waits for Python
-    acc = torch.zeros(10, device=device)
+    # the loop. acc: loss sum, grad-norm sum, then per t quartile: loss sum (4), count (4), second metric (4); on
+    # the device, read only at sync points (log, checkpoint, samples), so the GPU never waits for Python
+    acc = torch.zeros(14, device=device)
     t_last, step_last, n_logs = time.time(), step, 0
     while step < args.steps:
         lr = get_lr(step, args)
@@ -279,18 +305,18 @@ def main(argv=None):
             group["lr"] = lr
         x0, y = batches(step)
         x0 = x0.contiguous(memory_format=memory_format)  # a no-op unless --channels-last
-        loss, grad_norm = train_step(model, ema, optimizer, diffusion, x0, y, args, acc[2:].view(2, 4), losses_fn)
+        loss, grad_norm = train_step(model, ema, optimizer, loss_fn, x0, y, args, acc[2:].view(3, 4), losses, no_sync)
         acc[0] += loss
         acc[1] += grad_norm
         step += 1
         do_log = step % args.log_every == 0 or step == args.steps
         do_ckpt = step % args.ckpt_every == 0 or step == args.steps
         do_sample = args.sample_every > 0 and (step % args.sample_every == 0 or step == args.steps)
-        if not (do_log or do_ckpt or do_sample or (stop and not ddp)):
+        if not (do_log or do_ckpt or do_sample or (stop.signum and not ddp)):
             continue
         # sync point: all ranks agree on NaN and on stopping (a signal may reach them at different steps)
         finite = torch.stack([p.isfinite().all() for p in raw_model.parameters()]).all()
-        status = torch.stack([acc[0], (~finite).float(), torch.tensor(float(bool(stop)), device=device)])
+        status = torch.stack([acc[0], (~finite).float(), torch.tensor(float(stop.signum is not None), device=device)])
         if ddp:
             dist.all_reduce(status)
         loss_sum, bad_params, stopping = status.tolist()
@@ -315,13 +341,15 @@ def main(argv=None):
         t_work = time.time()
         if do_ckpt or stopping:
             save(step)
-        if do_sample and master and not stopping:
-            x, nrow = sample_images(ema, diffusion, args.num_samples, args.sample_steps, args.seed, args.bf16)
-            save_grid(os.path.join(args.out, f"samples_{step:07d}.png"), x, nrow)
+        if do_sample and not stopping:
+            x, nrow = sample_images(ema, diffusion, args.num_samples, args.sample_steps, args.seed, args.bf16,
+                                    rank, world)
+            if master:
+                save_grid(os.path.join(args.out, f"samples_{step:07d}.png"), x, nrow)
         t_last += time.time() - t_work  # checkpoints and samples do not count against img/s
         if stopping:
             log(f"stopped at step {step}; checkpoint {ckpt_path}; continue with --resume {args.out}")
-            raise SystemExit(130 if stop == [signal.SIGINT] else 0)
+            raise SystemExit(stop.exit_code)
     log(f"done: {step} steps; checkpoint {ckpt_path}")
 
 
@@ -331,5 +359,4 @@ if __name__ == "__main__":
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
         raise SystemExit("error: interrupted")
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        close_distributed()

@@ -2,6 +2,7 @@
 The training step of Algorithm 1 as train.py runs it (and bench.py times it): batches drawn on the device,
 Adam with the paper's warmup, gradient-norm clipping, and the EMA of the weights used for sampling.
 """
+import contextlib
 import math
 
 import torch
@@ -60,32 +61,55 @@ def update_ema(ema, model, decay):
     torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
 
 
-def train_losses(model, diffusion, x0, y, args):
-    """Algorithm 1 lines 2-5 on a batch x0 in [-1, 1] (labels y or None): draw t, then the per-example L_simple.
-    Returns (t, losses). train.py --compile compiles this function whole: the t and noise draws, q_sample, the
-    network and the loss become one graph (and its backward another)."""
-    t = torch.randint(0, diffusion.num_timesteps, (x0.shape[0],), device=x0.device)  # Alg. 1 line 3 (0-based)
-    # Deviation from the paper (fp32 on TPU): bf16 autocast on CUDA; weights, optimizer and loss stay fp32
-    with torch.autocast(x0.device.type, torch.bfloat16, enabled=args.bf16 and x0.device.type == "cuda"):
-        return t, diffusion.training_losses(lambda x, t: model(x, t, y), x0, t)  # Alg. 1 lines 4-5
+class DiffusionLoss:
+    """What a DDPM run minimises, Algorithm 1 lines 2-5: L_simple of Eq. (14), per example, for the eps-network (or
+    the x0 target of the paper's ablation), with classifier-free guidance's label dropping (Ho & Salimans 2021):
+    each label becomes the null class num_classes with probability p_uncond. draw() takes all of a batch's random
+    numbers at once (t, eps, which labels drop), so a batch split into micro-batches sees the same ones."""
+
+    def __init__(self, diffusion, num_classes=None, p_uncond=0.0, bf16=False):
+        self.diffusion, self.num_classes, self.p_uncond, self.bf16 = diffusion, num_classes, p_uncond, bf16
+
+    def draw(self, x0, y):
+        t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), device=x0.device)  # line 3 (0-based)
+        drop = torch.rand(x0.shape[0], device=x0.device) < self.p_uncond
+        return t, torch.randn_like(x0), drop  # line 4: eps
+
+    def __call__(self, model, x0, y, t, noise, drop):
+        """-> per-example losses (B,), and None (no second metric to log)."""
+        if y is not None and self.p_uncond > 0:
+            y = torch.where(drop, torch.full_like(y, self.num_classes), y)
+        # Deviation from the paper (fp32 on TPU): bf16 autocast on CUDA; weights, optimizer and loss stay fp32
+        with torch.autocast(x0.device.type, torch.bfloat16, enabled=self.bf16 and x0.device.type == "cuda"):
+            return self.diffusion.training_losses(lambda x, t: model(x, t, y), x0, t, noise), None  # line 5
 
 
-def train_step(model, ema, optimizer, diffusion, x0, y, args, stats=None, losses_fn=train_losses):
-    """One step of Algorithm 1: L_simple (losses_fn: train_losses, or its compiled form), backward, clip the
-    global grad norm, Adam, EMA. args needs grad_clip, ema_decay, p_uncond, bf16. If given, stats (2, 4)
-    accumulates the loss sum and count per timestep quartile. Returns device tensors (loss, grad norm): nothing
-    here waits for the device. The rest of the step is not compiled: Adam and the EMA are one fused kernel each."""
-    if y is not None and args.p_uncond > 0:  # classifier-free guidance: drop the label -> the null class
-        y = torch.where(torch.rand(y.shape, device=y.device) < args.p_uncond, torch.full_like(y, ema.num_classes), y)
-    t, losses = losses_fn(model, diffusion, x0, y, args)
-    loss = losses.mean()
-    loss.backward()
+def train_step(model, ema, optimizer, loss_fn, x0, y, args, stats=None, losses=None, no_sync=None):
+    """One step of Algorithm 1: the loss (loss_fn, a DiffusionLoss or another objective with draw() and
+    __call__; losses: its compiled __call__, by default loss_fn itself), backward, clip the global grad norm, Adam,
+    EMA. With args.grad_accum = k the batch runs as k micro-batches whose gradients add up to the whole batch's
+    (the same random draws, losses summed over the batch / B): only the activations of one micro-batch are held at
+    a time. no_sync: DDP's, to skip the all-reduce of all but the last micro-batch. args needs grad_clip,
+    ema_decay, grad_accum. stats (3, 4), if given, accumulates per timestep quartile the loss sum, the count and
+    the objective's second metric. Returns device tensors (loss, grad norm): nothing here waits for the device."""
+    losses = losses or loss_fn
+    draws = loss_fn.draw(x0, y)
+    B, k = x0.shape[0], args.grad_accum
+    total = 0.0
+    for j in range(k):
+        part = slice(j * B // k, (j + 1) * B // k)
+        with no_sync() if no_sync is not None and j < k - 1 else contextlib.nullcontext():
+            value, metric = losses(model, x0[part], None if y is None else y[part], *(d[part] for d in draws))
+            (value.sum() / B).backward()
+        total = total + value.detach().sum()
+        if stats is not None:  # loss by timestep quartile, as improved-diffusion logs it
+            q = draws[0][part] * 4 // loss_fn.diffusion.num_timesteps
+            stats[0].index_add_(0, q, value.detach().float())
+            stats[1].index_add_(0, q, torch.ones_like(value, dtype=torch.float32))
+            if metric is not None:
+                stats[2].index_add_(0, q, metric.float())
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0 else math.inf)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     update_ema(ema, model, args.ema_decay)
-    if stats is not None:  # loss by timestep quartile, as improved-diffusion logs it
-        q = t * 4 // diffusion.num_timesteps
-        stats[0].index_add_(0, q, losses.detach().float())
-        stats[1].index_add_(0, q, torch.ones_like(losses, dtype=torch.float32))
-    return loss.detach(), grad_norm
+    return total / B, grad_norm

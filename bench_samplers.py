@@ -1,0 +1,106 @@
+"""
+Sample quality against network evaluations (NFE), for every sampler, on one checkpoint: from the same x_T, each
+sampler's distance to the 1000-step ODE solution (RMSE in pixel levels, 0..255), the quality number of metrics.py
+(built-in shapes models), and img/s; the references are the T-step ODE (DDIM, eta 0) and Algorithm 2 over all T
+steps. --compare adds diffusers' DPMSolverMultistepScheduler (DPM-Solver++ 2M, its defaults) driving the same
+network, what a user would otherwise pick.
+  python bench_samplers.py out-shapes --compare        # the README's table (CPU quick-start model)
+"""
+import argparse
+import csv
+import time
+
+import torch
+
+from checkpoint import build_diffusion, load_model
+from data import to_uint8
+from guidance import model_fn
+from runtime import resolve_device
+from samplers import SPACINGS, ddim_sample_loop, sample_loop
+
+# (label, sampler, eta): the rows of the table
+SAMPLERS = [("ddpm (ancestral)", "ddpm", None), ("ddim", "ddim", 0.0), ("dpm++ (2M)", "dpm++", 0.0),
+            ("sde-dpm++ (2M)", "dpm++", 1.0)]
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description="Quality against network evaluations for each sampler.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("ckpt", help="train.py checkpoint or run folder")
+    a("--n", type=int, default=256, help="samples per sampler and NFE (one batch)")
+    a("--nfe", default="5,10,20,50,100", help="network evaluations to measure, comma-separated")
+    a("--spacing", default="trailing", choices=SPACINGS, help="timesteps the samplers visit")
+    a("--seed", type=int, default=0, help="seed of x_T and of the samplers' noise")
+    a("--device", default="auto", help="auto, cpu, cuda or mps")
+    a("--compare", action="store_true", help="also diffusers' DPM-Solver++ 2M (pip install -r requirements-dev.txt)")
+    a("--csv", default="", help="also write the rows to this CSV file (figures.py draws it)")
+    return p
+
+
+def diffusers_dpm_solver(diffusion, fn, x_T, steps):
+    """diffusers' DPMSolverMultistepScheduler with its defaults (DPM-Solver++ 2M, linspace timesteps, lower-order
+    final steps, no thresholding) on the same schedule, driving the same network from the same x_T."""
+    from diffusers import DPMSolverMultistepScheduler
+    betas = diffusion.betas.double().cpu()
+    sched = DPMSolverMultistepScheduler(num_train_timesteps=len(betas), trained_betas=betas.numpy())
+    sched.set_timesteps(steps)
+    x = x_T.clone()
+    for t in sched.timesteps.tolist():
+        x = sched.step(fn(x, torch.full((len(x),), t, device=x.device, dtype=torch.long)), t, x).prev_sample
+    return x
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    device = resolve_device(args.device)
+    nfes = [int(v) for v in args.nfe.split(",")]
+    net, diffusion_config, train_args, desc = load_model(args.ckpt)
+    net.to(device)
+    diffusion = build_diffusion(diffusion_config).to(device)
+    T, c, s = diffusion.num_timesteps, net.config["in_channels"], net.config["image_size"]
+    if max(nfes) > T or min(nfes) < 1:
+        raise SystemExit(f"error: --nfe values must be in 1..{T}")
+    shapes = train_args.get("data") == "shapes" and not net.config.get("num_classes")
+    if shapes:
+        from metrics import shapes_distance
+    fn = model_fn(net)
+    x_T = torch.randn(args.n, c, s, s, generator=torch.Generator().manual_seed(args.seed)).to(device)
+    print(f"{desc}: {args.n} samples {s}x{s}x{c} per row, {args.spacing} spacing, {device}")
+
+    def timed(draw):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            x = draw()
+        return x, args.n / (time.perf_counter() - t0)
+
+    ode, ode_speed = timed(lambda: ddim_sample_loop(diffusion, fn, x_T.shape, T, noise=x_T.clone()))
+    rows = []
+
+    def row(name, nfe, x, speed):
+        r = dict(sampler=name, nfe=nfe, img_per_s=speed, rmse=((x - ode) * 127.5).square().mean().sqrt().item(),
+                 quality=shapes_distance(to_uint8(x)) if shapes else float("nan"))
+        rows.append(r)
+        print(f"| {name} | {nfe} | {r['rmse']:.2f} | {r['quality']:.2f} | {speed:.1f} |", flush=True)
+
+    print("| sampler | NFE | RMSE to the T-step ODE (0..255) | quality (lower is better) | img/s |\n|---|---|---|---|---|")
+    row("ddim, all T steps (the ODE reference)", T, ode, ode_speed)
+    gen = lambda: torch.Generator(device).manual_seed(args.seed + 1)
+    row("Algorithm 2, all T steps (the quality reference)", T,
+        *timed(lambda: diffusion.p_sample_loop(fn, x_T.shape, noise=x_T.clone(), generator=gen())))
+    for nfe in nfes:
+        for label, sampler, eta in SAMPLERS:
+            row(label, nfe, *timed(lambda: sample_loop(diffusion, fn, x_T.shape, sampler, nfe, eta, args.spacing,
+                                                       noise=x_T.clone(), generator=gen())))
+        if args.compare:
+            row("diffusers DPM-Solver++ 2M (defaults)", nfe, *timed(lambda: diffusers_dpm_solver(diffusion, fn, x_T, nfe)))
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+        print(f"wrote {args.csv}")
+
+
+if __name__ == "__main__":
+    main()

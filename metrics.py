@@ -1,0 +1,98 @@
+"""
+A sample-quality number for the built-in shapes data, where no Inception network is at hand: the Frechet distance
+between features of generated images and of held-out real ones (the formula of the FID, Heusel et al. 2017), the
+features taken from a small classifier trained here on the shapes, which also says which class it sees. Lower is
+better; two sets of real images score near 0. It ranks samplers and models on the built-in data; it is not the
+FID, and its values are not comparable with FIDs.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from data import make_shapes
+
+REFERENCE_SEED = 1    # the held-out images (train.py trains on seed 0)
+CLASSIFIER_SEED = 2   # the classifier's own training images
+
+
+class ShapesClassifier(nn.Module):
+    """Three 3x3 conv layers (ReLU, 2x2 average pooling between them), a global average, a linear layer to the
+    4 classes. features() is the 128-d average, the representation the distance is measured in."""
+
+    def __init__(self, channels, width=32, num_classes=4):
+        super().__init__()
+        self.convs = nn.ModuleList([nn.Conv2d(channels, width, 3, padding=1), nn.Conv2d(width, 2 * width, 3, padding=1),
+                                    nn.Conv2d(2 * width, 4 * width, 3, padding=1)])
+        self.fc = nn.Linear(4 * width, num_classes)
+
+    def features(self, x):
+        for i, conv in enumerate(self.convs):
+            x = F.relu(conv(x))
+            if i < len(self.convs) - 1:
+                x = F.avg_pool2d(x, 2)
+        return x.mean((2, 3))
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+
+
+_classifiers = {}
+
+
+def shapes_classifier(image_size, channels, steps=600, batch_size=128):
+    """The classifier for (image_size, channels) shapes, trained once per process (seconds on a CPU), on the CPU,
+    deterministically and without touching the global random state."""
+    key = (image_size, channels)
+    if key not in _classifiers:
+        with torch.random.fork_rng(devices=[]), torch.enable_grad():
+            torch.manual_seed(CLASSIFIER_SEED)
+            images, labels = make_shapes(8192, image_size, channels, seed=CLASSIFIER_SEED)
+            x = to_input(images)
+            net = ShapesClassifier(channels)
+            optimizer = torch.optim.Adam(net.parameters(), lr=2e-3)
+            for step in range(steps):
+                idx = torch.randint(0, len(x), (batch_size,))
+                loss = F.cross_entropy(net(x[idx]), labels[idx])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+        _classifiers[key] = net.eval().requires_grad_(False)
+    return _classifiers[key]
+
+
+def to_input(images):
+    """uint8 (N, H, W, C) as data.py and sample.py's .npz hold them -> float (N, C, H, W) in [-1, 1]."""
+    return images.permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+@torch.no_grad()
+def features(images, batch_size=1024):
+    """The classifier's features of uint8 (N, H, W, C) images."""
+    net = shapes_classifier(images.shape[1], images.shape[3])
+    return torch.cat([net.features(to_input(b)) for b in images.split(batch_size)])
+
+
+@torch.no_grad()
+def classify(images, batch_size=1024):
+    """The shape class (0 square, 1 disk, 2 triangle, 3 cross) the classifier sees in uint8 (N, H, W, C) images."""
+    net = shapes_classifier(images.shape[1], images.shape[3])
+    return torch.cat([net(to_input(b)).argmax(1) for b in images.split(batch_size)])
+
+
+def frechet_distance(a, b):
+    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between Gaussians fitted to the rows of a and b, in
+    float64; Tr (S_a S_b)^(1/2) is the sum of the square roots of the eigenvalues of S_a^(1/2) S_b S_a^(1/2)."""
+    a, b = a.double(), b.double()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
+    w, v = torch.linalg.eigh(cov_a)
+    root_a = v @ torch.diag(w.clamp(min=0).sqrt()) @ v.T
+    cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp(min=0).sqrt().sum()
+    return ((mu_a - mu_b) ** 2).sum().item() + (torch.trace(cov_a) + torch.trace(cov_b) - 2 * cross).item()
+
+
+def shapes_distance(images, n_reference=2000):
+    """The quality number: the Frechet distance from uint8 (N, H, W, C) samples to n_reference held-out shapes of
+    the same size and channels."""
+    reference, _ = make_shapes(n_reference, images.shape[1], images.shape[3], seed=REFERENCE_SEED)
+    return frechet_distance(features(images), features(reference))

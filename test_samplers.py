@@ -1,0 +1,245 @@
+"""
+Property tests of samplers.py, the samplers from the papers after DDPM: the timestep spacings, and DDIM (Song,
+Meng, Ermon 2021) checked against its Eqs. (12) and (16) written out by hand from the betas, against DDPM's
+posterior, and with an oracle network. Each docstring states the identity the test checks.
+"""
+import math
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+from conftest import FAST, SLOW, full, oracle, schedules
+from ddpm import GaussianDiffusion, make_beta_schedule
+from samplers import SPACINGS, ddim_sample, ddim_sample_loop, dpm_solver_pp_sample_loop, spaced_timesteps
+
+# ---- the timestep spacings ----
+
+
+@FAST
+@given(st.integers(1, 1200), st.data())
+def test_trailing_spacing_starts_where_the_chain_starts(T, data):
+    """trailing: K distinct indices in 0..T-1, strictly decreasing, the first T-1 (where x_T is noise) for
+    every K, the gaps within one of T/K; K = T is the whole chain T-1, ..., 0 (Algorithm 2's)."""
+    K = data.draw(st.integers(1, T))
+    idx = spaced_timesteps(T, K, "trailing")
+    assert len(idx) == K and idx[0] == T - 1 and idx[-1] >= 0
+    assert all(a > b for a, b in zip(idx, idx[1:]))
+    assert all(abs((a - b) - T / K) < 1 for a, b in zip(idx, idx[1:]))
+    assert spaced_timesteps(T, T, "trailing") == list(range(T - 1, -1, -1))
+
+
+def test_every_step_count_of_the_papers_chain_starts_at_noise():
+    """For the paper's T = 1000, every --steps K in 1..1000 starts at index 999 with the default spacing."""
+    assert all(spaced_timesteps(1000, K)[0] == 999 for K in range(1, 1001))
+
+
+@FAST
+@given(st.integers(2, 1200), st.data())
+def test_the_ddim_papers_spacings(T, data):
+    """uniform is range(0, T, T // K) (its first K), visited from the top; quadratic is the DDIM code's
+    int((sqrt(0.8 T) i / (K - 1))^2), each index once, from the top (0.8 T: where that code stops)."""
+    K = data.draw(st.integers(2, T))
+    c = T // K
+    assert spaced_timesteps(T, K, "uniform") == [c * i for i in range(K)][::-1]
+    top = (0.8 * T) ** 0.5
+    quad = sorted({math.floor((top * i / (K - 1)) ** 2) for i in range(K)})[::-1]
+    assert spaced_timesteps(T, K, "quadratic") == quad
+    with pytest.raises(ValueError):
+        spaced_timesteps(T, T + 1)
+    with pytest.raises(ValueError):
+        spaced_timesteps(T, K, "linear")
+
+
+def test_ddim_paper_spacings_on_cifar10():
+    """The DDIM paper's CIFAR-10 settings, T = 1000: quadratic at 10 steps is 0, 9, 39, 88, 158, 246, 355, 483,
+    632, 800 (its code's int(linspace(0, sqrt(800), 10) ** 2)); uniform at 10 steps is 0, 100, ..., 900; at 600
+    steps uniform starts at 599, not at the noise (why trailing is the default)."""
+    assert spaced_timesteps(1000, 10, "quadratic")[::-1] == [0, 9, 39, 88, 158, 246, 355, 483, 632, 800]
+    assert spaced_timesteps(1000, 10, "uniform")[::-1] == list(range(0, 1000, 100))
+    assert spaced_timesteps(1000, 600, "uniform")[0] == 599 and spaced_timesteps(1000, 600)[0] == 999
+
+
+# ---- DDIM ----
+
+
+@FAST
+@given(schedules(min_t=2), st.integers(0, 2**31 - 1), st.data())
+def test_ddim_eta1_single_steps_is_the_posterior(betas, seed, data):
+    """DDIM Eqs. (12), (16) with eta = 1 and t_prev = t - 1 give mean mu~_t(x_t, x0_hat) and variance
+    beta~_t: DDPM's posterior (7) at the predicted x_0."""
+    d = GaussianDiffusion(betas, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    i = data.draw(st.integers(1, len(betas) - 1))
+    x_t = torch.randn(2, 1, 4, 4, generator=g, dtype=torch.float64)
+    z = torch.randn(2, 1, 4, 4, generator=g, dtype=torch.float64)
+    model = lambda x, t: 0.5 * x
+    t = full(2, i)
+    a, pred_xstart = ddim_sample(d, model, x_t, t, i - 1, 1.0, torch.zeros_like(z), return_pred_xstart=True)
+    b = ddim_sample(d, model, x_t, t, i - 1, 1.0, z)
+    post_mean, post_var, _ = d.q_posterior_mean_variance(pred_xstart, x_t, t)
+    assert torch.allclose(a, post_mean, rtol=1e-7, atol=1e-9)
+    assert torch.allclose(((b - a) / z) ** 2, post_var, rtol=1e-6)
+
+
+@FAST
+@given(schedules(min_t=4), st.floats(0.05, 1.0), st.booleans(), st.integers(0, 2**31 - 1), st.data())
+def test_strided_ddim_step_is_eqs_12_and_16(betas, eta, clip, seed, data):
+    """A strided step t -> t_prev < t - 1 (or to the data, t_prev = -1), written out from the betas:
+    sigma = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev) (DDIM Eq. 16), and
+    x_prev = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps_hat + sigma z (DDIM Eq. 12), with
+    x0_hat from Eq. (15) (clipped or not) and eps_hat recomputed from it."""
+    d = GaussianDiffusion(betas, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    T = len(betas)
+    i = data.draw(st.integers(2, T - 1))
+    i_prev = data.draw(st.integers(-1, i - 2))
+    x_t = torch.randn(2, 1, 4, 4, generator=g, dtype=torch.float64) * 1.5
+    z = torch.randn(2, 1, 4, 4, generator=g, dtype=torch.float64)
+    eps_theta = torch.randn(2, 1, 4, 4, generator=g, dtype=torch.float64)
+    out = ddim_sample(d, lambda x, t: eps_theta, x_t, full(2, i), i_prev, eta, z, clip_denoised=clip)
+    abar = torch.cumprod(1 - betas, 0)
+    a, a_prev = abar[i], (abar[i_prev] if i_prev >= 0 else torch.tensor(1.0, dtype=torch.float64))
+    sigma = eta * ((1 - a_prev) / (1 - a)).sqrt() * (1 - a / a_prev).sqrt()
+    x0_hat = (x_t - (1 - a).sqrt() * eps_theta) / a.sqrt()
+    if clip:
+        x0_hat = x0_hat.clamp(-1, 1)
+    eps_hat = (x_t - a.sqrt() * x0_hat) / (1 - a).sqrt()
+    expected = a_prev.sqrt() * x0_hat + (1 - a_prev - sigma ** 2).sqrt() * eps_hat + sigma * z
+    assert torch.allclose(out, expected, rtol=1e-6, atol=1e-6)
+
+
+@FAST
+@given(schedules(min_t=4, max_t=60), st.integers(1, 20), st.sampled_from(SPACINGS), st.integers(0, 2**31 - 1))
+def test_ddim_eta0_is_deterministic(betas, steps, spacing, seed):
+    """With eta = 0 DDIM adds no noise: given x_T, two runs with different generators agree; it visits the
+    timesteps of its spacing, one network call each."""
+    steps = min(steps, len(betas))
+    d = GaussianDiffusion(betas)
+    model = lambda x, t: 0.2 * x
+    x_T = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(seed))
+    seen = []
+    a = ddim_sample_loop(d, model, x_T.shape, steps, 0.0, spacing, noise=x_T.clone(),
+                         generator=torch.Generator().manual_seed(1), callback=lambda i, x, p: seen.append(i))
+    b = ddim_sample_loop(d, model, x_T.shape, steps, 0.0, spacing, noise=x_T.clone(),
+                         generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a, b) and seen == spaced_timesteps(len(betas), steps, spacing)
+
+
+@SLOW
+@given(schedules(max_t=80), st.sampled_from(["eps", "x0"]), st.sampled_from(SPACINGS), st.floats(0, 1),
+       st.integers(0, 2**31 - 1))
+def test_ddim_with_oracle_recovers_data(betas, mean_type, spacing, eta, seed):
+    """DDIM with an oracle network (it knows x_0) ends exactly at x_0 for every spacing and eta: each step
+    lands on sqrt(abar_prev) x_0 + ..., and the last goes to abar = 1."""
+    d = GaussianDiffusion(betas, mean_type=mean_type, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.rand(3, 2, 4, 4, generator=g, dtype=torch.float64) * 2 - 1
+    steps = max(1, len(betas) // 3)
+    out = ddim_sample_loop(d, oracle(betas, x0, mean_type), x0.shape, steps, eta, spacing,
+                           noise=torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64), generator=g)
+    assert torch.allclose(out.double(), x0, atol=1e-5)
+
+
+def test_ddim_loop_with_a_generator_leaves_the_global_random_state_alone():
+    """Every draw of ddim_sample_loop (x_T and, for eta > 0, each z) comes from the generator it is given."""
+    d = GaussianDiffusion(make_beta_schedule("linear", 20, 1e-3, 0.2))
+    before = torch.get_rng_state()
+    ddim_sample_loop(d, lambda x, t: 0.1 * x, (2, 1, 4, 4), 5, eta=1.0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+# ---- DPM-Solver++ ----
+
+
+def gaussian_x0(m, s2, diffusion):
+    """The exact x0_hat for data N(m, s2 I): E[x_0 | x_t] = m + s2 sqrt(abar_t) (x_t - sqrt(abar_t) m) /
+    (abar_t s2 + 1 - abar_t), as an x0-predicting network (float64, from the diffusion's tables)."""
+    def model(x, t):
+        a = diffusion.alphas_cumprod[t].view(-1, *([1] * (x.dim() - 1))).double()
+        return m + s2 * a.sqrt() * (x - a.sqrt() * m) / (a * s2 + 1 - a)
+    return model
+
+
+def gaussian_ode(m, s2, x_s, abar_s, abar_t):
+    """The probability-flow ODE's exact solution for data N(m, s2 I), from abar_s to abar_t:
+    x_t = m sqrt(abar_t) + (x_s - m sqrt(abar_s)) sqrt(abar_t s2 + 1 - abar_t) / sqrt(abar_s s2 + 1 - abar_s)."""
+    return m * abar_t ** 0.5 + (x_s - m * abar_s ** 0.5) * ((abar_t * s2 + 1 - abar_t) / (abar_s * s2 + 1 - abar_s)) ** 0.5
+
+
+@FAST
+@given(schedules(min_t=4, max_t=120), st.integers(1, 30), st.sampled_from(SPACINGS), st.booleans(),
+       st.integers(0, 2**31 - 1))
+def test_first_order_dpm_solver_pp_is_ddim(betas, steps, spacing, clip, seed):
+    """DPM-Solver++1 (order 1), x_t = (sigma_t / sigma_s) x_s - alpha_t (e^{-h} - 1) x_theta, is DDIM with eta = 0
+    step for step (another algebraic route to the same update), with and without clipping x0_hat; the stochastic
+    first order (SDE-DPM-Solver++1) is DDIM with eta = 1 given the same noise."""
+    steps = min(steps, len(betas))
+    d = GaussianDiffusion(betas, dtype=torch.float64)
+    model = lambda x, t: torch.tanh(1.5 * x) + 0.3 * torch.cos(t.view(-1, 1, 1, 1).double())
+    x_T = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    for eta, stochastic in ((0.0, False), (1.0, True)):
+        seen = {}
+        ours = dpm_solver_pp_sample_loop(d, model, x_T.shape, steps, spacing, order=1, stochastic=stochastic,
+                                         noise=x_T.clone(), generator=torch.Generator().manual_seed(seed),
+                                         clip_denoised=clip, callback=lambda i, x, p: seen.setdefault("dpm", []).append(x))
+        ddim = ddim_sample_loop(d, model, x_T.shape, steps, eta, spacing, noise=x_T.clone(),
+                                generator=torch.Generator().manual_seed(seed), clip_denoised=clip,
+                                callback=lambda i, x, p: seen.setdefault("ddim", []).append(x))
+        # eta = 1: DDIM's sqrt(1 - abar_prev - sigma^2) of a near-zero difference magnifies float64 rounding
+        tol = 1e-5 if stochastic else 1e-9
+        for a, b in zip(seen["dpm"], seen["ddim"]):
+            assert torch.allclose(a, b, rtol=tol, atol=tol)
+        assert torch.allclose(ours, ddim, rtol=tol, atol=tol)
+
+
+@FAST
+@given(schedules(min_t=4, max_t=200), st.integers(1, 30), st.sampled_from([1, 2]), st.booleans(), st.floats(-1, 1),
+       st.integers(0, 2**31 - 1))
+def test_every_order_is_exact_for_a_point_mass(betas, steps, order, stochastic, m, seed):
+    """Data at a single point m: x0_hat = m whatever x_t (an x0-network returning m), so every order follows the
+    ODE exactly, each step landing on m sqrt(abar_t) + (x_T - m sqrt(abar_T)) sqrt(1 - abar_t) / sqrt(1 - abar_T)
+    (the closed form below with s^2 = 0), and the last step on m; the stochastic solver ends on m too."""
+    steps = min(steps, len(betas))
+    d = GaussianDiffusion(betas, mean_type="x0", dtype=torch.float64)
+    abar = torch.cumprod(1 - betas, 0)
+    x_T = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    indices = spaced_timesteps(len(betas), steps)
+    visited = []
+    out = dpm_solver_pp_sample_loop(d, lambda x, t: torch.full_like(x, m), x_T.shape, steps, order=order,
+                                    stochastic=stochastic, noise=x_T.clone(), generator=torch.Generator(),
+                                    callback=lambda i, x, p: visited.append(x), clip_denoised=False)
+    if not stochastic:
+        for x, i_next in zip(visited, indices[1:]):
+            exact = gaussian_ode(m, 0.0, x_T, abar[indices[0]].item(), abar[i_next].item())
+            assert torch.allclose(x, exact, rtol=1e-9, atol=1e-9)
+    assert torch.allclose(out, torch.full_like(out, m), atol=1e-12)
+
+
+@pytest.mark.parametrize("spacing", ["trailing", "uniform"])
+def test_convergence_orders_on_gaussian_data(spacing):
+    """For data N(m, s^2 I) with the exact x0_hat as the network, the ODE has the closed form above. Against it,
+    at a timestep that every grid visits (the grids of 25, 50, 100 and 200 steps are nested), doubling the steps
+    shrinks DDIM's error about 2x (first order) and DPM-Solver++(2M)'s about 4x (second order), and 2M is the more
+    accurate at every step count."""
+    betas = make_beta_schedule("linear", 1000)
+    d = GaussianDiffusion(betas, mean_type="x0", dtype=torch.float64)
+    abar = torch.cumprod(1 - betas, 0)
+    m, s2 = 0.3, 0.25
+    x_T = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    grids = {steps: spaced_timesteps(1000, steps, spacing) for steps in (25, 50, 100, 200)}
+    target = min(set.intersection(*map(set, grids.values())), key=lambda i: abs(i - 200))
+    errors = {1: [], 2: []}
+    for steps, indices in grids.items():
+        exact = gaussian_ode(m, s2, x_T, abar[indices[0]].item(), abar[target].item())
+        for order in (1, 2):
+            visited = {}
+            dpm_solver_pp_sample_loop(d, gaussian_x0(m, s2, d), x_T.shape, steps, spacing, order=order,
+                                      noise=x_T.clone(), clip_denoised=False,
+                                      callback=lambda i, x, p: visited.setdefault(i, x))
+            x_at_target = visited[indices[indices.index(target) - 1]]  # the step from the index before lands there
+            errors[order].append((x_at_target - exact).abs().max().item())
+    ratios = {k: [a / b for a, b in zip(v, v[1:])] for k, v in errors.items()}
+    assert all(1.8 < r < 2.2 for r in ratios[1]), ratios
+    assert all(3.6 < r < 4.4 for r in ratios[2]), ratios
+    assert all(e2 < e1 for e1, e2 in zip(errors[1], errors[2]))
