@@ -19,8 +19,7 @@ from runtime import resolve_device
 from samplers import SPACINGS, ddim_sample_loop, sample_loop
 
 # (label, sampler, eta): the rows of the table
-SAMPLERS = [("ddpm (ancestral)", "ddpm", None), ("ddim", "ddim", 0.0), ("dpm++ (2M)", "dpm++", 0.0),
-            ("sde-dpm++ (2M)", "dpm++", 1.0)]
+SAMPLERS = [("ddpm (ancestral)", "ddpm", None), ("ddim", "ddim", 0.0), ("dpm++ (2M)", "dpm++", 0.0)]
 
 
 def get_parser():
@@ -38,12 +37,14 @@ def get_parser():
     return p
 
 
-def diffusers_dpm_solver(diffusion, fn, x_T, steps):
+def diffusers_dpm_solver(diffusion, fn, x_T, steps, threshold=False):
     """diffusers' DPMSolverMultistepScheduler with its defaults (DPM-Solver++ 2M, linspace timesteps, lower-order
-    final steps, no thresholding) on the same schedule, driving the same network from the same x_T."""
+    final steps, no thresholding), or with thresholding=True and sample_max_value=1 (dynamic thresholding capped at
+    1, i.e. x0_hat clipped to [-1, 1] as ours), on the same schedule, driving the same network from the same x_T."""
     from diffusers import DPMSolverMultistepScheduler
     betas = diffusion.betas.double().cpu()
-    sched = DPMSolverMultistepScheduler(num_train_timesteps=len(betas), trained_betas=betas.numpy())
+    sched = DPMSolverMultistepScheduler(num_train_timesteps=len(betas), trained_betas=betas.numpy(),
+                                        thresholding=threshold, sample_max_value=1.0)
     sched.set_timesteps(steps)
     x = x_T.clone()
     for t in sched.timesteps.tolist():
@@ -55,13 +56,13 @@ def main(argv=None):
     args = get_parser().parse_args(argv)
     device = resolve_device(args.device)
     nfes = [int(v) for v in args.nfe.split(",")]
-    net, diffusion_config, train_args, desc = load_model(args.ckpt)
+    net, diffusion_config, meta, desc = load_model(args.ckpt)
     net.to(device)
     diffusion = build_diffusion(diffusion_config).to(device)
     T, c, s = diffusion.num_timesteps, net.config["in_channels"], net.config["image_size"]
     if max(nfes) > T or min(nfes) < 1:
         raise SystemExit(f"error: --nfe values must be in 1..{T}")
-    shapes = train_args.get("data") == "shapes" and not net.config.get("num_classes")
+    shapes = meta["args"].get("data") == "shapes" and not net.config.get("num_classes")
     if shapes:
         from metrics import shapes_distance
     fn = model_fn(net)
@@ -94,6 +95,8 @@ def main(argv=None):
                                                        noise=x_T.clone(), generator=gen())))
         if args.compare:
             row("diffusers DPM-Solver++ 2M (defaults)", nfe, *timed(lambda: diffusers_dpm_solver(diffusion, fn, x_T, nfe)))
+            row("diffusers DPM-Solver++ 2M (thresholding, max 1)", nfe,
+                *timed(lambda: diffusers_dpm_solver(diffusion, fn, x_T, nfe, threshold=True)))
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -10,7 +10,8 @@ Conventions, stated once:
 - Data x0 is scaled to [-1, 1], shape (B, C, H, W) (any trailing shape works); t is a LongTensor
   of shape (B,). Per-timestep tables are gathered at t and broadcast over the trailing dims.
 - The network is any callable model(x_t, t) returning a tensor shaped like x_t: the predicted
-  noise eps (mean_type="eps", the paper's choice) or the predicted x_0 (mean_type="x0").
+  noise eps (mean_type="eps", the paper's choice), the predicted x_0 (mean_type="x0"), or
+  v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0 (mean_type="v", Salimans & Ho 2022; not in this paper).
 - Schedules are computed in float64 and stored as float32 buffers (so .to(device) works).
 """
 
@@ -78,8 +79,8 @@ class GaussianDiffusion(nn.Module):
 
     def __init__(self, betas, mean_type="eps", var_type="fixedlarge", dtype=torch.float32):
         super().__init__()
-        if mean_type not in ("eps", "x0"):
-            raise ValueError(f"mean_type must be 'eps' or 'x0', got {mean_type!r}")
+        if mean_type not in ("eps", "x0", "v"):
+            raise ValueError(f"mean_type must be 'eps', 'x0' or 'v', got {mean_type!r}")
         if var_type not in ("fixedlarge", "fixedsmall"):
             raise ValueError(f"var_type must be 'fixedlarge' or 'fixedsmall', got {var_type!r}")
         betas = torch.as_tensor(betas, dtype=torch.float64)
@@ -168,6 +169,16 @@ class GaussianDiffusion(nn.Module):
         return ((x_t - extract(self.sqrt_alphas_cumprod, t, x_t) * x0)
                 / extract(self.sqrt_one_minus_alphas_cumprod, t, x_t))
 
+    def predict_start_from_v(self, x_t, t, v):
+        """Progressive distillation's v-parameterisation (Salimans & Ho 2022, Sec. 4 and Appendix D; not in this
+        paper): x_0 = sqrt(abar_t) x_t - sqrt(1 - abar_t) v, well conditioned at every t, where Eq. (15) divides by
+        sqrt(abar_t) -> 0."""
+        return extract(self.sqrt_alphas_cumprod, t, x_t) * x_t - extract(self.sqrt_one_minus_alphas_cumprod, t, x_t) * v
+
+    def predict_v(self, x0, t, noise):
+        """v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0, the target of a v-network (Salimans & Ho 2022, Sec. 4)."""
+        return extract(self.sqrt_alphas_cumprod, t, x0) * noise - extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0
+
     def score_from_noise(self, x_t, t, noise):
         """Sec. 3.2: grad_{x_t} log q(x_t | x_0) = -eps / sqrt(1 - abar_t), so an eps-predictor
         is a scaled score model (the link to denoising score matching, Song & Ermon 2019)."""
@@ -188,6 +199,8 @@ class GaussianDiffusion(nn.Module):
         model_output = model_output.to(x_t.dtype)  # a bf16 network still feeds float32 math
         if self.mean_type == "eps":
             pred_xstart = self.predict_start_from_noise(x_t, t, model_output)
+        elif self.mean_type == "v":
+            pred_xstart = self.predict_start_from_v(x_t, t, model_output)
         else:
             pred_xstart = model_output
         if clip_denoised:
@@ -197,46 +210,66 @@ class GaussianDiffusion(nn.Module):
         log_variance = extract(self.model_log_variance, t, x_t).expand_as(x_t)
         return mean, variance, log_variance, pred_xstart
 
-    def p_sample(self, model, x_t, t, noise=None, clip_denoised=True, return_pred_xstart=False):
+    def p_sample(self, model, x_t, t, noise=None, clip_denoised=True, return_pred_xstart=False, cond_fn=None):
         """One step of Algorithm 2, line 4: x_{t-1} = mu_theta(x_t, t) + sigma_t z,
-        with z = 0 at the last step (index t = 0), where the mean is returned."""
+        with z = 0 at the last step (index t = 0), where the mean is returned. cond_fn: classifier guidance
+        (Dhariwal & Nichol 2021, Algorithm 1; not in this paper), the mean shifted by sigma_t^2 cond_fn(x_t, t)."""
         if noise is None:
             noise = torch.randn_like(x_t)
-        mean, _, log_variance, pred_xstart = self.p_mean_variance(model, x_t, t, clip_denoised)
+        mean, variance, log_variance, pred_xstart = self.p_mean_variance(model, x_t, t, clip_denoised)
+        if cond_fn is not None:
+            mean = mean + variance * cond_fn(x_t, t)
         nonzero = (t != 0).to(x_t.dtype).view(-1, *([1] * (x_t.dim() - 1)))
         sample = mean + nonzero * torch.exp(0.5 * log_variance) * noise
         return (sample, pred_xstart) if return_pred_xstart else sample
 
     @torch.no_grad()
     def p_sample_loop(self, model, shape, noise=None, generator=None, clip_denoised=True,
-                      callback=None):
+                      callback=None, start=None, cond_fn=None):
         """Algorithm 2: x_T ~ N(0, I); for t = T..1: x_{t-1} = mu_theta(x_t, t) + sigma_t z.
         noise is x_T (drawn if None). Every draw (x_T and each z) comes from generator, so a seeded
         generator gives reproducible samples and leaves the global random state untouched.
-        callback(i, x, pred_xstart) is called after each step."""
+        start: begin at index start with noise as that x_t, i.e. draw x_0 ~ p_theta(x_0 | x_t), the reverse
+        process as a decoder (Sec. 4.3, Figure 7; Sec. 4.4). callback(i, x, pred_xstart) after each step.
+        cond_fn: classifier guidance, as in p_sample."""
         device = self.betas.device
         x = torch.randn(shape, generator=generator, device=device) if noise is None else noise
-        for i in reversed(range(self.num_timesteps)):  # line 2
+        start = self.num_timesteps - 1 if start is None else start
+        for i in reversed(range(start + 1)):  # line 2
             t = torch.full((shape[0],), i, device=device, dtype=torch.long)
             # line 3: z ~ N(0, I) if t > 1, else z = 0 (passed as zeros, so p_sample draws nothing)
             z = torch.randn(shape, generator=generator, device=device) if i > 0 else torch.zeros_like(x)
-            x, pred_xstart = self.p_sample(model, x, t, z, clip_denoised, return_pred_xstart=True)
+            x, pred_xstart = self.p_sample(model, x, t, z, clip_denoised, return_pred_xstart=True, cond_fn=cond_fn)
             if callback is not None:
                 callback(i, x, pred_xstart)
         return x  # line 6
+
+    @torch.no_grad()
+    def interpolate(self, model, x0, x0_prime, t, lambdas, noise, noise_prime, generator_seed=0, clip_denoised=True):
+        """Sec. 4.4, Figure 8: encode two images with q, x_t = q_sample(x0, t, noise) and x'_t likewise, mix the
+        latents linearly, xbar_t = (1 - lambda) x_t + lambda x'_t (the paper prints x_0 and x'_0 there; the
+        latents are meant, as its next sentence says), and decode each with the reverse process from index t,
+        its noise fixed across lambda (every decode draws from a generator seeded alike). -> (len(lambdas), B, ...)"""
+        x_t, x_t_prime = self.q_sample(x0, t, noise), self.q_sample(x0_prime, t, noise_prime)
+        out = []
+        for lam in lambdas:
+            g = torch.Generator(x0.device).manual_seed(generator_seed)
+            out.append(self.p_sample_loop(model, x0.shape, (1 - lam) * x_t + lam * x_t_prime, g, clip_denoised,
+                                          start=int(t[0])))
+        return torch.stack(out)
 
     # ---- training (Algorithm 1) ----
 
     def training_losses(self, model, x0, t, noise=None):
         """Algorithm 1 / Eq. (14), per example: L_simple = || eps - eps_theta(x_t, t) ||^2,
         x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, averaged over pixels. With mean_type "x0"
-        the target is x_0 instead (the paper's ablation in Table 2)."""
+        the target is x_0 instead (the paper's ablation in Table 2), with "v" it is v."""
         if noise is None:
             noise = torch.randn_like(x0)
         x_t = self.q_sample(x0, t, noise)  # Alg. 1 lines 2-4
         model_output = model(x_t, t)
         assert model_output.shape == x0.shape
-        target = noise if self.mean_type == "eps" else x0
+        target = noise if self.mean_type == "eps" else x0 if self.mean_type == "x0" else self.predict_v(x0, t, noise)
         return _mean_flat((target - model_output) ** 2)  # line 5
 
     # ---- the variational bound, Eq. (5), in bits per dimension ----
@@ -259,12 +292,12 @@ class GaussianDiffusion(nn.Module):
         return _mean_flat(kl) / math.log(2.0)
 
     @torch.no_grad()
-    def calc_bpd_loop(self, model, x0, clip_denoised=True, generator=None):
+    def calc_bpd_loop(self, model, x0, clip_denoised=True, generator=None, callback=None):
         """Eq. (5): L = L_T + sum_{t>1} L_{t-1} + L_0, each term estimated with one draw of x_t
         (from generator), in bits/dim (the NLL column of Table 1). Returns a dict of (B,) tensors
         total_bpd, prior_bpd (L_T), vb_bpd (sum of L_{t-1}), decoder_bpd (L_0), and (B, T) tensors
         terms_bpd (index 0 holding L_0) and mse, the squared error of x0_hat (Eq. 15) at each t,
-        as in the original code (Sec. 4.3 reads its root as the distortion, Figure 5)."""
+        as in the original code (Sec. 4.3 reads its root as the distortion, Figure 5). callback(i) after each t."""
         terms, mse = [], []
         for i in reversed(range(self.num_timesteps)):
             t = torch.full((x0.shape[0],), i, device=x0.device, dtype=torch.long)
@@ -273,8 +306,23 @@ class GaussianDiffusion(nn.Module):
             term, pred_xstart = self._vb_terms_bpd(model, x0, x_t, t, clip_denoised)
             terms.append(term)
             mse.append(_mean_flat((pred_xstart - x0) ** 2))
+            if callback is not None:
+                callback(i)
         terms_bpd = torch.stack(terms[::-1], dim=1)
         prior_bpd = self.prior_bpd(x0)
         return dict(total_bpd=terms_bpd.sum(dim=1) + prior_bpd, prior_bpd=prior_bpd,
                     vb_bpd=terms_bpd[:, 1:].sum(dim=1), decoder_bpd=terms_bpd[:, 0],
                     terms_bpd=terms_bpd, mse=torch.stack(mse[::-1], dim=1))
+
+
+def rate_distortion(bpd):
+    """Sec. 4.3, Figure 5 (progressive coding, Algorithms 3 and 4): what a receiver has after each step of the
+    reverse process, from calc_bpd_loop's terms. Receiving x_T costs L_T, each x_{t-1} then L_{t-1}, and x_0 last
+    L_0: the rate after step k (k = 1..T, x_{T-k+1} received; k = T + 1, x_0) is the running sum, ending at the
+    total bound. The distortion after step k is the RMSE of x0_hat (Eq. 15) from the latest x_t, on the [0, 255]
+    scale, and 0 once x_0 itself is received. The paper's summary reads rate = L_T + ... + L_1 (at k = T) and
+    distortion = L_0 in bits/dim. Returns (rate (B, T + 1), distortion (B, T + 1)), in reverse-process order."""
+    rate = torch.cat([bpd["prior_bpd"][:, None], bpd["terms_bpd"].flip(1)], dim=1).cumsum(1)  # L_T, +L_{T-1}, ...
+    distortion = bpd["mse"].flip(1).sqrt() * 127.5  # from x_T (index T-1) down to x_1 (index 0)
+    distortion = torch.cat([distortion, torch.zeros_like(distortion[:, :1])], dim=1)
+    return rate, distortion

@@ -1,8 +1,78 @@
 """
-Guidance, from the papers that came after DDPM: classifier-free guidance (Ho & Salimans 2021, arXiv:2207.12598),
-and the model function the samplers call, which applies it to a class-conditional U-Net.
+Guidance, from the papers that came after DDPM, and the model function the samplers call:
+- classifier guidance (Dhariwal & Nichol 2021, arXiv:2105.05233, Sec. 4): a classifier p(y | x_t, t) trained on
+  noisy images steers any diffusion model, unconditional ones included, toward a class: Algorithm 1 shifts the
+  mean of each ancestral step, Algorithm 2 the eps of DDIM (and of the other deterministic samplers);
+- classifier-free guidance (Ho & Salimans 2021, arXiv:2207.12598): a class-conditional model that also learned
+  the unconditional case guides itself, Eq. (6). With the classifier its own eps implies, the two are one formula.
 """
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ddpm import extract
+from unet import Normalize, UNet
+
+
+class NoisyClassifier(nn.Module):
+    """p_phi(y | x_t, t): the U-Net's encoder half (its down path and middle, with the same timestep embedding;
+    the up path dropped), then GroupNorm, swish, a global average pool and a linear layer to the classes (the
+    "adaptive" pooling head of Dhariwal & Nichol's EncoderUNet; their ImageNet classifiers pool with attention).
+    GroupNorm, not BatchNorm: each sample's output, and so its gradient, does not depend on the rest of the batch.
+    Configured as the U-Net is (UNet's arguments)."""
+
+    def __init__(self, num_classes, **unet_config):
+        super().__init__()
+        self.trunk = UNet(**dict(unet_config, num_classes=None))
+        del self.trunk.up, self.trunk.norm_out, self.trunk.conv_out  # the encoder half only
+        width = self.trunk.mid.block_2.conv2.out_channels
+        self.norm, self.head = Normalize(width), nn.Linear(width, num_classes)
+        self.num_classes = num_classes
+        self.config = dict(self.trunk.config, num_classes=num_classes)
+
+    def forward(self, x, t):
+        """Logits (B, num_classes) for x_t at timestep indices t (B,)."""
+        h, _ = self.trunk.encode(x, self.trunk.embed(t))
+        return self.head(F.silu(self.norm(h)).mean((2, 3)))
+
+
+class ClassifierLoss:
+    """How the classifier learns (Dhariwal & Nichol, Sec. 4): on the diffusion's own noisy images, t uniform and
+    x_t = q_sample(x_0, t), cross-entropy against the label. Returns the per-example losses and whether each was
+    classified right (train.py logs both by timestep quartile)."""
+
+    def __init__(self, diffusion, bf16=False):
+        self.diffusion, self.bf16 = diffusion, bf16
+
+    def draw(self, x0, y):
+        return torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), device=x0.device), torch.randn_like(x0)
+
+    def __call__(self, model, x0, y, t, noise):
+        with torch.autocast(x0.device.type, torch.bfloat16, enabled=self.bf16 and x0.device.type == "cuda"):
+            logits = model(self.diffusion.q_sample(x0, t, noise), t).float()
+        return F.cross_entropy(logits, y, reduction="none"), logits.argmax(1) == y
+
+
+def classifier_grad(classifier, y, scale):
+    """cond_fn(x_t, t) = s grad_{x_t} log p_phi(y | x_t, t), taken at x_t (Dhariwal & Nichol, Algorithms 1 and 2).
+    Each sample's log-probability depends on its own x_t alone, so the gradient of their sum is every sample's
+    own gradient."""
+    def cond_fn(x, t):
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            log_p = F.log_softmax(classifier(x, t), dim=-1)
+            chosen = log_p[torch.arange(len(y), device=y.device), y].sum()
+            return scale * torch.autograd.grad(chosen, x)[0]
+    return cond_fn
+
+
+def classifier_guided_eps(diffusion, model, cond_fn):
+    """Dhariwal & Nichol, Algorithm 2 (Sec. 4.2): eps^(x_t) = eps_theta(x_t) - sqrt(1 - abar_t) s grad log p(y | x_t)
+    (the paper's line omits s; its Sec. 4.3 and code scale the gradient), so x0_hat follows from eps^: what DDIM and
+    DPM-Solver++ see. For an eps-network."""
+    def fn(x, t):
+        return model(x, t) - extract(diffusion.sqrt_one_minus_alphas_cumprod, t, x) * cond_fn(x, t)
+    return fn
 
 
 def classifier_free_guidance(eps_cond, eps_uncond, guidance_scale):

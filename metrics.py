@@ -4,6 +4,7 @@ between features of generated images and of held-out real ones (the formula of t
 features taken from a small classifier trained here on the shapes, which also says which class it sees. Lower is
 better; two sets of real images score near 0. It ranks samplers and models on the built-in data; it is not the
 FID, and its values are not comparable with FIDs.
+  python metrics.py samples.npz        # the number for sample.py --npz files (and the class accuracy)
 """
 import torch
 import torch.nn as nn
@@ -96,3 +97,25 @@ def shapes_distance(images, n_reference=2000):
     the same size and channels."""
     reference, _ = make_shapes(n_reference, images.shape[1], images.shape[3], seed=REFERENCE_SEED)
     return frechet_distance(features(images), features(reference))
+
+
+def main(argv=None):
+    """python metrics.py SAMPLES.npz [...]: the quality number of each file of shapes samples (sample.py --npz),
+    and, where the file holds labels (class-conditional or guided sampling), how often the classifier sees the
+    asked-for class."""
+    import argparse
+    from data import load_file
+    p = argparse.ArgumentParser(description="The shapes quality number (lower is better) of sample.py --npz files.")
+    p.add_argument("npz", nargs="+", help=".npz files of uint8 shapes samples (arr_0), labels in arr_1 if any")
+    p.add_argument("--reference", type=int, default=2000, help="held-out real images to compare with")
+    args = p.parse_args(argv)
+    for path in args.npz:
+        images, labels = load_file(path)
+        line = f"{path}: {len(images)} samples | quality {shapes_distance(images, args.reference):.2f}"
+        if labels is not None:
+            line += f" | asked-for class seen {(classify(images) == labels).float().mean().item():.1%}"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()

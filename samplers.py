@@ -9,6 +9,7 @@ import math
 import torch
 
 from ddpm import extract
+from guidance import classifier_guided_eps
 
 SPACINGS = ("trailing", "uniform", "quadratic")
 
@@ -90,8 +91,8 @@ def _alpha_sigma_lambda(diffusion, i):
 
 
 @torch.no_grad()
-def dpm_solver_pp_sample_loop(diffusion, model, shape, steps, spacing="trailing", order=2, stochastic=False,
-                              noise=None, generator=None, clip_denoised=True, callback=None):
+def dpm_solver_pp_sample_loop(diffusion, model, shape, steps, spacing="trailing", order=2, noise=None,
+                              generator=None, clip_denoised=True, callback=None):
     """DPM-Solver++ (Lu et al. 2022): the probability-flow ODE solved in data-prediction form, one network call
     per step, over `steps` timesteps chosen by `spacing`, then a last step to the data. x_theta is x0_hat of
     Eq. (15) of DDPM (clipped to [-1, 1] with clip_denoised, the paper's static thresholding).
@@ -100,11 +101,10 @@ def dpm_solver_pp_sample_loop(diffusion, model, shape, steps, spacing="trailing"
     - order 2 is DPM-Solver++(2M), Algorithm 2: after that first step, each step reuses the previous step's
       x_theta, D = (1 + 1 / (2 r)) x_theta(s) - 1 / (2 r) x_theta(s'), r = h' / h (h' the previous step), in place
       of x_theta(s) in the update above;
-    - the last step goes to the data (sigma = 0, lambda = inf), where that update is x_theta itself: x0_hat;
-    - stochastic: SDE-DPM-Solver++ (its authors' SDE variant, first or second order as above),
-        x_t = (sigma_t / sigma_s) e^{-h} x_s + alpha_t (1 - e^{-2h}) D + sigma_t sqrt(1 - e^{-2h}) z,
-      whose first order is DDIM with eta = 1.
-    callback(i, x, x0_hat) after each step."""
+    - the last step goes to the data (sigma = 0, lambda = inf), where that update is x_theta itself: x0_hat.
+    Its authors' stochastic variant (SDE-DPM-Solver++(2M)) was measured against the ancestral sampler on the
+    spaced chain (DDIM with eta = 1) and lost at every NFE on a briefly trained model (README), so it is not here.
+    callback(i, x, x0_hat) after each step; x_T = noise, or drawn from generator."""
     if order not in (1, 2):
         raise ValueError(f"order must be 1 or 2, got {order}")
     device = diffusion.betas.device
@@ -124,12 +124,7 @@ def dpm_solver_pp_sample_loop(diffusion, model, shape, steps, spacing="trailing"
             if order == 2 and previous is not None:  # Algorithm 2, the multistep correction
                 r = (lambda_s - previous[1]) / h
                 D = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * previous[0]
-            if stochastic:
-                z = torch.randn(shape, generator=generator, device=device)
-                x = (sigma_t / sigma_s * torch.exp(-h) * x - alpha_t * torch.expm1(-2 * h) * D
-                     + sigma_t * (-torch.expm1(-2 * h)).sqrt() * z)
-            else:
-                x = sigma_t / sigma_s * x - alpha_t * torch.expm1(-h) * D
+            x = sigma_t / sigma_s * x - alpha_t * torch.expm1(-h) * D
         previous = (x0, lambda_s)
         if callback is not None:
             callback(i, x, x0)
@@ -140,25 +135,30 @@ SAMPLERS = ("ddpm", "ddim", "dpm++")
 
 
 def sample_loop(diffusion, model, shape, sampler="ddpm", steps=None, eta=None, spacing="trailing", noise=None,
-                generator=None, clip_denoised=True, callback=None):
+                generator=None, clip_denoised=True, callback=None, cond_fn=None):
     """The samplers by name, as the command lines offer them; steps = None means T.
     - ddpm: Algorithm 2 of DDPM over all T steps; with fewer steps, the same ancestral sampler on the spaced
       chain, which is DDIM with eta = 1 (the posterior of each strided step);
     - ddim: DDIM with eta (default 0: deterministic);
-    - dpm++: DPM-Solver++(2M), or SDE-DPM-Solver++(2M) with eta = 1."""
+    - dpm++: DPM-Solver++(2M).
+    cond_fn(x_t, t) = s grad log p(y | x_t): classifier guidance (guidance.py), Dhariwal & Nichol's Algorithm 1 for
+    Algorithm 2 over all T steps, their Algorithm 2 (the eps shifted) for every other sampler."""
     T = diffusion.num_timesteps
     steps = T if steps is None else steps
     kw = dict(noise=noise, generator=generator, clip_denoised=clip_denoised, callback=callback)
+    full_chain = sampler == "ddpm" and steps == T and spacing == "trailing"
+    if cond_fn is not None and not full_chain:
+        model = classifier_guided_eps(diffusion, model, cond_fn)
     if sampler == "ddpm":
         if eta not in (None, 1.0):
             raise ValueError("the ddpm sampler has no eta (it is eta = 1); use --sampler ddim for another eta")
-        if steps == T and spacing == "trailing":
-            return diffusion.p_sample_loop(model, shape, **kw)
+        if full_chain:
+            return diffusion.p_sample_loop(model, shape, cond_fn=cond_fn, **kw)
         return ddim_sample_loop(diffusion, model, shape, steps, 1.0, spacing, **kw)
     if sampler == "ddim":
         return ddim_sample_loop(diffusion, model, shape, steps, eta or 0.0, spacing, **kw)
     if sampler == "dpm++":
-        if eta not in (None, 0.0, 1.0):
-            raise ValueError("dpm++ takes eta 0 (the ODE solver, default) or 1 (SDE-DPM-Solver++)")
-        return dpm_solver_pp_sample_loop(diffusion, model, shape, steps, spacing, stochastic=eta == 1.0, **kw)
+        if eta not in (None, 0.0):
+            raise ValueError("dpm++ is deterministic (an ODE solver): it takes no eta")
+        return dpm_solver_pp_sample_loop(diffusion, model, shape, steps, spacing, **kw)
     raise ValueError(f"unknown sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")

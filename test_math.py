@@ -553,12 +553,61 @@ def test_loss_weighting_eq12_matches_kl_for_eps_model():
     assert torch.allclose(bpd * math.log(2), weighted.flatten(1).mean(1), rtol=1e-6)
 
 
+# ---- Sec. 4.3 and 4.4: the reverse process as a decoder ----
+
+
+@FAST
+@given(schedules(min_t=3, max_t=60), st.integers(0, 2**31 - 1), st.data())
+def test_interpolation_ends_are_reconstructions(betas, seed, data):
+    """Sec. 4.4: interpolation at lambda = 0 is the reconstruction of the first image, the reverse process run from
+    x_t = q_sample(x_0, t, noise) with the same decoder noise (and lambda = 1 that of the second); the middle
+    differs from both. Reconstruction from index 0 with an oracle network returns x_0 (no noise at the last step)."""
+    d = GaussianDiffusion(betas, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    x0, x1 = (torch.rand(2, 1, 4, 4, generator=g, dtype=torch.float64) * 2 - 1 for _ in range(2))
+    n0, n1 = (torch.randn(2, 1, 4, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    i = data.draw(st.integers(0, len(betas) - 1))
+    t = full(2, i)
+    model = lambda x, tt: torch.tanh(x) * 0.5
+    out = d.interpolate(model, x0, x1, t, [0.0, 0.5, 1.0], n0, n1, generator_seed=seed)
+    recon = lambda a, n: d.p_sample_loop(model, a.shape, d.q_sample(a, t, n), torch.Generator().manual_seed(seed),
+                                         start=i)
+    assert torch.equal(out[0], recon(x0, n0)) and torch.equal(out[2], recon(x1, n1))
+    assert not torch.equal(out[1], out[0])
+    exact = d.p_sample_loop(oracle(betas, x0, "eps"), x0.shape, d.q_sample(x0, full(2, 0), n0), start=0)
+    assert torch.allclose(exact, x0, atol=1e-9)
+
+
+@SLOW
+@given(st.integers(2, 30), st.integers(0, 2**31 - 1))
+def test_rate_distortion_is_the_running_bound(T, seed):
+    """Sec. 4.3, Figure 5: the rate after each reverse step is the running sum L_T, L_T + L_{T-1}, ... of the terms
+    calc_bpd_loop returns, ending at its total after x_0; the distortion is the root of its x0 error on the
+    [0, 255] scale, 0 at every step for an oracle network and 0 once x_0 is received."""
+    from ddpm import rate_distortion
+    betas = make_beta_schedule("linear", T, 1e-3, 0.3)
+    d = GaussianDiffusion(betas, mean_type="x0", dtype=torch.float64)
+    x0 = torch.randint(0, 256, (2, 3, 4, 4), generator=torch.Generator().manual_seed(seed)).double() / 127.5 - 1
+    model = lambda x, t: 0.8 * x0 + 0.1 * torch.tanh(x)
+    bpd = d.calc_bpd_loop(model, x0, generator=torch.Generator().manual_seed(seed))
+    rate, distortion = rate_distortion(bpd)
+    assert rate.shape == distortion.shape == (2, T + 1)
+    running = bpd["prior_bpd"].clone()
+    for k in range(T):
+        assert torch.allclose(rate[:, k], running)
+        running = running + bpd["terms_bpd"][:, T - 1 - k]
+        assert torch.allclose(distortion[:, k], bpd["mse"][:, T - 1 - k].sqrt() * 127.5)
+    assert torch.allclose(rate[:, -1], bpd["total_bpd"]) and (distortion[:, -1] == 0).all()
+    _, exact = rate_distortion(d.calc_bpd_loop(oracle(betas, x0, "x0"), x0))
+    assert (exact == 0).all()
+
+
 def test_bad_arguments_raise():
     """Unknown options and schedules that float32 cannot hold fail loudly."""
     with pytest.raises(ValueError):
         GaussianDiffusion(make_beta_schedule("const", 300, beta_end=0.5))  # abar_T underflows
     with pytest.raises(ValueError):
-        GaussianDiffusion(make_beta_schedule(), mean_type="v")
+        GaussianDiffusion(make_beta_schedule(), mean_type="score")
     with pytest.raises(ValueError):
         GaussianDiffusion(make_beta_schedule(), var_type="learned")
     with pytest.raises(ValueError):

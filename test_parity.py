@@ -100,26 +100,26 @@ def test_ddim_matches_ddim_scheduler(steps, eta, spacing, seed):
 @PARITY
 @given(st.sampled_from([5, 10, 20, 50]), st.sampled_from(["trailing", "uniform", "quadratic"]),
        st.booleans(), st.integers(0, 2**31 - 1))
-def test_dpm_solver_pp_matches_dpm_solver_multistep_scheduler(steps, spacing, stochastic, seed):
-    """DPM-Solver++(2M) (and its SDE variant) over our timesteps equals diffusers' DPMSolverMultistepScheduler
-    (algorithm_type "dpmsolver++" / "sde-dpmsolver++", solver_order 2, final_sigmas_type "zero", no thresholding)
-    given the same timesteps, network outputs and noise, step by step along a whole run."""
+def test_dpm_solver_pp_matches_dpm_solver_multistep_scheduler(steps, spacing, clip, seed):
+    """DPM-Solver++(2M) over our timesteps equals diffusers' DPMSolverMultistepScheduler (algorithm_type
+    "dpmsolver++", solver_order 2, final_sigmas_type "zero"; our x0 clipping is its thresholding with
+    sample_max_value 1, where every sample's threshold is 1) given the same timesteps and network outputs, step by
+    step along a whole run."""
     T = 1000
     d = GaussianDiffusion(make_beta_schedule("linear", T))
     sched = diffusers.DPMSolverMultistepScheduler(
         num_train_timesteps=T, solver_order=2, prediction_type="epsilon", final_sigmas_type="zero",
-        algorithm_type="sde-dpmsolver++" if stochastic else "dpmsolver++")
+        algorithm_type="dpmsolver++", thresholding=clip, sample_max_value=1.0, dynamic_thresholding_ratio=0.0)
     indices = spaced_timesteps(T, steps, spacing)
     sched.set_timesteps(timesteps=indices)
-    model = lambda x, t: torch.tanh(x) * 0.7 + 0.01 * t.view(-1, 1, 1, 1) / T
+    model = lambda x, t: torch.tanh(x) * 2.5 + 0.01 * t.view(-1, 1, 1, 1) / T  # x0_hat outside [-1, 1] too
 
     x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
-    ours = dpm_solver_pp_sample_loop(d, model, x_T.shape, steps, spacing, stochastic=stochastic, noise=x_T.clone(),
-                                     generator=torch.Generator().manual_seed(seed), clip_denoised=False)
-    g = torch.Generator().manual_seed(seed)
+    visited = []
+    ours = dpm_solver_pp_sample_loop(d, model, x_T.shape, steps, spacing, noise=x_T.clone(), clip_denoised=clip,
+                                     callback=lambda i, x, p: visited.append(i))
+    assert visited == sched.timesteps.tolist()
     x = x_T.clone()
-    for k, i in enumerate(sched.timesteps.tolist()):
-        last = k == len(indices) - 1
-        z = (torch.zeros(x.shape) if last else torch.randn(x.shape, generator=g)) if stochastic else None
-        x = sched.step(model(x, torch.full((2,), i, dtype=torch.long)), i, x, variance_noise=z).prev_sample
+    for i in sched.timesteps.tolist():
+        x = sched.step(model(x, torch.full((2,), i, dtype=torch.long)), i, x).prev_sample
     assert torch.allclose(ours, x, rtol=1e-4, atol=1e-4)

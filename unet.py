@@ -190,16 +190,24 @@ class UNet(nn.Module):
 
     def forward(self, x, t, y=None):
         """x: (B, C, H, W); t: (B,) integer timestep indices (0-d broadcasts); y: (B,) class labels or None."""
-        if t.dim() == 0:
-            t = t.expand(x.shape[0])
-        temb = self.temb.dense[1](F.silu(self.temb.dense[0](timestep_embedding(t, self.ch))))
+        temb = self.embed(t if t.dim() else t.expand(x.shape[0]), y)
+        return self.decode(*self.encode(x, temb), temb)
+
+    def embed(self, t, y=None, extra=None):
+        """What every residual block is told: dense(swish(dense(sinusoid(t)))), plus the class embedding, plus
+        `extra` (another conditioning's embedding, e.g. a super-resolution model's augmentation level), through
+        swish, which every block applies before its temb_proj: done once here."""
+        emb = timestep_embedding(t, self.ch).to(self.temb.dense[0].weight.dtype)  # float64 nets for tests too
+        temb = self.temb.dense[1](F.silu(self.temb.dense[0](emb)))
         if self.label_emb is not None:
             y = torch.full_like(t, self.num_classes, dtype=torch.long) if y is None else y  # None = the null label
             temb = temb + self.label_emb(y)  # after the MLP, as improved/guided-diffusion add their label_emb
         elif y is not None:
             raise ValueError("y given but this UNet is unconditional (num_classes=None)")
-        temb = F.silu(temb)  # every residual block applies swish before its temb_proj: do it once here
+        return F.silu(temb if extra is None else temb + extra)
 
+    def encode(self, x, temb):
+        """The down path and the middle: -> (the middle's output, every activation the up path concatenates)."""
         hs = [self.conv_in(x)]
         for i, level in enumerate(self.down):
             for j, block in enumerate(level.block):
@@ -209,9 +217,10 @@ class UNet(nn.Module):
                 hs.append(h)
             if i != len(self.down) - 1:
                 hs.append(level.downsample(hs[-1]))
+        return self.mid.block_2(self.mid.attn_1(self.mid.block_1(hs[-1], temb)), temb), hs
 
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(hs[-1], temb)), temb)
-
+    def decode(self, h, hs, temb):
+        """The up path, each block taking [h, the matching down-path activation], then the output layers."""
         for i in reversed(range(len(self.up))):
             level = self.up[i]
             for j, block in enumerate(level.block):
