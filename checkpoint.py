@@ -11,8 +11,10 @@ from pathlib import Path
 
 import torch
 
-from data import atomic_write, first_line
+from data import CIFAR10_CLASSES, SHAPES_CLASSES, atomic_write, first_line
+from cascade import SuperResolution
 from ddpm import GaussianDiffusion, make_beta_schedule
+from guidance import NoisyClassifier
 from unet import UNet
 
 FORMAT = "ddpm-checkpoint-v1"
@@ -56,11 +58,15 @@ def save_checkpoint(path, ckpt):
 
 
 def load_model(path, use_ema=True):
-    """-> (net in eval mode, diffusion config, train.py's args or {}, a description). path: a train.py checkpoint
-    or run folder, or released weights (TF-scope state dict, or the diffusers google/ddpm-cifar10-32 layout)."""
+    """-> (net in eval mode, diffusion config, meta, a description). path: a train.py checkpoint or run folder, or
+    released weights (TF-scope state dict, or the diffusers google/ddpm-cifar10-32 layout). meta: train.py's args
+    ({} for released weights), the class names (None where there are none), the kind (diffusion, classifier, sr,
+    progressive, consistency: the net is then a guidance.NoisyClassifier, a cascade.SuperResolution, or a student)
+    and a student's sampling."""
     diffusers_layout = path.endswith((".safetensors", ".bin")) or (
         os.path.isdir(path) and not os.path.exists(os.path.join(path, "ckpt.pt")) and
         any(os.path.exists(os.path.join(path, f)) for f in ("config.json", "unet")))
+    released = dict(args={}, class_names=None, kind="diffusion", sampling=None)
     if not diffusers_layout:
         try:
             ckpt = load_checkpoint(path)
@@ -71,20 +77,25 @@ def load_model(path, use_ema=True):
             except (ValueError, OSError) as e:
                 raise SystemExit(f"error: {path} is neither a train.py checkpoint nor released DDPM weights "
                                  f"({str(e).splitlines()[0]})") from None
-            return net, PAPER_DIFFUSION, {}, f"released weights {path} (TF-scope state dict, EMA)"
+            return net, PAPER_DIFFUSION, released, f"released weights {path} (TF-scope state dict, EMA)"
         weights = "ema" if use_ema and ckpt.get("ema") else "model"
+        kind = ckpt.get("kind", "diffusion")
         try:
-            net = UNet(**ckpt["model_config"])
+            net = {"classifier": NoisyClassifier, "sr": SuperResolution}.get(kind, UNet)(**ckpt["model_config"])
             net.load_state_dict(ckpt[weights])
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise SystemExit(f"error: {path}: the weights do not fit its model_config ({str(e).splitlines()[0][:200]})")
-        desc = f"{path} (step {ckpt.get('step', '?')}, {weights} weights)"
-        return net.eval(), ckpt["diffusion_config"], ckpt.get("args") or {}, desc
+        args = ckpt.get("args") or {}
+        # checkpoints from before class names were stored: the built-in data sets' names
+        names = ckpt.get("class_names") or {"cifar10": CIFAR10_CLASSES, "shapes": SHAPES_CLASSES}.get(args.get("data"))
+        desc = f"{path} ({kind if kind != 'diffusion' else 'step'} {ckpt.get('step', '?')}, {weights} weights)"
+        meta = dict(args=args, class_names=names, kind=kind, sampling=ckpt.get("sampling"))
+        return net.eval(), ckpt["diffusion_config"], meta, desc
     try:
         net = load_pretrained(path)
     except (ValueError, OSError) as e:
         raise SystemExit(f"error: cannot load {path} as released weights: {str(e).splitlines()[0]}") from None
-    return net, PAPER_DIFFUSION, {}, f"released weights {path} (diffusers layout, EMA)"
+    return net, PAPER_DIFFUSION, released, f"released weights {path} (diffusers layout, EMA)"
 
 
 def load_pretrained(path):

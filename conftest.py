@@ -1,13 +1,13 @@
 """Settings and helpers shared by the test files (no test file imports another)."""
 import io
+import math
 import os
+import signal
 import struct
 import subprocess
 import sys
 import zipfile
 import zlib
-
-import math
 
 import torch
 import torch.nn as nn
@@ -45,6 +45,30 @@ def run_script(script, *args, timeout=120):
     """python SCRIPT ARGS in the repository, one thread, output captured."""
     return subprocess.run([sys.executable, os.path.join(HERE, script), *map(str, args)], capture_output=True,
                           text=True, timeout=timeout, cwd=HERE, env=ENV)
+
+
+def in_process(argv, stop_after=None):
+    """train.main in this process (to monkeypatch it), on one thread, restoring the signal handlers it installs.
+    stop_after=k: as if SIGTERM arrived during step k (the run finishes the step, checkpoints and stops)."""
+    import runtime
+    import train
+    handlers, threads = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)), torch.get_num_threads()
+    torch.set_num_threads(1)  # as ENV does for the subprocesses; restored below
+    step_fn, calls = train.train_step, [0]
+    def counted(*a, **k):
+        calls[0] += 1
+        return step_fn(*a, **k)
+    class Stop(runtime.StopSignal):
+        signum = property(lambda self: signal.SIGTERM if stop_after and calls[0] >= stop_after else None,
+                          lambda self, value: None)
+    train.train_step, train.StopSignal = counted, Stop
+    try:
+        train.main(argv)
+    finally:
+        train.train_step, train.StopSignal = step_fn, runtime.StopSignal
+        torch.set_num_threads(threads)
+        signal.signal(signal.SIGINT, handlers[0])
+        signal.signal(signal.SIGTERM, handlers[1])
 
 
 def assert_one_line_error(r):

@@ -5,6 +5,7 @@ state it resumes from, stopping cleanly on Ctrl-C or SIGTERM, and progress lines
 import math
 import os
 import signal
+import time
 
 import torch
 import torch.distributed as dist
@@ -74,18 +75,49 @@ def close_distributed():
 
 class StopSignal:
     """Ctrl-C (SIGINT) and SIGTERM (pre-emption) set .signum, so a loop can finish its step, save and exit; a
-    second signal raises KeyboardInterrupt at once. The files on disk stay whole either way (atomic writes)."""
+    second signal raises KeyboardInterrupt at once. The files on disk stay whole either way (atomic writes).
+    As a context manager it puts the previous handlers back on exit."""
 
     def __init__(self):
         self.signum = None
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handle)
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def _handle(self, signum, frame):
         if self.signum is not None:
             raise KeyboardInterrupt
         self.signum = signum
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def agreed(self, world, device):
+        """Whether any process was signalled (a collective under torchrun: every rank must call it)."""
+        flag = torch.tensor(float(self.signum is not None), device=device if world > 1 else "cpu")
+        if world > 1:
+            dist.all_reduce(flag)
+        return flag.item() > 0
+
     @property
     def exit_code(self):
         return 130 if self.signum == signal.SIGINT else 0
+
+
+class Progress:
+    """Progress lines for long loops: due() says when `every` seconds have passed since the last line, and
+    line(done) gives done/total with the rate and an ETA (the work counted in any unit)."""
+
+    def __init__(self, total, every=30.0):
+        self.total, self.every = total, every
+        self.start = self.last = time.time()
+
+    def due(self):
+        return time.time() - self.last >= self.every
+
+    def eta(self, done):
+        self.last = time.time()
+        rate = done / max(self.last - self.start, 1e-9)
+        return format_eta((self.total - done) / rate) if done else "?"

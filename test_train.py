@@ -4,6 +4,7 @@ existing checkpoint. Tiny configs throughout; run with `python -m pytest -q test
 import contextlib
 import errno
 import hashlib
+import importlib.util
 import io
 import os
 import pickle
@@ -15,6 +16,7 @@ import tarfile
 import time
 import copy
 import urllib.error
+import zlib
 from types import SimpleNamespace
 
 import pytest
@@ -24,8 +26,8 @@ import data
 import train
 import training
 from checkpoint import build_diffusion, load_checkpoint
-from conftest import (ENV, HERE, TINY_NET, TRAIN_TINY as TINY, assert_one_line_error, decode_png, randomized,
-                      run_script)
+from conftest import (ENV, HERE, TINY_NET, TRAIN_TINY as TINY, assert_one_line_error, decode_png, in_process,
+                      randomized, run_script)
 from ddpm import GaussianDiffusion
 from unet import UNet
 
@@ -39,18 +41,6 @@ def run(*args, timeout=120):
 def sha(path):
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
-
-
-def in_process(argv):
-    """train.main in this process (to monkeypatch it), restoring the signal handlers it installs."""
-    handlers, threads = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)), torch.get_num_threads()
-    torch.set_num_threads(1)  # as ENV does for the subprocesses; restored below
-    try:
-        train.main(argv)
-    finally:
-        torch.set_num_threads(threads)
-        signal.signal(signal.SIGINT, handlers[0])
-        signal.signal(signal.SIGTERM, handlers[1])
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +70,125 @@ def test_to_uint8_inverts_data_scaling():
     """to_uint8(x / 127.5 - 1) == x for every byte value."""
     x = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16)
     assert torch.equal(data.to_uint8(x.float() / 127.5 - 1), x.permute(0, 2, 3, 1))
+
+
+def encode_png(path, samples, colour, filters, depth=8, palette=None, trns=None):
+    """A PNG encoder written from the spec, for the tests: samples uint8 (H, W, C) as the colour type stores them
+    (grey, RGB, palette index, grey + alpha, RGBA), row y filtered with filters[y % len(filters)] (0 None, 1 Sub,
+    2 Up, 3 Average, 4 Paeth), bit depth 1-16 (16: each sample's byte written twice), IDAT split in two."""
+    h, w, c = samples.shape
+    rows = []
+    for y in range(h):
+        vals = samples[y].flatten().tolist()
+        if depth == 16:
+            line = bytes(v for s in vals for v in (s, s))
+        elif depth < 8:
+            per = 8 // depth
+            vals += [0] * (-len(vals) % per)
+            line = bytes(sum(v << (8 - depth * (k + 1)) for k, v in enumerate(vals[i:i + per]))
+                         for i in range(0, len(vals), per))
+        else:
+            line = bytes(vals)
+        rows.append(line)
+    bpp = max(1, c * depth // 8)
+    out, prev = b"", bytes(len(rows[0]))
+    for y, line in enumerate(rows):
+        f = filters[y % len(filters)]
+        enc = bytearray()
+        for i, x in enumerate(line):
+            a, b, cc = (line[i - bpp] if i >= bpp else 0), prev[i], (prev[i - bpp] if i >= bpp else 0)
+            p = a + b - cc
+            paeth = a if abs(p - a) <= abs(p - b) and abs(p - a) <= abs(p - cc) else b if abs(p - b) <= abs(p - cc) else cc
+            enc.append((x - [0, a, b, (a + b) // 2, paeth][f]) % 256)
+        out += bytes([f]) + enc
+        prev = line
+    def chunk(tag, data):
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+    z = zlib.compress(out)
+    body = chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, depth, colour, 0, 0, 0))
+    if palette is not None:
+        body += chunk(b"PLTE", bytes(palette.flatten().tolist()))
+    if trns is not None:
+        body += chunk(b"tRNS", bytes(trns))
+    body += chunk(b"IDAT", z[:len(z) // 2]) + chunk(b"IDAT", z[len(z) // 2:]) + chunk(b"IEND", b"")
+    open(path, "wb").write(b"\x89PNG\r\n\x1a\n" + body)
+
+
+def test_png_folder_loads_as_the_same_tensor_as_the_npz(tmp_path):
+    """--data FOLDER: PNG files written with every filter type (rows cycling None, Sub, Up, Average, Paeth) in
+    RGB, and in grey, read with the standard library to the same uint8 tensor as the .npz of the same images
+    (the file order sorted, no resize where they already have --image-size); class subfolders give labels."""
+    np = pytest.importorskip("numpy")
+    images, labels = data.make_shapes(6, 16, 3, seed=4)
+    for k in range(6):
+        os.makedirs(tmp_path / "rgb" / f"class{labels[k]}", exist_ok=True)
+        encode_png(tmp_path / "rgb" / f"class{labels[k]}" / f"{k}.png", images[k], 2, [k % 5, 4, 3, 2, 1, 0])
+    np.savez(tmp_path / "rgb.npz", images.numpy())
+    got, got_labels, names = data.load_data(str(tmp_path / "rgb"), "", 16)
+    order = sorted(range(6), key=lambda k: (f"class{labels[k]}", f"{k}.png"))
+    want, _, _ = data.load_data(str(tmp_path / "rgb.npz"), "", 16)
+    assert torch.equal(got, want[order]) and got.dtype == torch.uint8
+    assert names == sorted({f"class{v}" for v in labels.tolist()})
+    assert [names[v] for v in got_labels.tolist()] == [f"class{labels[k]}" for k in order]
+    grey = images[..., :1]
+    os.makedirs(tmp_path / "grey")
+    for k in range(6):
+        encode_png(tmp_path / "grey" / f"{k}.png", grey[k], 0, [0, 1, 2, 3, 4])
+    got, got_labels, _ = data.load_data(str(tmp_path / "grey"), "", 16)
+    assert got_labels is None and torch.equal(got, grey.permute(0, 3, 1, 2))
+
+
+def test_png_colour_types_depths_and_transparency(tmp_path):
+    """The decoder against the spec: palette (8-bit and 4-bit indices), 16-bit grey (its high byte), 1-bit grey
+    (0 and 255), RGBA and grey + alpha composited over white, a palette with tRNS transparency."""
+    g = torch.Generator().manual_seed(0)
+    rgb = torch.randint(0, 256, (5, 7, 3), dtype=torch.uint8, generator=g)
+    palette = torch.randint(0, 256, (16, 3), dtype=torch.uint8, generator=g)
+    index = torch.randint(0, 16, (5, 7, 1), dtype=torch.uint8, generator=g)
+    for depth in (8, 4):
+        encode_png(tmp_path / "p.png", index, 3, [0, 1, 2, 3, 4], depth, palette)
+        assert torch.equal(data.read_png(tmp_path / "p.png"), palette[index[..., 0].long()])
+    grey = torch.randint(0, 256, (5, 7, 1), dtype=torch.uint8, generator=g)
+    encode_png(tmp_path / "g16.png", grey, 0, [4, 3], 16)
+    assert torch.equal(data.read_png(tmp_path / "g16.png"), grey)
+    bits = torch.randint(0, 2, (5, 7, 1), dtype=torch.uint8, generator=g)
+    encode_png(tmp_path / "g1.png", bits, 0, [0, 2], 1)
+    assert torch.equal(data.read_png(tmp_path / "g1.png"), bits * 255)
+    alpha = torch.randint(0, 256, (5, 7, 1), dtype=torch.uint8, generator=g)
+    over_white = lambda x, a: (x.float() * a.float() / 255 + 255 * (1 - a.float() / 255)).round().to(torch.uint8)
+    encode_png(tmp_path / "rgba.png", torch.cat([rgb, alpha], 2), 6, [1, 4])
+    assert torch.equal(data.read_png(tmp_path / "rgba.png"), over_white(rgb, alpha))
+    encode_png(tmp_path / "ga.png", torch.cat([grey, alpha], 2), 4, [3, 2])
+    assert torch.equal(data.read_png(tmp_path / "ga.png"), over_white(grey, alpha))
+    trns = [0] * 16
+    encode_png(tmp_path / "pt.png", index, 3, [0], 8, palette, trns)  # every entry fully transparent
+    assert (data.read_png(tmp_path / "pt.png") == 255).all()
+
+
+def test_folder_resize_crop_and_bad_files(tmp_path):
+    """A folder's images are centre-cropped to a square and resized to --image-size (bicubic, antialiased): a
+    40x24 image of a 24x24 square in the middle comes out as that square, resized; a corrupt PNG or a JPEG with no
+    Pillow installed is one line naming the file; a folder with no images is one line."""
+    img = torch.zeros(24, 40, 3, dtype=torch.uint8)
+    img[:, 8:32] = torch.randint(0, 256, (24, 24, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    os.makedirs(tmp_path / "imgs")
+    encode_png(tmp_path / "imgs" / "a.png", img, 2, [1])
+    got, _, _ = data.load_data(str(tmp_path / "imgs"), "", 12)
+    square = img[:, 8:32].permute(2, 0, 1)[None].float()
+    want = torch.nn.functional.interpolate(square, size=(12, 12), mode="bicubic", antialias=True)
+    assert got.shape == (1, 3, 12, 12) and (got.float() - want.round().clamp(0, 255)).abs().max() <= 1
+    blob = (tmp_path / "imgs" / "a.png").read_bytes()
+    (tmp_path / "imgs" / "b.png").write_bytes(blob[: len(blob) - 20])
+    with pytest.raises(SystemExit, match=r"^error: cannot read .*b\.png"):
+        data.load_data(str(tmp_path / "imgs"), "", 12)
+    os.remove(tmp_path / "imgs" / "b.png")
+    (tmp_path / "imgs" / "c.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    if importlib.util.find_spec("PIL") is None:
+        with pytest.raises(SystemExit, match=r"c\.jpg: reading \.jpg files needs Pillow \(pip install Pillow\)"):
+            data.load_data(str(tmp_path / "imgs"), "", 12)
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(SystemExit, match="no image files"):
+        data.load_data(str(tmp_path / "empty"), "", 12)
 
 
 def test_make_shapes_deterministic_and_learnable():
@@ -324,8 +433,25 @@ def test_sample_grid_never_touches_the_training_random_state(monkeypatch):
     monkeypatch.setattr(GaussianDiffusion, "p_sample", lambda self, model, x, t, *a, **k: (x + torch.randn_like(x),
                                                                                           x))
     before = torch.get_rng_state()
-    train.sample_images(ema, diffusion, 2, 0, seed=0, bf16=False)
+    draw = lambda net, y, shape, g: diffusion.p_sample_loop(lambda x, t: net(x, t), shape, generator=g)
+    train.sample_images(ema, draw, 2, seed=0)
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_flips_default_follows_the_data_and_is_announced(tmp_path, good_run):
+    """Flips are the paper's augmentation for CIFAR-10; on a user's data (digits, letters) a mirror image can be
+    another class, so there they are off unless --flip. Every run says which, and why, in its first lines."""
+    np = pytest.importorskip("numpy")
+    x, y = data.make_shapes(32, 8, 1, seed=3)
+    np.savez(tmp_path / "mine.npz", x.numpy(), y.numpy())
+    tiny = [a for a in TINY if a not in ("shapes",)]
+    tiny[tiny.index("--data") + 1:tiny.index("--data") + 1] = [str(tmp_path / "mine.npz")]
+    for extra, expect in (([], "horizontal flips off (the default for your own data, where a mirror image can "
+                               "change the class"), (["--flip"], "horizontal flips on (--flip)")):
+        r = run(*tiny, "--steps", "1", "--sample-every", "0", "--out", str(tmp_path / f"run{len(extra)}"), *extra)
+        assert r.returncode == 0 and expect in r.stdout.splitlines()[1], r.stdout + r.stderr
+        assert load_checkpoint(str(tmp_path / f"run{len(extra)}"))["args"]["flip"] == bool(extra)
+    assert "horizontal flips on (the built-in shapes are mirror-symmetric)" in (good_run / "log.txt").read_text()
 
 
 def test_user_npz_grayscale_16x16_class_conditional(tmp_path):

@@ -1,5 +1,7 @@
 """
-Train a DDPM (Ho, Jain, Abbeel 2020): Algorithm 1 with the paper's CIFAR-10 recipe as defaults.
+Train a DDPM (Ho, Jain, Abbeel 2020): Algorithm 1 with the paper's CIFAR-10 recipe as defaults; with flags, the
+later papers' models on the same machinery: a noise-aware classifier for guidance, a distilled student, a
+super-resolution stage of a cascade.
   python train.py --data cifar10 --device cuda                       # the paper's run
   torchrun --nproc_per_node=8 train.py --data cifar10                 # data-parallel, same global batch
   python train.py --data shapes --image-size 16 --ch 32 --steps 2000 ...  # CPU, minutes (see README)
@@ -15,19 +17,20 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import build_diffusion, load_checkpoint, save_checkpoint
+from cascade import conditioned, downsample, upsample
+from checkpoint import load_checkpoint, save_checkpoint
 from data import load_data, save_grid
+from distill import ProgressiveLoss, consistency_sample
 from guidance import model_fn
 from runtime import StopSignal, close_distributed, format_eta, init_distributed, rng_state, set_rng_state
 from samplers import ddim_sample_loop
-from training import FAST_PATHS, Batches, DiffusionLoss, get_lr, make_optimizer, match_layout, train_step
-from unet import UNet
+from training import FAST_PATHS, Batches, build_run, get_lr, make_optimizer, match_layout, train_step
 
 # -----------------------------------------------------------------------------
 # command line
 
 MODEL_FLAGS = ("ch", "ch_mult", "num_res_blocks", "attn", "dropout", "class_cond", "timesteps", "schedule",
-               "image_size")
+               "image_size", "classifier", "distill", "teacher", "student_steps", "teacher_steps", "cd_n", "low_res")
 RUN_FLAGS = ("resume", "device", "compile", "bf16", "tf32", "fused_adam", "channels_last", "out")  # never from a ckpt
 FLIP_DATA = ("cifar10", "shapes")  # data whose classes survive a mirror image: flips on by default
 
@@ -59,6 +62,27 @@ def get_parser():
     a("--dropout", type=float, default=0.1, help="dropout in the residual blocks")
     a("--class-cond", action="store_true", help="train with the labels (for classifier-free guidance)")
     a("--p-uncond", type=float, default=0.1, help="with --class-cond: chance of dropping a label (Ho & Salimans 2021)")
+    a("--classifier", action="store_true", help="train a noise-aware classifier p(y | x_t, t) for classifier "
+      "guidance (Dhariwal & Nichol 2021): the U-Net's encoder half, on labelled data, with the schedule and T of the "
+      "model it will guide")
+    a("--distill", default="", choices=["", "progressive", "consistency"], help="distil --teacher: progressive "
+      "(Salimans & Ho 2022) halves its DDIM steps round by round down to --student-steps; consistency (Song et "
+      "al. 2023) learns a 1-step sampler")
+    a("--teacher", default="", help="with --distill: a train.py checkpoint or run folder, or released weights")
+    a("--student-steps", type=int, default=4, help="progressive: the student's sampling steps at the end")
+    a("--teacher-steps", type=int, default=128, help="progressive: the teacher's DDIM steps the first round starts "
+      "from (a power of two times --student-steps, at most T; a progressive student as teacher: its own steps)")
+    a("--pd-weighting", default="snr-trunc", choices=["snr-trunc", "snr+1"], help="progressive: the loss weight, "
+      "max(SNR, 1) or SNR + 1 (Salimans & Ho Sec. 4)")
+    a("--cd-n", type=int, default=18, help="consistency: N, the points of the ODE discretisation (the paper's 18)")
+    a("--cd-mu", type=float, default=0.0, help="consistency: the target network's EMA decay (the paper's CIFAR-10: 0)")
+    a("--cd-solver", default="heun", choices=["heun", "ddim"], help="consistency: the teacher's ODE step")
+    a("--cd-distance", default="l2", choices=["l2", "pseudo-huber"], help="consistency: the distance d (LPIPS, the "
+      "paper's best, needs downloaded VGG weights: not here)")
+    a("--low-res", type=int, default=0, help="train a super-resolution model (a cascade's stage, Ho et al. 2021) from "
+      "this size up to the data's own: conditioned on the images area-downsampled to it")
+    a("--cond-aug-max", type=int, default=250, help="with --low-res: Gaussian conditioning augmentation, the "
+      "condition noised to a level s drawn from none, 0, ..., this - 1 (timestep indices of the schedule)")
     a("--timesteps", type=int, default=1000, help="T; for T != 1000 the betas are scaled by 1000/T (Nichol & Dhariwal)")
     a("--schedule", default="linear", choices=["linear", "cosine"], help="beta schedule (linear: the paper's)")
     a("--batch-size", type=int, default=128, help="global batch size (split across torchrun processes)")
@@ -139,17 +163,42 @@ def flip_note(args):
 # sample grids
 
 
+def grid_sampler(run, args, images):
+    """How grids are drawn for this kind of run: draw(ema, y, shape, generator) -> samples, or None (classifier).
+    Diffusion: Algorithm 2 over all T steps (--sample-steps 0), else that many strided steps of DDIM with eta = 1,
+    the stochastic sampler closest to Algorithm 2 (eta = 0 gives noisy images from a briefly trained model where
+    eta = 1 and Algorithm 2 give clean ones). Students: their own sampler. Super-resolution: the first training
+    images of the process, downsampled and drawn back up (no augmentation), by the sampler of a diffusion run."""
+    d, bf16 = run.diffusion, args.bf16 and images.device.type == "cuda"
+    if run.kind == "classifier":
+        return None
+    if run.kind == "consistency":
+        return lambda ema, y, shape, g: consistency_sample(d, model_fn(ema, y, bf16=bf16), shape, generator=g)
+    if run.kind == "progressive":
+        return lambda ema, y, shape, g: ddim_sample_loop(d, model_fn(ema, y, bf16=bf16), shape, run.loss_fn.steps,
+                                                         0.0, generator=g)
+
+    def draw(ema, y, shape, g):
+        if run.kind == "sr":
+            low = downsample(images[:shape[0]].float() / 127.5 - 1, run.model_config["low_res"])
+            net = conditioned(ema, upsample(low, shape[-1]), torch.full((shape[0],), -1, device=images.device))
+        else:
+            net = model_fn(ema, y, bf16=bf16)
+        if args.sample_steps:
+            return ddim_sample_loop(d, net, shape, args.sample_steps, 1.0, generator=g)
+        return d.p_sample_loop(net, shape, generator=g)
+    return draw
+
+
 @torch.no_grad()
-def sample_images(ema, diffusion, n, steps, seed, bf16=True, rank=0, world=1):
+def sample_images(ema, draw, n, seed, rank=0, world=1):
     """n EMA samples, the same noise every time (so grids show one set improving), with labels spread over the
-    classes for a class-conditional model. steps = 0: Algorithm 2 over all T steps; else that many strided
-    steps of DDIM with eta = 1, the stochastic sampler closest to Algorithm 2 (eta = 0 gives noisy images from
-    a briefly trained model where eta = 1 and Algorithm 2 give clean ones).
+    classes for a class-conditional model.
     Under torchrun every rank draws its share and rank 0 gathers them (so no rank idles in a collective while
     one samples, which on a long grid could trip NCCL's watchdog); the noise then depends on the rank count.
     Every draw comes from the grid's own generator, and fork_rng restores the global random state anyway, so
     drawing a grid never changes the training run (resume stays exact)."""
-    device = diffusion.betas.device
+    device = next(ema.parameters()).device
     c, s = ema.config["in_channels"], ema.config["image_size"]
     y, nrow = None, None
     if ema.num_classes:
@@ -161,11 +210,7 @@ def sample_images(ema, diffusion, n, steps, seed, bf16=True, rank=0, world=1):
         y = y[torch.arange(rank * share, (rank + 1) * share, device=device) % n]  # the last shares wrap around
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         g = torch.Generator(device).manual_seed(seed * 1_000_003 + rank)
-        net = model_fn(ema, y, bf16=bf16 and device.type == "cuda")
-        if steps:
-            x = ddim_sample_loop(diffusion, net, (share, c, s, s), steps, eta=1.0, generator=g)
-        else:
-            x = diffusion.p_sample_loop(net, (share, c, s, s), generator=g)
+        x = draw(ema, y, (share, c, s, s), g)
     if world > 1:
         shares = [torch.empty_like(x) for _ in range(world)]
         dist.all_gather(shares, x)
@@ -207,12 +252,14 @@ def main(argv=None):
     # data: each process keeps its own shard of the images, on its device
     images, labels, class_names = load_data(args.data, args.data_dir, args.image_size)
     flips = flip_note(args)
-    if args.class_cond and labels is None:
-        raise SystemExit(f"error: --class-cond needs labels, and --data {args.data} has none (npz: put them in arr_1; "
+    use_labels = args.class_cond or args.classifier
+    if use_labels and labels is None:
+        flag = "--class-cond" if args.class_cond else "--classifier"
+        raise SystemExit(f"error: {flag} needs labels, and --data {args.data} has none (npz: put them in arr_1; "
                          f"a folder: one subfolder per class)")
-    num_classes = int(labels.max()) + 1 if args.class_cond else None
+    num_classes = int(labels.max()) + 1 if use_labels else None
     images = images[rank::world].to(device)
-    labels = labels[rank::world].to(device) if args.class_cond else None
+    labels = labels[rank::world].to(device) if use_labels else None
     _, c, s, _ = images.shape
     if master:  # only now: bad data leave no empty run folder behind
         try:
@@ -220,28 +267,9 @@ def main(argv=None):
         except OSError as e:
             raise SystemExit(f"error: cannot create --out {args.out}: {e.strerror or e}")
 
-    # model, EMA, optimizer, diffusion
-    if ckpt:
-        model_config, diffusion_config = ckpt["model_config"], ckpt["diffusion_config"]
-        size, channels, classes = model_config["image_size"], model_config["in_channels"], model_config["num_classes"]
-        if (size, channels) != (s, c):
-            raise SystemExit(f"error: the data are {s}x{s} with {c} channel(s), the checkpoint's model expects "
-                             f"{size}x{size} with {channels}")
-        if args.class_cond and num_classes > classes:
-            raise SystemExit(f"error: the data have {num_classes} classes, the checkpoint's model {classes}")
-    else:
-        model_config = dict(image_size=s, in_channels=c, ch=args.ch, ch_mult=args.ch_mult,
-                            num_res_blocks=args.num_res_blocks, attn_resolutions=args.attn, dropout=args.dropout,
-                            num_classes=num_classes)
-        scale = 1000 / args.timesteps  # = 1 for the paper's T = 1000
-        diffusion_config = dict(schedule=args.schedule, num_timesteps=args.timesteps, beta_start=1e-4 * scale,
-                                beta_end=0.02 * scale, mean_type="eps", var_type="fixedlarge")
-    torch.manual_seed(args.seed)
-    try:
-        raw_model = UNet(**model_config)
-        diffusion = build_diffusion(diffusion_config).to(device)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}")
+    # what this run trains: a diffusion model, a classifier, or a distilled student; then its EMA and optimizer
+    run = build_run(args, ckpt, num_classes, s, c, device)
+    raw_model, diffusion, loss_fn = run.model, run.diffusion, run.loss_fn
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     raw_model.to(device, memory_format=memory_format)
     ema = copy.deepcopy(raw_model).requires_grad_(False).eval()
@@ -253,7 +281,6 @@ def main(argv=None):
         optimizer.load_state_dict(ckpt["optimizer"])
         match_layout(optimizer)
         step = ckpt["step"]
-    loss_fn = DiffusionLoss(diffusion, num_classes, args.p_uncond if args.class_cond else 0.0, args.bf16)
     # --compile: the whole loss computation in one graph. Under DDP the compiler wraps the DDP model, the order the
     # DDP notes and the compiler FAQ give: dynamo then splits the graph at DDP's gradient buckets, so each bucket's
     # all-reduce overlaps the rest of the backward (a compiled net inside DDP would reduce after the whole backward)
@@ -280,10 +307,17 @@ def main(argv=None):
         else:
             states = [rng_state(device)]
         if master:
+            extra = dict(run.extra, kind=run.kind)
+            if run.teacher is not None:
+                extra.update(teacher=run.teacher.state_dict(), sampling=run.sampling)
+            if run.target is not None:
+                extra.update(target=run.target.state_dict())
+            if run.rounds is not None:
+                extra.update(rounds=run.rounds)
             save_checkpoint(ckpt_path, {
                 "model": raw_model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                "step": step, "model_config": raw_model.config, "diffusion_config": diffusion_config,
-                "args": vars(args), "class_names": class_names, "rng": {"ranks": states}})
+                "step": step, "model_config": run.model_config, "diffusion_config": run.diffusion_config,
+                "args": vars(args), "class_names": class_names, "rng": {"ranks": states}, **extra})
         if ddp:
             dist.barrier()
 
@@ -299,7 +333,21 @@ def main(argv=None):
     # the device, read only at sync points (log, checkpoint, samples), so the GPU never waits for Python
     acc = torch.zeros(14, device=device)
     t_last, step_last, n_logs = time.time(), step, 0
+    draw = grid_sampler(run, args, images)
+    per_round = math.ceil(args.steps / len(run.rounds)) if run.rounds else None
     while step < args.steps:
+        # progressive distillation (Algorithm 2): --steps split evenly over the rounds, each halving the steps; at a
+        # round's first step the student becomes the teacher (resuming mid-round keeps the checkpoint's teacher)
+        if run.rounds and (step % per_round == 0 or run.loss_fn.steps != run.rounds[step // per_round]):
+            r = step // per_round
+            if step % per_round == 0 and step > 0:
+                run.teacher.load_state_dict(raw_model.state_dict())
+            loss_fn = run.loss_fn = ProgressiveLoss(diffusion, run.teacher, run.teacher_diffusion, run.rounds[r],
+                                                    args.pd_weighting, args.bf16)
+            losses = torch.compile(loss_fn.__call__) if args.compile and not ddp else loss_fn
+            run.sampling = dict(sampler="ddim", steps=run.rounds[r])
+            log(f"round {r + 1}/{len(run.rounds)}: a student of {run.rounds[r]} steps learns the teacher's "
+                f"{2 * run.rounds[r]} (steps {r * per_round}-{min((r + 1) * per_round, args.steps)})")
         lr = get_lr(step, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -336,14 +384,16 @@ def main(argv=None):
                 f"gnorm {v[1] / n:.2f} | {img_s:7.1f} img/s | eta {eta}")
             if n_logs % 10 == 0:
                 log("  loss by t quartile: " + " | ".join(f"q{i} {v[2 + i] / max(v[6 + i], 1):.4f}" for i in range(4)))
+                if run.kind == "classifier":
+                    log("  accuracy by t quartile: " + " | ".join(f"q{i} {v[10 + i] / max(v[6 + i], 1):.3f}"
+                                                               for i in range(4)))
             acc.zero_()
             t_last, step_last, n_logs = time.time(), step, n_logs + 1
         t_work = time.time()
         if do_ckpt or stopping:
             save(step)
-        if do_sample and not stopping:
-            x, nrow = sample_images(ema, diffusion, args.num_samples, args.sample_steps, args.seed, args.bf16,
-                                    rank, world)
+        if do_sample and draw and not stopping:
+            x, nrow = sample_images(ema, draw, args.num_samples, args.seed, rank, world)
             if master:
                 save_grid(os.path.join(args.out, f"samples_{step:07d}.png"), x, nrow)
         t_last += time.time() - t_work  # checkpoints and samples do not count against img/s

@@ -1,11 +1,20 @@
 """
-The training step of Algorithm 1 as train.py runs it (and bench.py times it): batches drawn on the device,
-Adam with the paper's warmup, gradient-norm clipping, and the EMA of the weights used for sampling.
+What train.py's loop runs (bench.py times the same): batches drawn on the device, Adam with the paper's warmup,
+one step of Algorithm 1 (gradient accumulation, gradient-norm clipping, the EMA of the weights used for sampling),
+and what each kind of run trains: a DDPM, a noise-aware classifier, a distilled student, a super-resolution stage.
 """
 import contextlib
+import copy
 import math
+from types import SimpleNamespace
 
 import torch
+
+from cascade import SuperResolution, SuperResolutionLoss
+from checkpoint import build_diffusion, load_model
+from distill import ConsistencyLoss, ProgressiveLoss, halving_rounds
+from guidance import ClassifierLoss, NoisyClassifier
+from unet import UNet
 
 # train.py's fast paths and their defaults (bench.py times the same): channels_last and compile stay off until a
 # GPU measurement shows they pay (on a CPU neither does).
@@ -112,4 +121,103 @@ def train_step(model, ema, optimizer, loss_fn, x0, y, args, stats=None, losses=N
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     update_ema(ema, model, args.ema_decay)
+    if hasattr(loss_fn, "after_step"):  # an objective with state of its own (consistency's target network)
+        loss_fn.after_step()
     return total / B, grad_norm
+
+
+# ---- what a run trains
+
+
+def new_diffusion_config(args):
+    scale = 1000 / args.timesteps  # = 1 for the paper's T = 1000
+    return dict(schedule=args.schedule, num_timesteps=args.timesteps, beta_start=1e-4 * scale, beta_end=0.02 * scale,
+                mean_type="eps", var_type="fixedlarge")
+
+
+def load_teacher(args, ckpt, size, channels, device):
+    """The frozen teacher of a distillation run (EMA weights): from the checkpoint when resuming, else --teacher."""
+    if ckpt:
+        config, diffusion_config, sampling = ckpt["teacher_config"], ckpt["teacher_diffusion_config"], ckpt["sampling"]
+        teacher = UNet(**config)
+        teacher.load_state_dict(ckpt["teacher"])
+    else:
+        if not args.teacher:
+            raise SystemExit(f"error: --distill {args.distill} needs --teacher (a train.py checkpoint or released weights)")
+        teacher, diffusion_config, meta, _ = load_model(args.teacher)
+        if meta["kind"] not in ("diffusion", "progressive"):
+            raise SystemExit(f"error: --teacher {args.teacher} is a {meta['kind']} checkpoint, not a diffusion model")
+        sampling = meta["sampling"] if meta["kind"] == "progressive" else None
+    c = teacher.config
+    if (c["image_size"], c["in_channels"]) != (size, channels):
+        raise SystemExit(f"error: the data are {size}x{size} with {channels} channel(s), the teacher expects "
+                         f"{c['image_size']}x{c['image_size']} with {c['in_channels']}")
+    return teacher.to(device).eval().requires_grad_(False), diffusion_config, sampling
+
+
+def build_run(args, ckpt, num_classes, size, channels, device):
+    """The model to train (new, or as the checkpoint describes it), its diffusion and the objective. kind:
+    diffusion (Algorithm 1), classifier (guidance.ClassifierLoss), progressive or consistency (distill.py)."""
+    kind = ckpt.get("kind", "diffusion") if ckpt else (
+        "classifier" if args.classifier else args.distill or ("sr" if args.low_res else "diffusion"))
+    run = SimpleNamespace(kind=kind, teacher=None, target=None, rounds=None, sampling=None, extra={})
+    torch.manual_seed(args.seed)
+    try:
+        if kind in ("progressive", "consistency"):
+            teacher, teacher_dc, teacher_sampling = load_teacher(args, ckpt, size, channels, device)
+            run.teacher, run.teacher_diffusion = teacher, build_diffusion(teacher_dc).to(device)
+            run.extra = dict(teacher_config=teacher.config, teacher_diffusion_config=teacher_dc)
+            run.model_config = ckpt["model_config"] if ckpt else teacher.config  # the teacher's architecture
+            run.diffusion_config = ckpt["diffusion_config"] if ckpt else dict(teacher_dc, mean_type="v")
+            run.model = UNet(**run.model_config)
+            run.model.load_state_dict(teacher.state_dict())  # the student starts as its teacher (an eps net read as v)
+        else:
+            run.model_config = ckpt["model_config"] if ckpt else dict(
+                image_size=size, in_channels=channels, ch=args.ch, ch_mult=args.ch_mult,
+                num_res_blocks=args.num_res_blocks, attn_resolutions=args.attn, dropout=args.dropout,
+                num_classes=num_classes if args.class_cond or args.classifier else None,
+                **(dict(low_res=args.low_res) if args.low_res else {}))
+            run.diffusion_config = ckpt["diffusion_config"] if ckpt else new_diffusion_config(args)
+            if kind == "sr" and not 0 < run.model_config["low_res"] < size:
+                raise ValueError(f"--low-res {run.model_config['low_res']} must be below the data's size {size}")
+            net = {"classifier": NoisyClassifier, "sr": SuperResolution, "diffusion": UNet}[kind]
+            run.model = net(**run.model_config)
+        run.diffusion = build_diffusion(run.diffusion_config).to(device)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    if kind != "progressive" and kind != "consistency":
+        c = run.model_config
+        if (c["image_size"], c["in_channels"]) != (size, channels):
+            raise SystemExit(f"error: the data are {size}x{size} with {channels} channel(s), the checkpoint's model "
+                             f"expects {c['image_size']}x{c['image_size']} with {c['in_channels']}")
+        if num_classes is not None and c.get("num_classes") is not None and num_classes > c["num_classes"]:
+            raise SystemExit(f"error: the data have {num_classes} classes, the checkpoint's model {c['num_classes']}")
+    if kind == "diffusion":
+        run.loss_fn = DiffusionLoss(run.diffusion, num_classes, args.p_uncond if args.class_cond else 0.0, args.bf16)
+    elif kind == "classifier":
+        run.loss_fn = ClassifierLoss(run.diffusion, args.bf16)
+    elif kind == "sr":
+        run.loss_fn = SuperResolutionLoss(run.diffusion, run.model_config["low_res"], args.cond_aug_max, args.bf16)
+        run.extra = dict(cond_aug_max=args.cond_aug_max)
+    elif kind == "progressive":
+        start = teacher_sampling["steps"] if teacher_sampling else args.teacher_steps
+        if ckpt:
+            start = ckpt["rounds"][0] * 2
+        if start > run.diffusion.num_timesteps:
+            raise SystemExit(f"error: --teacher-steps {start} is more than the teacher's T = "
+                             f"{run.diffusion.num_timesteps}")
+        try:
+            run.rounds = halving_rounds(start, args.student_steps)
+        except ValueError as e:
+            raise SystemExit(f"error: --student-steps: {e}")
+        run.loss_fn = ProgressiveLoss(run.diffusion, run.teacher, run.teacher_diffusion, run.rounds[0],
+                                      args.pd_weighting, args.bf16)
+    else:
+        run.target = copy.deepcopy(run.model).to(device).eval().requires_grad_(False)
+        if ckpt:
+            run.target.load_state_dict(ckpt["target"])
+        run.loss_fn = ConsistencyLoss(run.diffusion, run.teacher, run.teacher_diffusion, run.target, args.cd_mu,
+                                      args.cd_n, args.cd_solver, args.cd_distance, args.bf16)
+        run.loss_fn.student = run.model
+        run.sampling = dict(sampler="consistency", steps=1)
+    return run

@@ -1,0 +1,239 @@
+"""
+Distilling a trained DDPM into a sampler of 1-4 network calls, from the papers that came after it:
+- progressive distillation (Salimans & Ho 2022, arXiv:2202.00512, Algorithm 2): a student learns to take in one
+  DDIM step what its teacher takes in two, then becomes the next teacher, halving the steps each round;
+- consistency distillation (Song, Dhariwal, Chen, Sutskever 2023, arXiv:2303.01469, Algorithms 1 and 2): a
+  student learns f(x_t, t) -> x_0, the same all along the teacher's ODE trajectory, with f(x, t_min) = x built in.
+Both students predict v (Salimans & Ho, Sec. 4: an eps-student fails at few steps, x0_hat = (x_t - sigma eps) /
+alpha magnifying its errors where alpha -> 0). A student starts from its teacher's weights; an eps-teacher's output
+is read as v, which is right where the two agree (v -> eps as abar_t -> 1) and retrained where they differ.
+Timesteps are this project's: 0-based indices into the T-step schedule; alpha_t = sqrt(abar_t), sigma_t =
+sqrt(1 - abar_t) in the papers' VP notation, and Consistency Models' (EDM's) noise level is s_t = sigma_t / alpha_t,
+their x being ours divided by alpha_t.
+"""
+import math
+
+import torch
+
+from ddpm import extract
+from samplers import spaced_timesteps
+
+# ---- progressive distillation ----
+
+
+def halving_rounds(teacher_steps, student_steps):
+    """The student step counts of each round, teacher_steps / 2 down to student_steps; ValueError if halving
+    does not reach it."""
+    rounds, n = [], teacher_steps
+    while n > student_steps and n % 2 == 0:
+        n //= 2
+        rounds.append(n)
+    if n != student_steps or not rounds:
+        raise ValueError(f"{student_steps} student steps are not reachable by halving {teacher_steps} teacher steps")
+    return rounds
+
+
+def nested_grid(num_timesteps, steps):
+    """The timesteps a sampler of `steps` steps visits: trailing spacing, index round(T j / steps) - 1 for
+    j = steps..1. For steps = 2^k the grid of steps / 2 is every other point of it (the same fractions j / steps),
+    so each round's steps are a subset of the round before's."""
+    return spaced_timesteps(num_timesteps, steps, "trailing")
+
+
+def _alpha_sigma(diffusion, t, x):
+    """alpha_t, sigma_t shaped to broadcast against x; t = -1 (the data) gives alpha = 1, sigma = 0."""
+    abar = torch.where(t >= 0, diffusion.alphas_cumprod[t.clamp(min=0)], torch.ones_like(t, dtype=x.dtype))
+    abar = abar.view(-1, *([1] * (x.dim() - 1)))
+    return abar.sqrt(), (1 - abar).sqrt()
+
+
+def ddim_step(z_t, x_hat, alpha_t, sigma_t, alpha_s, sigma_s):
+    """DDIM with eta = 0 as Salimans & Ho write it (Eqs. 7-8): z_s = alpha_s x_hat + sigma_s (z_t - alpha_t x_hat)
+    / sigma_t."""
+    return alpha_s * x_hat + sigma_s / sigma_t * (z_t - alpha_t * x_hat)
+
+
+def distillation_target(z_t, z_t2, alpha_t, sigma_t, alpha_t2, sigma_t2):
+    """Algorithm 2: the x~ for which one DDIM step t -> t'' of the student lands where the teacher's two steps
+    t -> t' -> t'' did: x~ = (z_t'' - (sigma_t'' / sigma_t) z_t) / (alpha_t'' - (sigma_t'' / sigma_t) alpha_t)."""
+    ratio = sigma_t2 / sigma_t
+    return (z_t2 - ratio * z_t) / (alpha_t2 - ratio * alpha_t)
+
+
+class ProgressiveLoss:
+    """One round of Algorithm 2: for t on the student's grid of `steps` steps, z_t = alpha_t x + sigma_t eps, two
+    unclipped DDIM steps of the teacher t -> t' -> t'' on the grid of 2 steps, the target x~, and the loss
+    w(lambda_t) ||x~ - x_hat_student(z_t)||^2 with the truncated-SNR weight max(SNR_t, 1) or SNR_t + 1 (Sec. 4;
+    SNR + 1 on x is the plain loss on v). The student is a v-network; the teacher any network of its diffusion."""
+
+    def __init__(self, diffusion, teacher, teacher_diffusion, steps, weighting="snr-trunc", bf16=False):
+        self.diffusion, self.teacher, self.teacher_diffusion = diffusion, teacher, teacher_diffusion
+        self.steps, self.weighting, self.bf16 = steps, weighting, bf16
+        grid = nested_grid(diffusion.num_timesteps, 2 * steps) + [-1]
+        self.t, self.t1, self.t2 = (torch.tensor(grid[k::2][:steps]) for k in range(3))  # t > t' > t''
+
+    def draw(self, x0, y):
+        i = torch.randint(0, self.steps, (x0.shape[0],), device=x0.device)  # Alg. 2: t = i / N
+        return self.t.to(x0.device)[i], torch.randn_like(x0), i
+
+    def __call__(self, model, x0, y, t, noise, i):
+        d, dev = self.diffusion, x0.device
+        t1, t2 = self.t1.to(dev)[i], self.t2.to(dev)[i]
+        z_t = d.q_sample(x0, t, noise)
+        a, s = _alpha_sigma(d, t, x0)
+        with torch.no_grad(), torch.autocast(dev.type, torch.bfloat16, enabled=self.bf16 and dev.type == "cuda"):
+            teacher = lambda x, tt: self.teacher(x, tt, y)
+            a1, s1 = _alpha_sigma(d, t1, x0)
+            a2, s2 = _alpha_sigma(d, t2, x0)
+            x_hat = self.teacher_diffusion.p_mean_variance(teacher, z_t, t, clip_denoised=False)[3]
+            z_t1 = ddim_step(z_t, x_hat, a, s, a1, s1)
+            x_hat1 = self.teacher_diffusion.p_mean_variance(teacher, z_t1, t1, clip_denoised=False)[3]
+            z_t2 = ddim_step(z_t1, x_hat1, a1, s1, a2, s2)
+            target = distillation_target(z_t, z_t2, a, s, a2, s2).float()
+        with torch.autocast(dev.type, torch.bfloat16, enabled=self.bf16 and dev.type == "cuda"):
+            v = model(z_t, t, y).float()
+        x_student = d.predict_start_from_v(z_t, t, v)
+        snr = (a / s).square().flatten()
+        weight = snr.clamp(min=1.0) if self.weighting == "snr-trunc" else snr + 1
+        return weight * ((target - x_student) ** 2).flatten(1).mean(1), None
+
+# ---- consistency distillation ----
+
+
+SIGMA_DATA = 0.5  # EDM's and Consistency Models' data standard deviation, for c_skip and c_out
+
+
+def ve_sigma(diffusion, t):
+    """Consistency Models' (EDM's) noise level at index t: x_t / alpha_t = x_0 + (sigma_t / alpha_t) eps."""
+    abar = diffusion.alphas_cumprod[t]
+    return ((1 - abar) / abar).sqrt()
+
+
+def cd_timesteps(diffusion, n=18, rho=7.0):
+    """Consistency Models Sec. 4's discretisation, s_i = (s_min^(1/rho) + (i-1)/(N-1) (s_max^(1/rho) - s_min^(1/rho)))^rho
+    for i = 1..N (EDM's, rho = 7), s_min and s_max our chain's first and last noise levels, each s_i moved to the
+    index of nearest noise level; increasing, each index once (t_1 = 0: t_min, t_N = T - 1)."""
+    sigmas = ve_sigma(diffusion, torch.arange(diffusion.num_timesteps, device=diffusion.betas.device)).double().cpu()
+    lo, hi = sigmas[0] ** (1 / rho), sigmas[-1] ** (1 / rho)
+    wanted = (lo + torch.arange(n, dtype=torch.float64) / (n - 1) * (hi - lo)) ** rho
+    return sorted({int((sigmas.log() - math.log(s)).abs().argmin()) for s in wanted.tolist()})
+
+
+def boundary_scalings(sigma, sigma_min):
+    """Consistency Models Appendix C: c_skip(s) = s_data^2 / ((s - s_min)^2 + s_data^2) and
+    c_out(s) = s_data (s - s_min) / sqrt(s_data^2 + s^2), so that c_skip(s_min) = 1 and c_out(s_min) = 0."""
+    c_skip = SIGMA_DATA ** 2 / ((sigma - sigma_min) ** 2 + SIGMA_DATA ** 2)
+    c_out = SIGMA_DATA * (sigma - sigma_min) / (SIGMA_DATA ** 2 + sigma ** 2).sqrt()
+    return c_skip, c_out
+
+
+def consistency_function(diffusion, model, x_t, t):
+    """f(x, t) = c_skip(t) x + c_out(t) F(x, t), Consistency Models Eq. (5), in their coordinates (x_t / alpha_t),
+    with F = (1 - c_skip) x0_hat / c_out: f = c_skip x + (1 - c_skip) x0_hat, x0_hat from the v-network. At t_min
+    c_skip = 1, so f(x, t_min) = x for any weights; elsewhere x0_hat's errors enter scaled by 1 - c_skip <= 1."""
+    abar = extract(diffusion.alphas_cumprod, t, x_t)
+    sigma = ((1 - abar) / abar).sqrt()
+    sigma_min = ve_sigma(diffusion, torch.zeros_like(t[:1]))
+    c_skip, _ = boundary_scalings(sigma, sigma_min)
+    x0_hat = diffusion.predict_start_from_v(x_t, t, model(x_t, t).float())
+    return c_skip * x_t / abar.sqrt() + (1 - c_skip) * x0_hat
+
+
+def heun_step(diffusion, teacher, x_t, t, t_prev, y=None, heun=True):
+    """One step of the teacher's probability-flow ODE from t to t_prev < t, in EDM's coordinates (x / alpha, noise
+    level s), where eps_hat is dx/ds: Euler, x' = x + (s_prev - s) eps_hat(x, s), which is DDIM with eta = 0; Heun
+    (EDM, Karras et al. 2022, Algorithm 1) averages eps_hat at both ends. Unclipped. Returns x_{t_prev} (ours, VP)."""
+    d = diffusion
+    a, a_prev = extract(d.alphas_cumprod, t, x_t), extract(d.alphas_cumprod, t_prev, x_t)
+    s, s_prev = ((1 - a) / a).sqrt(), ((1 - a_prev) / a_prev).sqrt()
+    eps = lambda x, tt: d.predict_noise_from_start(x, tt, d.p_mean_variance(teacher, x, tt, clip_denoised=False)[3])
+    x = x_t / a.sqrt()
+    e1 = eps(x_t, t)
+    x_next = x + (s_prev - s) * e1
+    if heun:
+        e2 = eps(x_next * a_prev.sqrt(), t_prev)
+        x_next = x + (s_prev - s) * (e1 + e2) / 2
+    return x_next * a_prev.sqrt()
+
+
+def pseudo_huber(a, b):
+    """The pseudo-Huber distance of improved consistency training (Song & Dhariwal 2023, arXiv:2310.14189):
+    sqrt(||a - b||^2 + c^2) - c, c = 0.00054 sqrt(d), d the dimension of an image."""
+    d = a[0].numel()
+    c = 0.00054 * math.sqrt(d)
+    return (((a - b) ** 2).flatten(1).sum(1) + c ** 2).sqrt() - c
+
+
+class ConsistencyLoss:
+    """Algorithm 2 (CD): n ~ U{1..N-1}, x_{t_{n+1}} = q_sample(x, t_{n+1}), one teacher ODE step to t_n, and
+    lambda(t_n) d(f_theta(x_{t_{n+1}}, t_{n+1}), f_theta-(x^_{t_n}, t_n)), lambda = 1 (Eq. 7). The target network
+    theta- is an EMA of the student, Eq. (8): theta- <- mu theta- + (1 - mu) theta after each update (mu = 0,
+    the paper's CIFAR-10 setting, makes it the student itself without gradient). d: "l2" (mean squared) or
+    "pseudo-huber"."""
+
+    def __init__(self, diffusion, teacher, teacher_diffusion, target, mu=0.0, n=18, solver="heun", distance="l2",
+                 bf16=False):
+        self.diffusion, self.teacher, self.teacher_diffusion, self.target = diffusion, teacher, teacher_diffusion, target
+        self.mu, self.solver, self.distance, self.bf16 = mu, solver, distance, bf16
+        self.timesteps = torch.tensor(cd_timesteps(diffusion, n))
+        self.student = None  # the raw student, set by train.py, for the target's EMA
+
+    def draw(self, x0, y):
+        n = torch.randint(0, len(self.timesteps) - 1, (x0.shape[0],), device=x0.device)
+        return self.timesteps.to(x0.device)[n + 1], torch.randn_like(x0), n
+
+    def teacher_step(self, x_t, t, t_prev, y):
+        """Eq. (6): x^_{t_n} = x_{t_{n+1}} + (t_n - t_{n+1}) Phi(x_{t_{n+1}}, t_{n+1}; phi), Phi Euler (DDIM) or Heun."""
+        teacher = lambda x, tt: self.teacher(x, tt, y)
+        return heun_step(self.teacher_diffusion, teacher, x_t, t, t_prev, heun=self.solver == "heun")
+
+    def __call__(self, model, x0, y, t, noise, n):
+        dev = x0.device
+        t_prev = self.timesteps.to(dev)[n]
+        x_t = self.diffusion.q_sample(x0, t, noise)
+        autocast = torch.autocast(dev.type, torch.bfloat16, enabled=self.bf16 and dev.type == "cuda")
+        with torch.no_grad(), autocast:
+            x_prev = self.teacher_step(x_t, t, t_prev, y).float()
+            target = consistency_function(self.diffusion, lambda x, tt: self.target(x, tt, y), x_prev, t_prev)
+        with autocast:
+            pred = consistency_function(self.diffusion, lambda x, tt: model(x, tt, y), x_t, t)
+        if self.distance == "pseudo-huber":
+            return pseudo_huber(pred, target), None
+        return ((pred - target) ** 2).flatten(1).mean(1), None
+
+    @torch.no_grad()
+    def after_step(self):
+        """Eq. (8), the target network's EMA."""
+        torch._foreach_lerp_(list(self.target.parameters()), list(self.student.parameters()), 1.0 - self.mu)
+
+
+def consistency_sigmas(diffusion, steps, last=0.821):
+    """Where multistep sampling adds noise back: the first step from T - 1, then noise levels falling geometrically
+    to `last` (Consistency Models' searched CIFAR-10 value for two steps, 0.821), each at the index of nearest noise
+    level. For steps = 1 just T - 1."""
+    T = diffusion.num_timesteps
+    top = ve_sigma(diffusion, torch.tensor(T - 1)).item()
+    wanted = [top * (last / top) ** (k / (steps - 1)) for k in range(1, steps)] if steps > 1 else []
+    sigmas = ve_sigma(diffusion, torch.arange(T, device=diffusion.betas.device)).double().cpu()
+    return [T - 1] + [int((sigmas.log() - math.log(s)).abs().argmin()) for s in wanted]
+
+
+@torch.no_grad()
+def consistency_sample(diffusion, model, shape, steps=1, noise=None, generator=None, callback=None):
+    """Algorithm 1 (multistep consistency sampling): x <- f(x_T, T); then for each later time tau,
+    x^ = x + sqrt(tau^2 - s_min^2) z and x <- f(x^, tau) (in Consistency Models' coordinates; each x^ is handed to
+    the network as alpha_tau x^). One step is f(x_T, T) alone. Returns x_0 in [-1, 1] coordinates, clipped."""
+    device = diffusion.betas.device
+    indices = consistency_sigmas(diffusion, steps)
+    x_t = torch.randn(shape, generator=generator, device=device) if noise is None else noise
+    sigma_min = ve_sigma(diffusion, torch.tensor(0, device=device))
+    x = None
+    for i in indices:
+        t = torch.full((shape[0],), i, device=device, dtype=torch.long)
+        if x is not None:  # back to the noise level of index i: x^ = x + sqrt(tau^2 - s_min^2) z, then times alpha
+            z = torch.randn(shape, generator=generator, device=device)
+            x_t = (x + (ve_sigma(diffusion, t[0]) ** 2 - sigma_min ** 2).sqrt() * z) * diffusion.alphas_cumprod[i].sqrt()
+        x = consistency_function(diffusion, model, x_t, t)
+        if callback is not None:
+            callback(i, x_t, x)
+    return x.clamp(-1, 1)

@@ -1,0 +1,123 @@
+"""
+Tests of cascade.py (cascaded diffusion, Ho et al. 2021): the resampling pair, Gaussian conditioning augmentation
+against the moments of q, the super-resolution model against the plain U-Net it extends, the cascade's stage
+against the plain sampler; then train.py --low-res and sample.py --upsample / --low-res end to end on tiny nets.
+"""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import sample
+from cascade import SuperResolution, augment, conditioned, downsample, upsample
+from checkpoint import build_diffusion, load_checkpoint
+from conftest import TINY_DIFFUSION, TINY_NET, TRAIN_TINY, assert_one_line_error, randomized, read_npz, run_script
+from data import make_shapes, write_npz
+from samplers import sample_loop
+from unet import UNet
+
+
+def test_resampling_pair():
+    """Area downsampling is the mean of each block; nearest upsampling repeats each pixel; downsampling undoes
+    upsampling, to float rounding (the super-resolution input, downsampled back, is the low-resolution image)."""
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.allclose(downsample(x, 4), x.unfold(2, 2, 2).unfold(3, 2, 2).mean((-1, -2)))
+    assert torch.equal(upsample(x, 16), x.repeat_interleave(2, 2).repeat_interleave(2, 3))
+    assert torch.equal(downsample(upsample(x, 16), 8), x)
+    assert torch.allclose(downsample(upsample(x, 32), 8), x, atol=1e-6, rtol=0)
+
+
+def test_conditioning_augmentation_is_q():
+    """s = -1 (none): the condition is up(x_lr) itself, bit for bit. s >= 0: c~ = q_sample(c, s), whose moments
+    over many draws are those of q(x_s | c): mean sqrt(abar_s) c, variance 1 - abar_s (Monte Carlo, 6 standard
+    errors)."""
+    d = build_diffusion(TINY_DIFFUSION)
+    c = torch.rand(1, 3, 4, 4) * 2 - 1
+    n = 20000
+    assert torch.equal(augment(d, c, torch.tensor([-1]), torch.randn(1, 3, 4, 4)), c)
+    for s in (0, 30, 99):
+        g = torch.Generator().manual_seed(s)
+        draws = augment(d, c.expand(n, -1, -1, -1), torch.full((n,), s), torch.randn(n, 3, 4, 4, generator=g))
+        abar = d.alphas_cumprod[s]
+        se = (1 - abar).sqrt() / n ** 0.5
+        assert (draws.mean(0) - abar.sqrt() * c[0]).abs().max() < 6 * se + 1e-6
+        assert (draws.var(0) - (1 - abar)).abs().max() < 6 * (1 - abar) * (2 / n) ** 0.5 + 1e-6
+
+
+def test_zero_conditioning_weights_compute_the_unconditional_network():
+    """A super-resolution model whose weights on the condition (the input convolution's extra channels) and on the
+    augmentation level (its embedding's last layer) are zero computes the plain U-Net with the remaining weights."""
+    sr = randomized(SuperResolution(low_res=4, **TINY_NET))
+    plain = UNet(**TINY_NET)
+    with torch.no_grad():
+        sr.unet.conv_in.weight[:, 3:] = 0
+        for p in sr.aug[1].parameters():
+            p.zero_()
+        state = {k: v for k, v in sr.unet.state_dict().items()}
+        state["conv_in.weight"] = state["conv_in.weight"][:, :3]
+        plain.load_state_dict(state)
+        x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 70])
+        out = sr(x, t, torch.randn(2, 3, 8, 8), torch.tensor([-1, 50]))
+        torch.testing.assert_close(out, plain.eval()(x, t), atol=1e-5, rtol=1e-5)
+
+
+def test_a_cascade_stage_is_the_plain_sampler_on_the_conditioned_model():
+    """sample.upsample_stage = the augmentation noise drawn first, then sample_loop on conditioned(model, c~, s),
+    with the same generator: the cascade adds nothing else."""
+    d = build_diffusion(TINY_DIFFUSION)
+    sr = randomized(SuperResolution(low_res=4, **TINY_NET))
+    x_lr = torch.rand(2, 3, 4, 4) * 2 - 1
+    stage = SimpleNamespace(net=sr, diffusion=d, size=8, sampler="ddim", steps=5, eta=None,
+                                   spacing="trailing", cond_aug=20)
+    with torch.no_grad():
+        ours = sample.upsample_stage(stage, x_lr, torch.Generator().manual_seed(0))
+        g = torch.Generator().manual_seed(0)
+        s = torch.full((2,), 20)
+        cond = augment(d, upsample(x_lr, 8), s, torch.randn(2, 3, 8, 8, generator=g))
+        plain = sample_loop(d, conditioned(sr, cond, s), (2, 3, 8, 8), "ddim", 5, generator=g)
+    assert torch.equal(ours, plain)
+
+
+@pytest.fixture(scope="module")
+def cascade(tmp_path_factory):
+    """A tiny base model on 8x8 shapes and a super-resolution model 8 -> 16 on 16x16 shapes, trained by train.py."""
+    out = tmp_path_factory.mktemp("cascade")
+    r = run_script("train.py", *TRAIN_TINY, "--steps", "2", "--sample-every", "0", "--out", out / "base")
+    assert r.returncode == 0, r.stderr
+    tiny16 = [a if a != "8" else "16" for a in TRAIN_TINY]
+    r = run_script("train.py", *tiny16, "--low-res", "8", "--cond-aug-max", "20", "--steps", "2", "--sample-every",
+                   "2", "--sample-steps", "2", "--out", out / "sr")
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_super_resolution_training_and_the_cascade(cascade, tmp_path):
+    """train.py --low-res 8 on 16x16 data records the stage; sample.py BASE --upsample SR draws 8x8 samples and carries
+    them to 16x16 (the .npz holds the final size); sample.py SR --low-res IMAGES upsamples given images."""
+    ckpt = load_checkpoint(str(cascade / "sr"))
+    assert ckpt["kind"] == "sr" and ckpt["model_config"]["low_res"] == 8 and ckpt["cond_aug_max"] == 20
+    assert (cascade / "sr" / "samples_0000002.png").exists()
+    r = run_script("sample.py", cascade / "base", "--upsample", cascade / "sr", "--n", "3", "--steps", "3",
+                   "--upsample-steps", "4", "--cond-aug", "5", "--device", "cpu", "--npz", tmp_path / "c.npz",
+                   "--out", tmp_path / "c.png")
+    assert r.returncode == 0, r.stderr
+    assert "then up to 16x16 by ddpm in 4 steps, conditioning augmentation 5" in r.stdout
+    assert read_npz(tmp_path / "c.npz")["arr_0"].shape == (3, 16, 16, 3)
+    write_npz(str(tmp_path / "low.npz"), {"arr_0": make_shapes(5, 8, 3, seed=2)[0]})
+    r = run_script("sample.py", cascade / "sr", "--low-res", tmp_path / "low.npz", "--steps", "3", "--cond-aug", "none",
+                   "--device", "cpu", "--npz", tmp_path / "up.npz", "--out", tmp_path / "up.png")
+    assert r.returncode == 0, r.stderr
+    assert read_npz(tmp_path / "up.npz")["arr_0"].shape == (5, 16, 16, 3)
+
+
+def test_cascade_bad_combinations(cascade, tmp_path):
+    """One clear line each: a super-resolution checkpoint as the base (no --low-res), stages whose sizes do not
+    chain, a base model as a stage, --low-res images of the wrong size."""
+    write_npz(str(tmp_path / "low16.npz"), {"arr_0": make_shapes(2, 16, 3, seed=2)[0]})
+    cases = [([cascade / "sr"], "is a super-resolution model"),
+             ([cascade / "base", "--upsample", cascade / "sr", "--upsample", cascade / "sr"], "does not chain"),
+             ([cascade / "base", "--upsample", cascade / "base"], "is not a super-resolution model"),
+             ([cascade / "sr", "--low-res", tmp_path / "low16.npz"], "does not chain")]
+    for argv, expect in cases:
+        r = run_script("sample.py", *argv, "--device", "cpu", "--out", tmp_path / "g.png")
+        assert expect in assert_one_line_error(r), argv

@@ -1,0 +1,293 @@
+"""
+Tests of distill.py (progressive distillation, Salimans & Ho 2022; consistency distillation, Song et al. 2023) and
+of the v-parameterisation in ddpm.py: each checked by a second route (the teacher's own steps, the closed-form
+ODE of Gaussian data, the algebra of the parameterisations), then train.py --distill and sample.py on students,
+end to end on tiny nets. Each docstring states what it checks.
+"""
+import math
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+import distill
+from checkpoint import load_checkpoint
+from conftest import (FAST, TINY_NET, TRAIN_TINY, assert_one_line_error, full, in_process, randomized, read_npz,
+                      run_script, schedules)
+from ddpm import GaussianDiffusion, make_beta_schedule
+from samplers import ddim_sample
+from unet import UNet
+
+# ---- the v-parameterisation (Salimans & Ho, Sec. 4)
+
+
+@FAST
+@given(schedules(), st.integers(0, 2**31 - 1), st.data())
+def test_v_round_trips_and_its_loss_is_snr_plus_one_times_the_x0_loss(betas, seed, data):
+    """v = sqrt(abar) eps - sqrt(1 - abar) x_0: from (x_t, v) predict_start_from_v recovers x_0, and eps =
+    sqrt(1 - abar) x_t + sqrt(abar) v; a v-network's mistake costs ||v - v_hat||^2 = (1 + SNR) ||x_0 - x0_hat||^2
+    (SNR = abar / (1 - abar)), the SNR+1 weighting; training_losses with mean_type "v" is that v error."""
+    d = GaussianDiffusion(betas, mean_type="v", dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    t = torch.tensor(data.draw(st.lists(st.integers(0, len(betas) - 1), min_size=3, max_size=3)))
+    x0 = torch.rand(3, 2, 4, 4, generator=g, dtype=torch.float64) * 2 - 1
+    eps = torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64)
+    x_t, v = d.q_sample(x0, t, eps), d.predict_v(x0, t, eps)
+    a = torch.cumprod(1 - betas, 0)[t].view(-1, 1, 1, 1)
+    assert torch.allclose(d.predict_start_from_v(x_t, t, v), x0, atol=1e-10)
+    assert torch.allclose((1 - a).sqrt() * x_t + a.sqrt() * v, eps, atol=1e-10)
+    v_hat = v + 0.1 * torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64)
+    x0_hat = d.predict_start_from_v(x_t, t, v_hat)
+    snr = a / (1 - a)
+    assert torch.allclose(((v - v_hat) ** 2), (1 + snr) * (x0 - x0_hat) ** 2, rtol=1e-8, atol=1e-12)
+    assert torch.allclose(d.training_losses(lambda x, tt: v_hat, x0, t, eps), ((v - v_hat) ** 2).flatten(1).mean(1))
+
+# ---- progressive distillation
+
+
+def test_halving_rounds_and_nested_grids():
+    """128 teacher steps halve to 64, 32, 16, 8, 4; 3 is not reachable; the grid of each round's student is every
+    other point of its teacher's grid (so every round's steps are a subset of the one before)."""
+    assert distill.halving_rounds(128, 4) == [64, 32, 16, 8, 4]
+    for bad in (3, 128, 256):
+        with pytest.raises(ValueError, match="not reachable"):
+            distill.halving_rounds(128, bad)
+    for T in (1000, 1024, 600):
+        for n in (2, 4, 8, 16, 32, 64, 128, 256, 512):
+            fine, coarse = distill.nested_grid(T, n), distill.nested_grid(T, n // 2) if n > 2 else None
+            assert len(set(fine)) == n and fine[0] == T - 1
+            if coarse:
+                assert coarse == fine[::2]
+
+
+@FAST
+@given(schedules(min_t=8, max_t=200), st.sampled_from([1, 2, 4]), st.integers(0, 2**31 - 1), st.data())
+def test_a_student_predicting_the_target_takes_the_teachers_two_steps_in_one(betas, steps, seed, data):
+    """Algorithm 2's target x~: a student whose x0_hat is x~ lands, in one DDIM step t -> t'', exactly where the
+    teacher's two DDIM steps t -> t' -> t'' (written here with ddim_sample_loop's own DDIM) land (float64)."""
+    T = len(betas)
+    steps = min(steps, T // 2)
+    d = GaussianDiffusion(betas, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    teacher = lambda x, t: torch.tanh(x) * 0.6 + 0.05 * torch.cos(t.double()).view(-1, 1, 1, 1)
+    grid = distill.nested_grid(T, 2 * steps) + [-1]
+    k = data.draw(st.integers(0, steps - 1))
+    t, t1, t2 = grid[2 * k], grid[2 * k + 1], grid[2 * k + 2]
+    z_t = torch.randn(2, 1, 4, 4, generator=g, dtype=torch.float64)
+    z_t1 = ddim_sample(d, teacher, z_t, full(2, t), t1, clip_denoised=False)
+    z_t2 = ddim_sample(d, teacher, z_t1, full(2, t1), t2, clip_denoised=False)
+    a, s = distill._alpha_sigma(d, full(2, t), z_t)
+    a2, s2 = distill._alpha_sigma(d, full(2, t2), z_t)
+    target = distill.distillation_target(z_t, z_t2, a, s, a2, s2)
+    student_step = distill.ddim_step(z_t, target, a, s, a2, s2)
+    assert torch.allclose(student_step, z_t2, rtol=1e-9, atol=1e-9)
+
+
+def test_progressive_loss_is_zero_for_a_student_that_matches_and_positive_otherwise():
+    """With the student replaced by a v-network that returns the v of the target x~ (computed from the teacher's
+    two steps), the loss is 0; the teacher itself read as a v-network is not such a student."""
+    betas = make_beta_schedule("linear", 64, 1e-3, 0.2)
+    d_eps, d_v = GaussianDiffusion(betas), GaussianDiffusion(betas, mean_type="v")
+    teacher = randomized(UNet(**dict(TINY_NET)))
+    loss = distill.ProgressiveLoss(d_v, lambda x, t, y=None: teacher(x, t), d_eps, steps=4)
+    x0 = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    torch.manual_seed(1)
+    t, noise, i = loss.draw(x0, None)
+    z_t = d_v.q_sample(x0, t, noise)
+    with torch.no_grad():
+        a, s = distill._alpha_sigma(d_v, t, x0)
+        a1, s1 = distill._alpha_sigma(d_v, loss.t1[i], x0)
+        a2, s2 = distill._alpha_sigma(d_v, loss.t2[i], x0)
+        x_hat = d_eps.p_mean_variance(lambda x, tt: teacher(x, tt), z_t, t, clip_denoised=False)[3]
+        z1 = distill.ddim_step(z_t, x_hat, a, s, a1, s1)
+        x_hat1 = d_eps.p_mean_variance(lambda x, tt: teacher(x, tt), z1, loss.t1[i], clip_denoised=False)[3]
+        z2 = distill.ddim_step(z1, x_hat1, a1, s1, a2, s2)
+        target = distill.distillation_target(z_t, z2, a, s, a2, s2)
+        exact_v = (a * z_t - target) / s  # x0 = a z - s v  =>  v = (a z - x0) / s
+        value, _ = loss(lambda x, tt, y: exact_v, x0, None, t, noise, i)
+        assert value.abs().max() < 1e-6
+        value, _ = loss(lambda x, tt, y: teacher(x, tt), x0, None, t, noise, i)
+        assert value.min() > 1e-6
+
+# ---- consistency distillation
+
+
+@FAST
+@given(schedules(min_t=4), st.integers(0, 2**31 - 1))
+def test_consistency_function_is_the_identity_at_t_min_for_any_weights(betas, seed):
+    """f(x, t_min) = c_skip(t_min) x + c_out(t_min) F = x (in Consistency Models' coordinates x_t / alpha_t), c_skip
+    = 1 and c_out = 0 there, whatever the network; elsewhere c_skip < 1."""
+    d = GaussianDiffusion(betas, mean_type="v", dtype=torch.float64)
+    x = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    wild = lambda x, t: 1e3 * torch.randn_like(x)
+    f = distill.consistency_function(d, wild, x, full(2, 0))
+    assert torch.equal(f, x / d.alphas_cumprod[0].sqrt())
+    sigma = distill.ve_sigma(d, torch.arange(len(betas)))
+    c_skip, c_out = distill.boundary_scalings(sigma, sigma[0])
+    assert c_skip[0] == 1 and c_out[0] == 0 and (c_skip[1:] < 1).all() and (c_out[1:] > 0).all()
+
+
+@FAST
+@given(schedules(min_t=4), st.floats(-2, 2), st.integers(0, 2**31 - 1), st.data())
+def test_heun_with_a_constant_eps_is_euler_is_ddim(betas, c, seed, data):
+    """For a network whose eps is the same everywhere, Heun's two evaluations agree, so Heun = Euler; and the Euler
+    step in Consistency Models' coordinates is DDIM with eta = 0."""
+    d = GaussianDiffusion(betas, dtype=torch.float64)
+    T = len(betas)
+    t = data.draw(st.integers(1, T - 1))
+    t_prev = data.draw(st.integers(0, t - 1))
+    x = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    constant = lambda x, tt: torch.full_like(x, c)
+    heun = distill.heun_step(d, constant, x, full(2, t), full(2, t_prev))
+    euler = distill.heun_step(d, constant, x, full(2, t), full(2, t_prev), heun=False)
+    ddim = ddim_sample(d, constant, x, full(2, t), t_prev, clip_denoised=False)
+    assert torch.allclose(heun, euler, rtol=1e-9, atol=1e-9) and torch.allclose(euler, ddim, rtol=1e-9, atol=1e-9)
+    moving = lambda x, tt: torch.tanh(x) + 0.01 * tt.double().view(-1, 1, 1, 1)
+    euler = distill.heun_step(d, moving, x, full(2, t), full(2, t_prev), heun=False)
+    assert torch.allclose(euler, ddim_sample(d, moving, x, full(2, t), t_prev, clip_denoised=False), atol=1e-9)
+
+
+def test_one_step_of_multistep_sampling_is_one_step_sampling():
+    """Algorithm 1 with a single time is f(x_T, T); more steps add noise back at falling noise levels."""
+    d = GaussianDiffusion(make_beta_schedule("linear", 100, 1e-3, 0.2), mean_type="v")
+    net = randomized(UNet(**TINY_NET))
+    model = lambda x, t: net(x, t)
+    x_T = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    one = distill.consistency_sample(d, model, x_T.shape, 1, noise=x_T.clone())
+    with torch.no_grad():
+        direct = distill.consistency_function(d, model, x_T, full(3, 99)).clamp(-1, 1)
+    assert torch.equal(one, direct)
+    times = distill.consistency_sigmas(d, 3)
+    assert times[0] == 99 and times[0] > times[1] > times[2] >= 0
+
+
+def exact_consistency(d, m, s2):
+    """The exact consistency function for data N(m, s2 I): the ODE's closed form from (x_t, t) to t_min, in
+    Consistency Models' coordinates (divided by alpha_{t_min}), as a v-network (v = (alpha x - x0_hat) / sigma with
+    x0_hat chosen so f comes out exact)."""
+    a_min = d.alphas_cumprod[0].double()
+
+    def model(x, t):
+        a = d.alphas_cumprod[t].double().view(-1, 1, 1, 1)
+        end = m * a_min.sqrt() + (x - m * a.sqrt()) * ((a_min * s2 + 1 - a_min) / (a * s2 + 1 - a)).sqrt()
+        sigma = ((1 - a) / a).sqrt()
+        c_skip, _ = distill.boundary_scalings(sigma, distill.ve_sigma(d, torch.tensor(0)).double())
+        x0_hat = (end / a_min.sqrt() - c_skip * x / a.sqrt()) / (1 - c_skip).clamp(min=1e-300)
+        x0_hat = torch.where(c_skip < 1, x0_hat, torch.zeros_like(x0_hat))  # at t_min f = x for any x0_hat
+        return (a.sqrt() * x - x0_hat) / (1 - a).sqrt()
+    return model
+
+
+@pytest.mark.parametrize("s2", [0.0, 0.3])
+def test_the_exact_consistency_function_has_zero_loss(s2):
+    """Data N(m, s2 I) with the exact teacher (the Gaussian's x0_hat): the exact consistency function (closed form)
+    has zero CD loss. For s2 = 0 (a point mass) the teacher's DDIM step is itself exact; for s2 > 0 the teacher
+    step is the exact ODE solution, so the test isolates the loss from the solver's discretisation."""
+    betas = make_beta_schedule("linear", 200, 1e-3, 0.1)
+    d = GaussianDiffusion(betas, mean_type="v", dtype=torch.float64)
+    d_teacher = GaussianDiffusion(betas, mean_type="x0", dtype=torch.float64)
+    m = 0.25
+
+    def teacher(x, t, y=None):  # E[x_0 | x_t] for N(m, s2)
+        a = d.alphas_cumprod[t].view(-1, 1, 1, 1)
+        return m + s2 * a.sqrt() * (x - a.sqrt() * m) / (a * s2 + 1 - a)
+    f_star = exact_consistency(d, m, s2)
+    loss = distill.ConsistencyLoss(d, teacher, d_teacher, target=lambda x, t, y=None: f_star(x, t), n=18,
+                                   solver="ddim")
+    if s2 > 0:
+        def exact_step(x_t, t, t_prev, y):
+            a, a_prev = (d.alphas_cumprod[i].view(-1, 1, 1, 1) for i in (t, t_prev))
+            return m * a_prev.sqrt() + (x_t - m * a.sqrt()) * ((a_prev * s2 + 1 - a_prev) / (a * s2 + 1 - a)).sqrt()
+        loss.teacher_step = exact_step
+    x0 = m + math.sqrt(s2) * torch.randn(16, 1, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    torch.manual_seed(0)
+    t, noise, n = loss.draw(x0, None)
+    value, _ = loss(lambda x, tt, y: f_star(x, tt), x0, None, t, noise.double(), n)
+    assert value.abs().max() < 1e-12
+    off = loss(lambda x, tt, y: f_star(x, tt) + 0.01, x0, None, t, noise.double(), n)[0]  # a student slightly off
+    assert off.min() > 0 and off.mean() > 1e-7
+
+
+def test_cd_timesteps_follow_the_papers_discretisation():
+    """Consistency Models Sec. 4: N noise levels spaced by rho = 7 between the chain's first and last, placed on the
+    nearest indices: the first is index 0 (t_min), the last T - 1, strictly increasing."""
+    d = GaussianDiffusion(make_beta_schedule("linear", 1000))
+    idx = distill.cd_timesteps(d, 18)
+    assert idx[0] == 0 and idx[-1] == 999 and all(a < b for a, b in zip(idx, idx[1:])) and 15 <= len(idx) <= 18
+    root = distill.ve_sigma(d, torch.tensor(idx)).double() ** (1 / 7)  # evenly spaced in sigma^(1/7), up to rounding
+    steps = root.diff() / ((root[-1] - root[0]) / 17)
+    assert steps.max() < 2.2 and steps[-8:].min() > 0.9
+
+# ---- the command lines, end to end (tiny nets, CPU)
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher") / "run"
+    r = run_script("train.py", *TRAIN_TINY, "--steps", "30", "--log-every", "30", "--sample-every", "0", "--out", out,
+                   "--dropout", "0")
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def distill_args(kind, teacher, out, *extra):
+    tiny = [a for a in TRAIN_TINY]
+    return ["--distill", kind, "--teacher", teacher, *tiny, "--log-every", "2", "--sample-every", "0", "--out", out,
+            *extra]
+
+
+def test_progressive_distillation_runs_resumes_and_samples_with_its_own_steps(teacher, tmp_path):
+    """train.py --distill progressive: 8 teacher steps halve to 4 and 2 over --steps 8 (4 each); the checkpoint says
+    the student samples with 2 DDIM steps, which sample.py then uses by default; stopped (SIGTERM) in step 5 and
+    resumed, the run ends where an uninterrupted one does (round 2's teacher restored from the checkpoint)."""
+    common = distill_args("progressive", teacher, tmp_path / "a", "--teacher-steps", "8", "--student-steps", "2")
+    r = run_script("train.py", *common, "--steps", "8")
+    assert r.returncode == 0, r.stderr
+    assert "round 1/2: a student of 4 steps learns the teacher's 8" in r.stdout and "round 2/2" in r.stdout
+    ckpt = load_checkpoint(str(tmp_path / "a"))
+    assert ckpt["kind"] == "progressive" and ckpt["sampling"] == {"sampler": "ddim", "steps": 2}
+    assert ckpt["diffusion_config"]["mean_type"] == "v"
+    b = distill_args("progressive", teacher, tmp_path / "b", "--teacher-steps", "8", "--student-steps", "2")
+    with pytest.raises(SystemExit) as stopped:
+        in_process([str(a) for a in b] + ["--steps", "8"], stop_after=5)
+    assert stopped.value.code == 0 and load_checkpoint(str(tmp_path / "b"))["step"] == 5
+    r = run_script("train.py", "--resume", tmp_path / "b")
+    assert r.returncode == 0 and "resuming at step 5" in r.stdout and "round 2/2" in r.stdout, r.stderr
+    cb = load_checkpoint(str(tmp_path / "b"))
+    for key in ("model", "teacher"):
+        for name in ckpt[key]:
+            assert torch.equal(ckpt[key][name], cb[key][name]), (key, name)
+    r = run_script("sample.py", tmp_path / "a", "--n", "2", "--device", "cpu", "--out", tmp_path / "s.png",
+                   "--npz", tmp_path / "s.npz")
+    assert r.returncode == 0 and "DDIM eta 0.0, 2 steps" in r.stdout, r.stdout + r.stderr
+
+
+def test_consistency_distillation_runs_and_samples_in_one_or_two_steps(teacher, tmp_path):
+    """train.py --distill consistency trains a student (target network an EMA with --cd-mu), whose checkpoint
+    samples in one step by default and in two with --steps 2; an ancestral sampler on it is one clear line."""
+    r = run_script("train.py", *distill_args("consistency", teacher, tmp_path / "cd", "--cd-n", "6",
+                                             "--cd-mu", "0.5"), "--steps", "3")
+    assert r.returncode == 0, r.stderr
+    ckpt = load_checkpoint(str(tmp_path / "cd"))
+    assert ckpt["kind"] == "consistency" and set(ckpt["target"]) == set(ckpt["model"])
+    for steps, label in ((None, "1 step"), ("2", "2 steps")):
+        r = run_script("sample.py", tmp_path / "cd", "--n", "3", "--device", "cpu", "--out", tmp_path / "s.png",
+                       "--npz", tmp_path / "s.npz", *(["--steps", steps] if steps else []))
+        assert r.returncode == 0 and f"consistency model, {label}" in r.stdout, r.stdout + r.stderr
+        assert read_npz(tmp_path / "s.npz")["arr_0"].shape == (3, 8, 8, 3)
+    bad = run_script("sample.py", tmp_path / "cd", "--sampler", "ddpm", "--device", "cpu")
+    assert "samples with its own sampler" in assert_one_line_error(bad)
+
+
+def test_bad_distillation_input_is_one_line(teacher, tmp_path):
+    """A teacher that is not a checkpoint, student steps that halving cannot reach, and no teacher at all: one
+    clear line each."""
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    cases = [(["--distill", "progressive", "--teacher", str(tmp_path / "junk.pt")], "cannot read checkpoint"),
+             (["--distill", "progressive", "--teacher", str(teacher), "--teacher-steps", "8", "--student-steps", "3"],
+              "not reachable by halving"),
+             (["--distill", "consistency"], "needs --teacher")]
+    for flags, expect in cases:
+        r = run_script("train.py", *TRAIN_TINY, *flags, "--steps", "2", "--out", tmp_path / "x")
+        assert expect in assert_one_line_error(r)
+    assert not (tmp_path / "x" / "ckpt.pt").exists()
