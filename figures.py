@@ -1,0 +1,172 @@
+"""
+The README's figures, drawn with matplotlib (an optional extra: pip install matplotlib; nothing else needs it):
+the forward process erasing a distribution (Eq. 4), the variance over t and the schedules, the posterior mean's
+coefficients (Eq. 7), a trained model's loss and bound terms over t (Eqs. 5, 14), the rate-distortion curve of
+progressive coding (Sec. 4.3, Figure 5) and quality against network evaluations for each sampler.
+  python figures.py --model out-shapes --rd rd.csv --nfe samplers.csv --out assets
+Figures whose inputs are not given are skipped. A command line: nothing imports this file.
+"""
+import argparse
+import csv
+import math
+import os
+
+import torch
+
+from checkpoint import build_diffusion, load_model
+from data import make_shapes
+from ddpm import GaussianDiffusion, make_beta_schedule
+from guidance import model_fn
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description="Draw the README's figures (needs matplotlib).")
+    a = p.add_argument
+    a("--out", default="assets", help="folder for the PNG files")
+    a("--model", default="", help="a train.py checkpoint on the shapes (the CPU quick start): loss and bound over t")
+    a("--rd", default="", help="the CSV of sample.py --nll ... --csv: the rate-distortion curve")
+    a("--nfe", default="", help="the CSV of bench_samplers.py --csv: quality and RMSE against NFE")
+    a("--n", type=int, default=64, help="held-out images for the loss and bound curves")
+    return p
+
+
+def forward_process(plt, out):
+    """Eq. (4) applied to a bimodal x_0 (and to the shapes' pixel values): the histograms of x_t at several t
+    spread and merge into N(0, 1)."""
+    d = GaussianDiffusion(make_beta_schedule("linear", 1000))
+    g = torch.Generator().manual_seed(0)
+    mixture = torch.where(torch.rand(200_000, generator=g) < 0.3, -0.8, 0.6) + 0.05 * torch.randn(200_000, generator=g)
+    pixels = make_shapes(2000, 16, 3, seed=1)[0].flatten().float() / 127.5 - 1
+    fig, axes = plt.subplots(2, 5, figsize=(13, 4.6), sharey="row")
+    grid = torch.linspace(-4, 4, 400)
+    for row, (x0, name) in enumerate(((mixture, "bimodal mixture"), (pixels[:200_000], "shapes' pixels"))):
+        for ax, t in zip(axes[row], (0, 50, 200, 400, 999)):
+            x_t = d.q_sample(x0[:, None], torch.full((len(x0),), t), torch.randn(len(x0), 1, generator=g))
+            ax.hist(x_t.flatten().numpy(), bins=120, range=(-4, 4), density=True, color="C0")
+            ax.plot(grid, torch.exp(-grid ** 2 / 2) / math.sqrt(2 * math.pi), "k--", lw=1)
+            ax.set_title(f"{name}, t = {t + 1}" if t == 0 else f"t = {t + 1}", fontsize=9)
+    fig.suptitle("q(x_t | x_0) (Eq. 4) erases any x_0: histograms of x_t, N(0, 1) dashed")
+    save(fig, out, "forward_process.png")
+
+
+def schedules(plt, out):
+    """Var(x_t) for data of variance 0.1 under a constant beta and the paper's linear schedule (the geometric series
+    (1 - beta)^t v + 1 - (1 - beta)^t of the tests), and abar_t and SNR_t = abar / (1 - abar) for linear and cosine."""
+    T = 1000
+    linear, cosine = make_beta_schedule("linear", T), make_beta_schedule("cosine", T)
+    const = make_beta_schedule("const", T, beta_end=float(linear.mean()))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    t = torch.arange(1, T + 1)
+    for betas, name in ((linear, "linear 1e-4..0.02 (the paper's)"), (const, "constant, the same mean beta")):
+        abar = torch.cumprod(1 - betas, 0)
+        axes[0].plot(t, abar * 0.1 + 1 - abar, label=name)
+    axes[0].set(title="Var(x_t), data variance 0.1", xlabel="t")
+    for betas, name in ((linear, "linear"), (cosine, "cosine (Nichol & Dhariwal)")):
+        abar = torch.cumprod(1 - betas, 0)
+        axes[1].plot(t, abar, label=name)
+        axes[2].semilogy(t, abar / (1 - abar), label=name)
+    axes[1].set(title="abar_t", xlabel="t")
+    axes[2].set(title="SNR_t = abar_t / (1 - abar_t)", xlabel="t")
+    for ax in axes:
+        ax.legend(fontsize=8)
+    save(fig, out, "schedules.png")
+
+
+def posterior_coefficients(plt, out):
+    """Eq. (7): mu~_t = coef1 x_0 + coef2 x_t, on linear and log scales: the weight on x_0 is tiny for most of the
+    chain and only grows near the data."""
+    d = GaussianDiffusion(make_beta_schedule("linear", 1000), dtype=torch.float64)
+    t = torch.arange(1, 1001)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, log in zip(axes, (False, True)):
+        for values, name in ((d.posterior_mean_coef1, "coef1, on x_0"), (d.posterior_mean_coef2, "coef2, on x_t")):
+            (ax.semilogy if log else ax.plot)(t[1:], values[1:], label=name)
+        ax.set(title="Eq. (7) coefficients" + (", log scale" if log else ""), xlabel="t")
+        ax.legend(fontsize=8)
+    save(fig, out, "posterior_coefficients.png")
+
+
+@torch.no_grad()
+def loss_and_bound(plt, out, ckpt, n):
+    """A trained model on n held-out images: L_simple (Eq. 14) at every t (each t its own draw of eps), and the
+    bound's terms L_{t-1} (Eq. 5) over t from calc_bpd_loop, in bits/dim."""
+    net, config, _, desc = load_model(ckpt)
+    d = build_diffusion(config)
+    c, s = net.config["in_channels"], net.config["image_size"]
+    x0 = make_shapes(n, s, c, seed=1)[0].permute(0, 3, 1, 2).float() / 127.5 - 1
+    fn, g = model_fn(net), torch.Generator().manual_seed(0)
+    losses = torch.stack([d.training_losses(fn, x0, torch.full((n,), i), torch.randn(x0.shape, generator=g)).mean()
+                          for i in range(d.num_timesteps)])
+    bpd = d.calc_bpd_loop(fn, x0, generator=g)
+    t = torch.arange(1, d.num_timesteps + 1)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    axes[0].semilogy(t, losses)
+    axes[0].set(title="L_simple by t (Eq. 14)", xlabel="t")
+    axes[1].semilogy(t[1:], bpd["terms_bpd"].mean(0)[1:], label="L_{t-1}")
+    axes[1].axhline(bpd["decoder_bpd"].mean(), color="C1", ls="--", label=f"L_0 = {bpd['decoder_bpd'].mean():.2f}")
+    axes[1].set(title=f"the bound's terms (Eq. 5), total {bpd['total_bpd'].mean():.2f} bits/dim", xlabel="t")
+    axes[1].legend(fontsize=8)
+    fig.suptitle(f"{desc}, {n} held-out shapes", fontsize=9)
+    save(fig, out, "loss_and_bound.png")
+
+
+def rate_distortion_curve(plt, out, path):
+    """Sec. 4.3, Figure 5: rate (bits/dim received) and distortion (RMSE, [0, 255]) against the reverse step."""
+    rows = list(csv.DictReader(open(path)))
+    step = [int(r["reverse_step"]) for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    axes[0].plot(step, [float(r["distortion_rmse"]) for r in rows])
+    axes[0].set(title="distortion (RMSE, 0..255)", xlabel="reverse steps (T - t + 1)")
+    axes[1].plot(step, [float(r["rate_bpd"]) for r in rows])
+    axes[1].set(title="rate (bits/dim)", xlabel="reverse steps (T - t + 1)")
+    axes[2].plot([float(r["rate_bpd"]) for r in rows], [float(r["distortion_rmse"]) for r in rows])
+    axes[2].set(title="rate-distortion", xlabel="rate (bits/dim)", ylabel="RMSE")
+    save(fig, out, "rate_distortion.png")
+
+
+def nfe_curves(plt, out, path):
+    """Quality (metrics.py) and RMSE to the T-step ODE against network evaluations, one line per sampler."""
+    rows = [r for r in csv.DictReader(open(path)) if "all T steps" not in r["sampler"]]
+    references = {r["sampler"]: float(r["quality"]) for r in csv.DictReader(open(path)) if "all T steps" in r["sampler"]}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for name in dict.fromkeys(r["sampler"] for r in rows):
+        pts = [(int(r["nfe"]), float(r["quality"]), float(r["rmse"])) for r in rows if r["sampler"] == name]
+        axes[0].loglog([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)
+        axes[1].loglog([p[0] for p in pts], [p[2] for p in pts], "o-", label=name)
+    for (name, value), style in zip(references.items(), ("--", ":")):
+        axes[0].axhline(value, color="k", ls=style, lw=1, label=name)
+    axes[0].set(title="quality (Frechet distance, lower is better)", xlabel="network evaluations")
+    axes[1].set(title="RMSE to the T-step ODE (0..255)", xlabel="network evaluations")
+    axes[0].legend(fontsize=7)
+    save(fig, out, "samplers.png")
+
+
+def save(fig, out, name):
+    fig.tight_layout()
+    path = os.path.join(out, name)
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("error: figures.py draws with matplotlib, an optional extra: pip install matplotlib") from None
+    os.makedirs(args.out, exist_ok=True)
+    forward_process(plt, args.out)
+    schedules(plt, args.out)
+    posterior_coefficients(plt, args.out)
+    if args.model:
+        loss_and_bound(plt, args.out, args.model, args.n)
+    if args.rd:
+        rate_distortion_curve(plt, args.out, args.rd)
+    if args.nfe:
+        nfe_curves(plt, args.out, args.nfe)
+
+
+if __name__ == "__main__":
+    main()
