@@ -27,6 +27,10 @@ def get_parser():
     a("--rd", default="", help="the CSV of sample.py --nll ... --csv: the rate-distortion curve")
     a("--nfe", default="", help="the CSV of bench_samplers.py --csv: quality and RMSE against NFE")
     a("--n", type=int, default=64, help="held-out images for the loss and bound curves")
+    a("--grids", default="", help="LABEL=FILE.npz,... (sample.py --npz files): one row of samples from each, titled "
+      "with its label and the shapes quality number of the whole file, into --grids-name")
+    a("--grids-name", default="grids.png", help="the file --grids draws")
+    a("--per-row", type=int, default=8, help="samples shown from each --grids file")
     return p
 
 
@@ -148,6 +152,22 @@ def save(fig, out, name):
     print(f"wrote {path}")
 
 
+def sample_rows(plt, out, spec, name, per_row):
+    """Rows of samples from several sample.py --npz files, one row a file, each titled with its label and its
+    quality number (metrics.py: lower is better) over all the file's samples: side-by-side comparisons."""
+    from data import load_file
+    from metrics import shapes_distance
+    rows = [item.split("=", 1) for item in spec.split(",")]
+    fig, axes = plt.subplots(len(rows), 1, figsize=(per_row * 0.9, len(rows) * 1.15), squeeze=False)
+    for ax, (label, path) in zip(axes[:, 0], rows):
+        images, _ = load_file(path)
+        strip = torch.cat(list(images[:per_row]), dim=1)   # H x (per_row W) x C
+        ax.imshow(strip.squeeze(-1).numpy(), cmap="gray" if images.shape[-1] == 1 else None, interpolation="nearest")
+        ax.set_title(f"{label}: quality {shapes_distance(images):.1f} ({len(images)} samples)", fontsize=8, loc="left")
+        ax.axis("off")
+    save(fig, out, name)
+
+
 def main(argv=None):
     args = get_parser().parse_args(argv)
     try:
@@ -166,6 +186,8 @@ def main(argv=None):
         rate_distortion_curve(plt, args.out, args.rd)
     if args.nfe:
         nfe_curves(plt, args.out, args.nfe)
+    if args.grids:
+        sample_rows(plt, args.out, args.grids, args.grids_name, args.per_row)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from checkpoint import build_diffusion, load_model
 from data import atomic_write, load_eval_images, load_file, save_grid, to_uint8, write_npz
 from ddpm import rate_distortion
-from cascade import augment, conditioned, upsample
+from cascade import augment, conditioned, downsample, upsample
 from distill import consistency_sample
 from guidance import classifier_grad, model_fn
 from runtime import Progress, StopSignal, close_distributed, init_distributed
@@ -159,6 +159,7 @@ def run_sampling(args, net, diffusion, device, names, rank, world, classifier=No
             f"with published ones, which use 50,000 (README: FID)")
     n_batches = math.ceil(args.n / args.batch_size)
     first, done = 0, {}  # done: batch index -> uint8 (b, H, W, C)
+    agreement = [0.0, 0]  # a cascade's squared error of area-downsampled output against its input, and its count
     if args.resume:
         first, images = finished_batches(args, labels, (s, s, c))
         if first:
@@ -175,6 +176,17 @@ def run_sampling(args, net, diffusion, device, names, rank, world, classifier=No
     steps = (0 if given is not None else args.steps) + sum(stage.steps for stage in stages)  # network calls a sample
     progress = Progress(total=(n_batches - first) * args.batch_size * steps)
 
+    def carry_up(x, g):
+        """x through the cascade's stages; the agreement of the output with x (CDM: the super-resolution sample,
+        area-downsampled, should give back its low-resolution input), on the [0, 255] scale."""
+        x_lr = x
+        for stage in stages:
+            x = upsample_stage(stage, x, g)
+        if stages:
+            agreement[0] += ((downsample(x, x_lr.shape[-1]) - x_lr.clamp(-1, 1)) * 127.5).square().sum().item()
+            agreement[1] += x_lr.numel()
+        return to_uint8(x)
+
     def draw(b, work_before):
         """Batch b: its own seed, seed * 1_000_003 + b, so the same seed gives the same files on any number of
         processes, and two seeds never share a batch's noise (runs with seeds 0, 1, ... can be pooled for FID)."""
@@ -182,9 +194,7 @@ def run_sampling(args, net, diffusion, device, names, rank, world, classifier=No
         g = torch.Generator(device).manual_seed(args.seed * 1_000_003 + b)
         if given is not None:  # the low-resolution images, through the cascade's stages
             x = given[b * args.batch_size: b * args.batch_size + bs].to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
-            for stage in stages:
-                x = upsample_stage(stage, x, g)
-            return to_uint8(x)
+            return carry_up(x, g)
         y = labels[b * args.batch_size: b * args.batch_size + bs].to(device) if labels is not None else None
         if num_classes is None:  # an unconditional model: the labels are the classifier's alone
             fn = model_fn(net, None, 0.0, args.bf16)
@@ -212,9 +222,7 @@ def run_sampling(args, net, diffusion, device, names, rank, world, classifier=No
         if frames:
             save_trajectory(args.trajectory, frames)
             say(f"wrote {args.trajectory}: x_t (odd rows) and predicted x0 (even rows) at {len(frames)} steps")
-        for stage in stages:
-            x = upsample_stage(stage, x, g)
-        return to_uint8(x)
+        return carry_up(x, g)
 
     with StopSignal() as stop:
         for r in range(math.ceil((n_batches - first) / world)):  # every rank runs every round, to agree on stopping
@@ -236,6 +244,9 @@ def run_sampling(args, net, diffusion, device, names, rank, world, classifier=No
                 done.update(part)
     if not master:
         return
+    if agreement[1]:
+        say(f"cascade: the output area-downsampled to its input's size differs from it by RMSE "
+            f"{math.sqrt(agreement[0] / agreement[1]):.2f} levels of 255" + (" (rank 0's batches)" if world > 1 else ""))
     prefix = 0
     while prefix in done:
         prefix += 1

@@ -102,6 +102,7 @@ def test_super_resolution_training_and_the_cascade(cascade, tmp_path):
                    "--out", tmp_path / "c.png")
     assert r.returncode == 0, r.stderr
     assert "then up to 16x16 by ddpm in 4 steps, conditioning augmentation 5" in r.stdout
+    assert "cascade: the output area-downsampled to its input's size differs from it by RMSE" in r.stdout
     assert read_npz(tmp_path / "c.npz")["arr_0"].shape == (3, 16, 16, 3)
     write_npz(str(tmp_path / "low.npz"), {"arr_0": make_shapes(5, 8, 3, seed=2)[0]})
     r = run_script("sample.py", cascade / "sr", "--low-res", tmp_path / "low.npz", "--steps", "3", "--cond-aug", "none",
