@@ -44,6 +44,25 @@ def test_conditioning_augmentation_is_q():
         assert (draws.var(0) - (1 - abar)).abs().max() < 6 * (1 - abar) * (2 / n) ** 0.5 + 1e-6
 
 
+def test_the_training_condition_is_the_batch_downsampled_and_augmented_with_its_own_noise():
+    """SuperResolutionLoss: the model is handed x_t of the batch and c~ = q_sample(up(down(x_0)), s, aug_noise),
+    the augmentation noise drawn apart from the diffusion's (the two are independent in CDM's Sec. 3.2), and s."""
+    from cascade import SuperResolutionLoss
+    d = build_diffusion(TINY_DIFFUSION)
+    loss = SuperResolutionLoss(d, low_res=4, max_aug=50)
+    x0 = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    torch.manual_seed(1)
+    t, noise, s, aug_noise = loss.draw(x0, None)
+    assert not torch.equal(noise, aug_noise) and s.min() >= -1 and s.max() < 50
+    seen = {}
+    def model(x, tt, cond, level):
+        seen.update(x=x, cond=cond, level=level)
+        return torch.zeros_like(x)
+    loss(model, x0, None, t, noise, s, aug_noise)
+    assert torch.equal(seen["cond"], augment(d, upsample(downsample(x0, 4), 8), s, aug_noise))
+    assert torch.equal(seen["x"], d.q_sample(x0, t, noise)) and torch.equal(seen["level"], s)
+
+
 def test_zero_conditioning_weights_compute_the_unconditional_network():
     """A super-resolution model whose weights on the condition (the input convolution's extra channels) and on the
     augmentation level (its embedding's last layer) are zero computes the plain U-Net with the remaining weights."""

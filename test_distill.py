@@ -202,6 +202,7 @@ def test_the_exact_consistency_function_has_zero_loss(s2):
     x0 = m + math.sqrt(s2) * torch.randn(16, 1, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     torch.manual_seed(0)
     t, noise, n = loss.draw(x0, None)
+    assert (t > loss.timesteps[n]).all()  # the student sits one level above the teacher step's end, t_{n+1} > t_n
     value, _ = loss(lambda x, tt, y: f_star(x, tt), x0, None, t, noise.double(), n)
     assert value.abs().max() < 1e-12
     off = loss(lambda x, tt, y: f_star(x, tt) + 0.01, x0, None, t, noise.double(), n)[0]  # a student slightly off
@@ -291,3 +292,38 @@ def test_bad_distillation_input_is_one_line(teacher, tmp_path):
         r = run_script("train.py", *TRAIN_TINY, *flags, "--steps", "2", "--out", tmp_path / "x")
         assert expect in assert_one_line_error(r)
     assert not (tmp_path / "x" / "ckpt.pt").exists()
+
+
+def test_progressive_weightings_are_truncated_snr_and_snr_plus_one():
+    """Salimans & Ho Sec. 4: the x-loss weighted by max(SNR, 1) ("truncated SNR") or SNR + 1. The two losses of
+    one student on one draw differ only by the weight, so their ratio is max(SNR_t, 1) / (SNR_t + 1) per sample,
+    SNR_t = abar_t / (1 - abar_t): below 1 at low noise, 1 / (SNR + 1) at high noise."""
+    betas = make_beta_schedule("linear", 1000)
+    d_eps, d_v = GaussianDiffusion(betas), GaussianDiffusion(betas, mean_type="v")
+    teacher = randomized(UNet(**dict(TINY_NET)))
+    student = lambda x, t, y: teacher(x, t) * 0.5
+    x0 = torch.rand(8, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    trunc = distill.ProgressiveLoss(d_v, lambda x, t, y=None: teacher(x, t), d_eps, steps=8)
+    plus1 = distill.ProgressiveLoss(d_v, lambda x, t, y=None: teacher(x, t), d_eps, steps=8, weighting="snr+1")
+    i = torch.arange(8)  # every step of the student's grid once
+    t, noise = trunc.t[i], torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ratio = trunc(student, x0, None, t, noise, i)[0] / plus1(student, x0, None, t, noise, i)[0]
+    abar = d_v.alphas_cumprod[t].double()
+    snr = abar / (1 - abar)
+    assert torch.allclose(ratio.double(), snr.clamp(min=1) / (snr + 1), rtol=1e-4)
+    assert (snr > 1).any() and (snr < 1).any()  # both sides of the truncation drawn
+
+
+def test_consistency_target_is_an_ema_of_the_student():
+    """Eq. (8): theta- <- mu theta- + (1 - mu) theta after each update; mu = 0 makes the target the student."""
+    d = GaussianDiffusion(make_beta_schedule("linear", 100))
+    student, target = torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)
+    loss = distill.ConsistencyLoss(d, None, d, target, mu=0.9, n=6)
+    loss.student = student
+    before = target.weight.detach().clone()
+    loss.after_step()
+    assert torch.allclose(target.weight, 0.9 * before + 0.1 * student.weight)
+    loss.mu = 0.0
+    loss.after_step()
+    assert torch.equal(target.weight, student.weight)

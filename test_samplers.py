@@ -11,7 +11,8 @@ from hypothesis import given, strategies as st
 
 from conftest import FAST, SLOW, full, oracle, schedules
 from ddpm import GaussianDiffusion, make_beta_schedule
-from samplers import SPACINGS, ddim_sample, ddim_sample_loop, dpm_solver_pp_sample_loop, spaced_timesteps
+from samplers import (SPACINGS, ddim_sample, ddim_sample_loop, dpm_solver_pp_sample_loop, sample_loop,
+                      spaced_timesteps)
 
 # ---- the timestep spacings ----
 
@@ -237,3 +238,31 @@ def test_convergence_orders_on_gaussian_data(spacing):
     assert all(1.8 < r < 2.2 for r in ratios[1]), ratios
     assert all(3.6 < r < 4.4 for r in ratios[2]), ratios
     assert all(e2 < e1 for e1, e2 in zip(errors[1], errors[2]))
+
+
+@given(st.integers(1, 1200), st.data())
+def test_trailing_timesteps_are_the_nearest_indices_to_even_spacing(T, data):
+    """Trailing spacing: step i of K sits at the index nearest to the evenly spaced point T (K - i) / K - 1, so the
+    gaps are T / K rounded, never truncated (truncation drifts a step early wherever the fraction exceeds 1/2)."""
+    K = data.draw(st.integers(1, T))
+    for i, t in enumerate(spaced_timesteps(T, K, "trailing")):
+        assert abs((t + 1) - T * (K - i) / K) <= 0.5 + 1e-9
+
+
+@pytest.mark.parametrize("T,K", [(20, 5), (100, 7)])
+def test_ancestral_on_a_spaced_chain_adds_the_spaced_posterior_variance(T, K):
+    """sample_loop's ddpm sampler with K < T steps is Algorithm 2 on the spaced chain: its first step from t to s
+    adds noise of the variance of q(x_s | x_t, x_0) for that chain, beta~ = (1 - abar_s) / (1 - abar_t) *
+    (1 - abar_t / abar_s) (Eq. 7 with the chain's beta_t = 1 - abar_t / abar_s). Monte Carlo with x_T = 0 and a
+    network predicting eps = 0, so the step's mean is 0 and its spread is the noise alone."""
+    d = GaussianDiffusion(make_beta_schedule("linear", T, 1e-3, 0.2), dtype=torch.float64)
+    t, s = spaced_timesteps(T, K)[:2]
+    first = []
+    sample_loop(d, lambda x, tt: torch.zeros_like(x), (40_000, 1), "ddpm", K, noise=torch.zeros(40_000, 1,
+                dtype=torch.float64), generator=torch.Generator().manual_seed(0),
+                callback=lambda i, x, x0: first.append(x.clone()) if not first else None)
+    abar_t, abar_s = d.alphas_cumprod[t].item(), d.alphas_cumprod[s].item()
+    beta = 1 - abar_t / abar_s
+    variance = beta * (1 - abar_s) / (1 - abar_t)
+    assert first[0].mean().abs() < 4 * math.sqrt(variance / 40_000)
+    assert abs(first[0].var().item() / variance - 1) < 0.05

@@ -601,3 +601,13 @@ def test_nan_loss_stops_without_saving(good_run, tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="diverged.*intact"):
         in_process(["--resume", str(run_dir), "--steps", "8", "--ckpt-every", "1", "--log-every", "1"])
     assert sha(run_dir / "ckpt.pt") == before
+
+
+@pytest.mark.parametrize("flags,p", [(["--class-cond"], 0.1), (["--class-cond", "--p-uncond", "0.3"], 0.3), ([], 0.0)])
+def test_class_conditional_runs_drop_labels_at_p_uncond(flags, p):
+    """The run train.py builds drops labels to the null class at --p-uncond (classifier-free guidance's training)
+    when --class-cond is on, and never otherwise."""
+    args, _ = train.get_args(["--data", "shapes", "--ch", "32", "--ch-mult", "1", "--num-res-blocks", "1", "--attn",
+                              "", "--timesteps", "100", *flags])
+    run = training.build_run(args, None, 4, 8, 3, torch.device("cpu"))
+    assert run.loss_fn.p_uncond == p
