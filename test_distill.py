@@ -240,7 +240,8 @@ def distill_args(kind, teacher, out, *extra):
 def test_progressive_distillation_runs_resumes_and_samples_with_its_own_steps(teacher, tmp_path):
     """train.py --distill progressive: 8 teacher steps halve to 4 and 2 over --steps 8 (4 each); the checkpoint says
     the student samples with 2 DDIM steps, which sample.py then uses by default; stopped (SIGTERM) in step 5 and
-    resumed, the run ends where an uninterrupted one does (round 2's teacher restored from the checkpoint)."""
+    resumed, the run ends where an uninterrupted one does (round 2's teacher restored from the checkpoint, and read
+    as the v-network it is)."""
     common = distill_args("progressive", teacher, tmp_path / "a", "--teacher-steps", "8", "--student-steps", "2")
     r = run_script("train.py", *common, "--steps", "8")
     assert r.returncode == 0, r.stderr
@@ -248,6 +249,7 @@ def test_progressive_distillation_runs_resumes_and_samples_with_its_own_steps(te
     ckpt = load_checkpoint(str(tmp_path / "a"))
     assert ckpt["kind"] == "progressive" and ckpt["sampling"] == {"sampler": "ddim", "steps": 2}
     assert ckpt["diffusion_config"]["mean_type"] == "v"
+    assert ckpt["teacher_diffusion_config"]["mean_type"] == "v"  # round 2's teacher is round 1's v-student
     b = distill_args("progressive", teacher, tmp_path / "b", "--teacher-steps", "8", "--student-steps", "2")
     with pytest.raises(SystemExit) as stopped:
         in_process([str(a) for a in b] + ["--steps", "8"], stop_after=5)
@@ -255,7 +257,7 @@ def test_progressive_distillation_runs_resumes_and_samples_with_its_own_steps(te
     r = run_script("train.py", "--resume", tmp_path / "b")
     assert r.returncode == 0 and "resuming at step 5" in r.stdout and "round 2/2" in r.stdout, r.stderr
     cb = load_checkpoint(str(tmp_path / "b"))
-    for key in ("model", "teacher"):
+    for key in ("model", "ema", "teacher"):
         for name in ckpt[key]:
             assert torch.equal(ckpt[key][name], cb[key][name]), (key, name)
     r = run_script("sample.py", tmp_path / "a", "--n", "2", "--device", "cpu", "--out", tmp_path / "s.png",

@@ -337,11 +337,16 @@ def main(argv=None):
     per_round = math.ceil(args.steps / len(run.rounds)) if run.rounds else None
     while step < args.steps:
         # progressive distillation (Algorithm 2): --steps split evenly over the rounds, each halving the steps; at a
-        # round's first step the student becomes the teacher (resuming mid-round keeps the checkpoint's teacher)
+        # round's first step the student becomes the teacher, a v-network read through the student's own diffusion,
+        # and the EMA restarts from it, so the round's samples owe nothing to the last round's step count
+        # (resuming mid-round keeps the checkpoint's teacher)
         if run.rounds and (step % per_round == 0 or run.loss_fn.steps != run.rounds[step // per_round]):
             r = step // per_round
             if step % per_round == 0 and step > 0:
                 run.teacher.load_state_dict(raw_model.state_dict())
+                run.teacher_diffusion = diffusion
+                run.extra["teacher_diffusion_config"] = run.diffusion_config
+                ema.load_state_dict(raw_model.state_dict())
             loss_fn = run.loss_fn = ProgressiveLoss(diffusion, run.teacher, run.teacher_diffusion, run.rounds[r],
                                                     args.pd_weighting, args.bf16)
             losses = torch.compile(loss_fn.__call__) if args.compile and not ddp else loss_fn
@@ -382,7 +387,7 @@ def main(argv=None):
             eta = format_eta((args.steps - step) * args.batch_size / img_s)
             log(f"step {step:>{len(str(args.steps))}d}/{args.steps} | loss {v[0] / n:.4f} | lr {lr:.2e} | "
                 f"gnorm {v[1] / n:.2f} | {img_s:7.1f} img/s | eta {eta}")
-            if n_logs % 10 == 0:
+            if n_logs % 10 == 0 or step == args.steps:  # every tenth line, and the last
                 log("  loss by t quartile: " + " | ".join(f"q{i} {v[2 + i] / max(v[6 + i], 1):.4f}" for i in range(4)))
                 if run.kind == "classifier":
                     log("  accuracy by t quartile: " + " | ".join(f"q{i} {v[10 + i] / max(v[6 + i], 1):.3f}"
