@@ -611,3 +611,14 @@ def test_class_conditional_runs_drop_labels_at_p_uncond(flags, p):
                               "", "--timesteps", "100", *flags])
     run = training.build_run(args, None, 4, 8, 3, torch.device("cpu"))
     assert run.loss_fn.p_uncond == p
+
+
+def test_mean_type_v_trains_and_samples(tmp_path):
+    """--mean-type v: the checkpoint's diffusion predicts v (Salimans & Ho), and sample.py reads it as such."""
+    r = run_script("train.py", *TINY, "--mean-type", "v", "--steps", "2", "--log-every", "1", "--sample-every",
+                   "0", "--out", tmp_path / "run")
+    assert r.returncode == 0, r.stderr
+    assert load_checkpoint(str(tmp_path / "run"))["diffusion_config"]["mean_type"] == "v"
+    r = run_script("sample.py", tmp_path / "run", "-n", "2", "--steps", "3", "--device", "cpu", "--out",
+                   tmp_path / "s.png")
+    assert r.returncode == 0, r.stderr

@@ -30,7 +30,8 @@ from training import FAST_PATHS, Batches, build_run, get_lr, make_optimizer, mat
 # command line
 
 MODEL_FLAGS = ("ch", "ch_mult", "num_res_blocks", "attn", "dropout", "class_cond", "timesteps", "schedule",
-               "image_size", "classifier", "distill", "teacher", "student_steps", "teacher_steps", "cd_n", "low_res")
+               "image_size", "classifier", "distill", "teacher", "student_steps", "teacher_steps", "cd_n", "low_res",
+               "mean_type")
 RUN_FLAGS = ("resume", "device", "compile", "bf16", "tf32", "fused_adam", "channels_last", "out")  # never from a ckpt
 FLIP_DATA = ("cifar10", "shapes")  # data whose classes survive a mirror image: flips on by default
 
@@ -85,6 +86,8 @@ def get_parser():
       "condition noised to a level s drawn from none, 0, ..., this - 1 (timestep indices of the schedule)")
     a("--timesteps", type=int, default=1000, help="T; for T != 1000 the betas are scaled by 1000/T (Nichol & Dhariwal)")
     a("--schedule", default="linear", choices=["linear", "cosine"], help="beta schedule (linear: the paper's)")
+    a("--mean-type", default="eps", choices=["eps", "x0", "v"], help="what the network predicts: eps (the paper's), "
+      "x0 (its ablation) or v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho; its loss weighs x0 at every t)")
     a("--batch-size", type=int, default=128, help="global batch size (split across torchrun processes)")
     a("--grad-accum", type=int, default=1, help="split each process's batch into this many micro-batches whose "
       "gradients add up to the batch's (less memory, the same step)")

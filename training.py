@@ -132,7 +132,7 @@ def train_step(model, ema, optimizer, loss_fn, x0, y, args, stats=None, losses=N
 def new_diffusion_config(args):
     scale = 1000 / args.timesteps  # = 1 for the paper's T = 1000
     return dict(schedule=args.schedule, num_timesteps=args.timesteps, beta_start=1e-4 * scale, beta_end=0.02 * scale,
-                mean_type="eps", var_type="fixedlarge")
+                mean_type=args.mean_type, var_type="fixedlarge")
 
 
 def load_teacher(args, ckpt, size, channels, device):
