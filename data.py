@@ -40,6 +40,12 @@ def to_uint8(x):
     return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
+def from_uint8(images):
+    """uint8 (N,H,W,C), as the .npz files and data sets hold images -> float (N,C,H,W) in [-1, 1], the data scaling
+    x/127.5 - 1 of training; to_uint8 inverts it."""
+    return images.permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
 def atomic_write(path, write):
     """Call write(f) on a temporary file, fsync it, then os.replace it onto path: a crash, a signal or a
     full disk leaves either the old file or the new one, never half of one. OSError -> one line, exit."""

@@ -109,14 +109,20 @@ def ve_sigma(diffusion, t):
     return ((1 - abar) / abar).sqrt()
 
 
+def nearest_indices(diffusion, sigmas):
+    """The timestep indices whose noise levels ve_sigma are nearest (in log) to each of the given levels."""
+    table = ve_sigma(diffusion, torch.arange(diffusion.num_timesteps, device=diffusion.betas.device)).double().cpu()
+    return [int((table.log() - math.log(s)).abs().argmin()) for s in sigmas]
+
+
 def cd_timesteps(diffusion, n=18, rho=7.0):
     """Consistency Models Sec. 4's discretisation, s_i = (s_min^(1/rho) + (i-1)/(N-1) (s_max^(1/rho) - s_min^(1/rho)))^rho
     for i = 1..N (EDM's, rho = 7), s_min and s_max our chain's first and last noise levels, each s_i moved to the
     index of nearest noise level; increasing, each index once (t_1 = 0: t_min, t_N = T - 1)."""
-    sigmas = ve_sigma(diffusion, torch.arange(diffusion.num_timesteps, device=diffusion.betas.device)).double().cpu()
-    lo, hi = sigmas[0] ** (1 / rho), sigmas[-1] ** (1 / rho)
+    ends = ve_sigma(diffusion, torch.tensor([0, diffusion.num_timesteps - 1], device=diffusion.betas.device))
+    lo, hi = (ends.double().cpu() ** (1 / rho)).tolist()
     wanted = (lo + torch.arange(n, dtype=torch.float64) / (n - 1) * (hi - lo)) ** rho
-    return sorted({int((sigmas.log() - math.log(s)).abs().argmin()) for s in wanted.tolist()})
+    return sorted(set(nearest_indices(diffusion, wanted.tolist())))
 
 
 def boundary_scalings(sigma, sigma_min):
@@ -214,8 +220,7 @@ def consistency_sigmas(diffusion, steps, last=0.821):
     T = diffusion.num_timesteps
     top = ve_sigma(diffusion, torch.tensor(T - 1)).item()
     wanted = [top * (last / top) ** (k / (steps - 1)) for k in range(1, steps)] if steps > 1 else []
-    sigmas = ve_sigma(diffusion, torch.arange(T, device=diffusion.betas.device)).double().cpu()
-    return [T - 1] + [int((sigmas.log() - math.log(s)).abs().argmin()) for s in wanted]
+    return [T - 1] + nearest_indices(diffusion, wanted)
 
 
 @torch.no_grad()

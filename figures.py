@@ -14,7 +14,7 @@ import os
 import torch
 
 from checkpoint import build_diffusion, load_model
-from data import make_shapes
+from data import from_uint8, make_shapes
 from ddpm import GaussianDiffusion, make_beta_schedule
 from guidance import model_fn
 
@@ -97,7 +97,7 @@ def loss_and_bound(plt, out, ckpt, n):
     net, config, _, desc = load_model(ckpt)
     d = build_diffusion(config)
     c, s = net.config["in_channels"], net.config["image_size"]
-    x0 = make_shapes(n, s, c, seed=1)[0].permute(0, 3, 1, 2).float() / 127.5 - 1
+    x0 = from_uint8(make_shapes(n, s, c, seed=1)[0])
     fn, g = model_fn(net), torch.Generator().manual_seed(0)
     losses = torch.stack([d.training_losses(fn, x0, torch.full((n,), i), torch.randn(x0.shape, generator=g)).mean()
                           for i in range(d.num_timesteps)])

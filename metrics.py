@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import make_shapes
+from data import from_uint8, make_shapes
 
 REFERENCE_SEED = 1    # the held-out images (train.py trains on seed 0)
 CLASSIFIER_SEED = 2   # the classifier's own training images
@@ -48,7 +48,7 @@ def shapes_classifier(image_size, channels, steps=600, batch_size=128):
         with torch.random.fork_rng(devices=[]), torch.enable_grad():
             torch.manual_seed(CLASSIFIER_SEED)
             images, labels = make_shapes(8192, image_size, channels, seed=CLASSIFIER_SEED)
-            x = to_input(images)
+            x = from_uint8(images)
             net = ShapesClassifier(channels)
             optimizer = torch.optim.Adam(net.parameters(), lr=2e-3)
             for step in range(steps):
@@ -61,23 +61,20 @@ def shapes_classifier(image_size, channels, steps=600, batch_size=128):
     return _classifiers[key]
 
 
-def to_input(images):
-    """uint8 (N, H, W, C) as data.py and sample.py's .npz hold them -> float (N, C, H, W) in [-1, 1]."""
-    return images.permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 @torch.no_grad()
 def features(images, batch_size=1024):
     """The classifier's features of uint8 (N, H, W, C) images."""
     net = shapes_classifier(images.shape[1], images.shape[3])
-    return torch.cat([net.features(to_input(b)) for b in images.split(batch_size)])
+    return torch.cat([net.features(from_uint8(b)) for b in images.split(batch_size)])
 
 
 @torch.no_grad()
 def classify(images, batch_size=1024):
     """The shape class (0 square, 1 disk, 2 triangle, 3 cross) the classifier sees in uint8 (N, H, W, C) images."""
     net = shapes_classifier(images.shape[1], images.shape[3])
-    return torch.cat([net(to_input(b)).argmax(1) for b in images.split(batch_size)])
+    return torch.cat([net(from_uint8(b)).argmax(1) for b in images.split(batch_size)])
 
 
 def frechet_distance(a, b):

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from checkpoint import build_diffusion, load_model
-from data import atomic_write, load_eval_images, load_file, save_grid, to_uint8, write_npz
+from data import atomic_write, from_uint8, load_eval_images, load_file, save_grid, to_uint8, write_npz
 from ddpm import rate_distortion
 from cascade import augment, conditioned, downsample, upsample
 from distill import consistency_sample
@@ -65,7 +65,7 @@ def class_counts(n, k):
 
 def grid_images(images, classes):
     """The samples for the PNG: one row per class when classes are given (short rows padded with black)."""
-    x = images.permute(0, 3, 1, 2).float() / 127.5 - 1
+    x = from_uint8(images)
     if classes is None:
         return x[:GRID_MAX], None
     counts = class_counts(len(x), len(classes))
@@ -195,7 +195,7 @@ def run_sampling(args, net, diffusion, device, names, rank, world, classifier=No
         bs = min(args.batch_size, args.n - b * args.batch_size)
         g = torch.Generator(device).manual_seed(args.seed * 1_000_003 + b)
         if given is not None:  # the low-resolution images, through the cascade's stages
-            x = given[b * args.batch_size: b * args.batch_size + bs].to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
+            x = from_uint8(given[b * args.batch_size: b * args.batch_size + bs].to(device))
             return carry_up(x, g)
         y = labels[b * args.batch_size: b * args.batch_size + bs].to(device) if labels is not None else None
         if num_classes is None:  # an unconditional model: the labels are the classifier's alone
@@ -287,7 +287,7 @@ def run_nll(args, net, diffusion, device, num_classes):
     progress = Progress(total=len(images) * T)
     with StopSignal() as stop:
         for i in range(0, len(images), args.batch_size):
-            x0 = images[i:i + args.batch_size].to(device).permute(0, 3, 1, 2).float() / 127.5 - 1  # as in training
+            x0 = from_uint8(images[i:i + args.batch_size].to(device))  # as in training
             y = torch.full((len(x0),), num_classes, device=device) if num_classes is not None else None
             g = torch.Generator(device).manual_seed(args.seed * 1_000_003 + i // args.batch_size)  # x_t, per batch
             calls = [0]
@@ -334,7 +334,7 @@ def source_images(spec, args, net, device):
     index = [int(v) for v in args.index.split(",")]
     if max(index) >= len(images) or min(index) < 0:
         raise SystemExit(f"error: --index {args.index}: {spec} has {len(images)} images")
-    return images[index].to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return from_uint8(images[index].to(device))
 
 
 def paper_times(args, T):
