@@ -6,7 +6,9 @@ Distilling a trained DDPM into a sampler of 1-4 network calls, from the papers t
   student learns f(x_t, t) -> x_0, the same all along the teacher's ODE trajectory, with f(x, t_min) = x built in.
 Both students predict v (Salimans & Ho, Sec. 4: an eps-student fails at few steps, x0_hat = (x_t - sigma eps) /
 alpha magnifying its errors where alpha -> 0). A student starts from its teacher's weights; an eps-teacher's output
-is read as v, which is right where the two agree (v -> eps as abar_t -> 1) and retrained where they differ.
+is read as v, which is right where the two agree (v -> eps as abar_t -> 1) and retrained where they differ: by the
+first round itself in progressive distillation, by a regression onto the teacher's predictions first
+(TeacherRegression) in consistency distillation.
 Timesteps are this project's: 0-based indices into the T-step schedule; alpha_t = sqrt(abar_t), sigma_t =
 sqrt(1 - abar_t) in the papers' VP notation, and Consistency Models' (EDM's) noise level is s_t = sigma_t / alpha_t,
 their x being ours divided by alpha_t.
@@ -97,6 +99,39 @@ class ProgressiveLoss:
         weight = snr.clamp(min=1.0) if self.weighting == "snr-trunc" else snr + 1
         return weight * ((target - x_student) ** 2).flatten(1).mean(1), None
 
+# ---- the first student of an eps-teacher ----
+
+
+class TeacherRegression:
+    """How a v-student starts from an eps-teacher (this project's design: the papers' teachers already share their
+    students' parameterisation). Read as v, an eps-network is right only at low noise (v -> eps as abar_t -> 1);
+    converted exactly, v = (eps - sigma_t z_t) / alpha_t, it carries the eps-network's errors magnified by
+    1 / alpha_t (157 at t = T - 1 on the linear schedule). So the student first regresses onto the teacher's own
+    prediction, as the teacher samples with it: z_t = alpha_t x + sigma_t eps for t uniform over the T steps
+    (Algorithm 1's draw), x~ the teacher's clipped x0_hat, and the v it implies with the eps it implies,
+    v~ = alpha_t (z_t - alpha_t x~) / sigma_t - sigma_t x~ = (alpha_t z_t - x~) / sigma_t; the loss ||v - v~||^2 is
+    (1 + SNR_t) ||x_student - x~||^2. Afterwards the student's x0_hat is the teacher's at every noise level, which is
+    where Consistency Models' students start (f = c_skip x + (1 - c_skip) x0_hat is then the teacher's denoiser)."""
+
+    def __init__(self, diffusion, teacher, teacher_diffusion, bf16=False):
+        self.diffusion, self.teacher, self.teacher_diffusion, self.bf16 = diffusion, teacher, teacher_diffusion, bf16
+
+    def draw(self, x0, y):
+        t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), device=x0.device)
+        return t, torch.randn_like(x0)
+
+    def __call__(self, model, x0, y, t, noise):
+        dev = x0.device
+        z_t = self.diffusion.q_sample(x0, t, noise)
+        a, s = _alpha_sigma(self.diffusion, t, x0)
+        autocast = torch.autocast(dev.type, torch.bfloat16, enabled=self.bf16 and dev.type == "cuda")
+        with torch.no_grad(), autocast:
+            x_hat = self.teacher_diffusion.p_mean_variance(lambda x, tt: self.teacher(x, tt, y), z_t, t,
+                                                           clip_denoised=True)[3].float()
+        with autocast:
+            v = model(z_t, t, y).float()
+        return ((v - (a * z_t - x_hat) / s) ** 2).flatten(1).mean(1), None
+
 # ---- consistency distillation ----
 
 
@@ -133,16 +168,27 @@ def boundary_scalings(sigma, sigma_min):
     return c_skip, c_out
 
 
+def edm_scalings(sigma):
+    """EDM's preconditioning (Karras et al. 2022, Table 1), which Consistency Models' scalings shift by s_min:
+    the denoiser is D = c_skip x + c_out F with c_skip = s_data^2 / (s^2 + s_data^2), c_out = s s_data /
+    sqrt(s^2 + s_data^2)."""
+    return SIGMA_DATA ** 2 / (sigma ** 2 + SIGMA_DATA ** 2), sigma * SIGMA_DATA / (sigma ** 2 + SIGMA_DATA ** 2).sqrt()
+
+
 def consistency_function(diffusion, model, x_t, t):
-    """f(x, t) = c_skip(t) x + c_out(t) F(x, t), Consistency Models Eq. (5), in their coordinates (x_t / alpha_t),
-    with F = (1 - c_skip) x0_hat / c_out: f = c_skip x + (1 - c_skip) x0_hat, x0_hat from the v-network. At t_min
-    c_skip = 1, so f(x, t_min) = x for any weights; elsewhere x0_hat's errors enter scaled by 1 - c_skip <= 1."""
+    """f(x, t) = c_skip(t) x + c_out(t) F(x, t), Consistency Models Eq. (5), in their coordinates (x = x_t / alpha_t),
+    F the raw output EDM's preconditioning gives for the network's x0_hat, F = (x0_hat - c_skip^EDM x) / c_out^EDM
+    (the parameterisation of the paper's EDM teachers and their students). At t_min c_skip = 1 and c_out = 0, so
+    f(x, t_min) = x for any weights; above it, where s >> s_min, f is x0_hat: a student whose x0_hat is its
+    teacher's starts as the teacher's denoiser, as the paper's students do (f = c_skip x + (1 - c_skip) x0_hat
+    instead would start with a c_skip share of the noisy x in it, 27% at s = 0.821)."""
     abar = extract(diffusion.alphas_cumprod, t, x_t)
     sigma = ((1 - abar) / abar).sqrt()
-    sigma_min = ve_sigma(diffusion, torch.zeros_like(t[:1]))
-    c_skip, _ = boundary_scalings(sigma, sigma_min)
+    c_skip, c_out = boundary_scalings(sigma, ve_sigma(diffusion, torch.zeros_like(t[:1])))
+    skip_edm, out_edm = edm_scalings(sigma)
+    x = x_t / abar.sqrt()
     x0_hat = diffusion.predict_start_from_v(x_t, t, model(x_t, t).float())
-    return c_skip * x_t / abar.sqrt() + (1 - c_skip) * x0_hat
+    return c_skip * x + c_out * (x0_hat - skip_edm * x) / out_edm
 
 
 def heun_step(diffusion, teacher, x_t, t, t_prev, y=None, heun=True):
@@ -173,11 +219,11 @@ def pseudo_huber(a, b):
 class ConsistencyLoss:
     """Algorithm 2 (CD): n ~ U{1..N-1}, x_{t_{n+1}} = q_sample(x, t_{n+1}), one teacher ODE step to t_n, and
     lambda(t_n) d(f_theta(x_{t_{n+1}}, t_{n+1}), f_theta-(x^_{t_n}, t_n)), lambda = 1 (Eq. 7). The target network
-    theta- is an EMA of the student, Eq. (8): theta- <- mu theta- + (1 - mu) theta after each update (mu = 0,
-    the paper's CIFAR-10 setting, makes it the student itself without gradient). d: "l2" (mean squared) or
-    "pseudo-huber"."""
+    theta- is an EMA of the student, Eq. (8): theta- <- mu theta- + (1 - mu) theta after each update (mu = 0.95,
+    the paper's ImageNet 64 and LSUN setting; mu = 0, its CIFAR-10 one, makes it the student itself without
+    gradient). d: "l2" (mean squared) or "pseudo-huber"."""
 
-    def __init__(self, diffusion, teacher, teacher_diffusion, target, mu=0.0, n=18, solver="heun", distance="l2",
+    def __init__(self, diffusion, teacher, teacher_diffusion, target, mu=0.95, n=18, solver="heun", distance="l2",
                  bf16=False):
         self.diffusion, self.teacher, self.teacher_diffusion, self.target = diffusion, teacher, teacher_diffusion, target
         self.mu, self.solver, self.distance, self.bf16 = mu, solver, distance, bf16
@@ -224,12 +270,12 @@ def consistency_sigmas(diffusion, steps, last=0.821):
 
 
 @torch.no_grad()
-def consistency_sample(diffusion, model, shape, steps=1, noise=None, generator=None, callback=None):
+def consistency_sample(diffusion, model, shape, steps=1, noise=None, generator=None, callback=None, last=0.821):
     """Algorithm 1 (multistep consistency sampling): x <- f(x_T, T); then for each later time tau,
     x^ = x + sqrt(tau^2 - s_min^2) z and x <- f(x^, tau) (in Consistency Models' coordinates; each x^ is handed to
-    the network as alpha_tau x^). One step is f(x_T, T) alone. Returns x_0 in [-1, 1] coordinates, clipped."""
+    the network as alpha_tau x^). One step is f(x_T, T) alone; `last`: see consistency_sigmas. Returns x_0 in [-1, 1] coordinates, clipped."""
     device = diffusion.betas.device
-    indices = consistency_sigmas(diffusion, steps)
+    indices = consistency_sigmas(diffusion, steps, last)
     x_t = torch.randn(shape, generator=generator, device=device) if noise is None else noise
     sigma_min = ve_sigma(diffusion, torch.tensor(0, device=device))
     x = None

@@ -109,6 +109,31 @@ def test_progressive_loss_is_zero_for_a_student_that_matches_and_positive_otherw
         value, _ = loss(lambda x, tt, y: teacher(x, tt), x0, None, t, noise, i)
         assert value.min() > 1e-6
 
+# ---- the first student of an eps-teacher
+
+
+@FAST
+@given(schedules(), st.integers(0, 2**31 - 1))
+def test_the_converted_student_predicts_the_teachers_clipped_x0(betas, seed):
+    """TeacherRegression's target, by a second route: a v-network returning v = sqrt(abar) eps~ - sqrt(1 - abar) x~
+    (Salimans & Ho's definition, ddpm's predict_v), with x~ the eps-teacher's clipped x0_hat and eps~ the eps it
+    implies (predict_noise_from_start), has zero loss, and its x0_hat is x~; the teacher read as v has not."""
+    d_eps, d_v = GaussianDiffusion(betas, dtype=torch.float64), GaussianDiffusion(betas, mean_type="v", dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    teacher = lambda x, t, y=None: 3 * torch.tanh(x + t.view(-1, 1, 1, 1) / len(betas))  # x~ often clipped
+    loss = distill.TeacherRegression(d_v, teacher, d_eps)
+    x0 = torch.rand(4, 2, 4, 4, generator=g, dtype=torch.float64) * 2 - 1
+    t = torch.randint(0, len(betas), (4,), generator=g)
+    noise = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    z_t = d_v.q_sample(x0, t, noise)
+    x_clip = d_eps.p_mean_variance(teacher, z_t, t, clip_denoised=True)[3]
+    v = d_v.predict_v(x_clip, t, d_eps.predict_noise_from_start(z_t, t, x_clip))
+    value, _ = loss(lambda x, tt, y: v, x0, None, t, noise)
+    assert value.abs().max() < 1e-8 * max(1.0, v.abs().max().item() ** 2)
+    assert torch.allclose(d_v.predict_start_from_v(z_t, t, v), x_clip, atol=1e-8)
+    assert x_clip.abs().max() <= 1
+    assert loss(teacher, x0, None, t, noise)[0].min() > 1e-6
+
 # ---- consistency distillation
 
 
@@ -125,6 +150,29 @@ def test_consistency_function_is_the_identity_at_t_min_for_any_weights(betas, se
     sigma = distill.ve_sigma(d, torch.arange(len(betas)))
     c_skip, c_out = distill.boundary_scalings(sigma, sigma[0])
     assert c_skip[0] == 1 and c_out[0] == 0 and (c_skip[1:] < 1).all() and (c_out[1:] > 0).all()
+
+
+@FAST
+@given(schedules(min_t=4), st.integers(0, 2**31 - 1), st.data())
+def test_the_consistency_function_starts_as_the_networks_denoiser(betas, seed, data):
+    """Above t_min, f = c_skip x + c_out F with F EDM's raw output for x0_hat is, by a second route,
+    c_skip x + (1 - s_min / s)(x0_hat - c_skip^EDM x) (c_out / c_out^EDM = (s - s_min) / s): f - x0_hat is
+    (c_skip - c_skip^EDM) x - (s_min / s)(x0_hat - c_skip^EDM x), small where s >> s_min, so a student that
+    predicts its teacher's x0 starts as the teacher's denoiser."""
+    d = GaussianDiffusion(betas, mean_type="v", dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    t = torch.tensor(data.draw(st.lists(st.integers(1, len(betas) - 1), min_size=3, max_size=3)))
+    x_t = torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64)
+    v = torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64)
+    f = distill.consistency_function(d, lambda x, tt: v, x_t, t)
+    a = d.alphas_cumprod[t].view(-1, 1, 1, 1)
+    s, s_min = ((1 - a) / a).sqrt(), distill.ve_sigma(d, torch.tensor(0))
+    x, x0_hat = x_t / a.sqrt(), d.predict_start_from_v(x_t, t, v.float())
+    c_skip = 0.25 / ((s - s_min) ** 2 + 0.25)
+    assert torch.allclose(f, c_skip * x + (1 - s_min / s) * (x0_hat - 0.25 / (s ** 2 + 0.25) * x), rtol=1e-6, atol=1e-6)
+    far = (s > 100 * s_min).flatten()
+    if far.any():
+        assert torch.allclose(f[far], x0_hat[far], atol=0.05 * (1 + x[far].abs().max().item()))
 
 
 @FAST
@@ -158,22 +206,24 @@ def test_one_step_of_multistep_sampling_is_one_step_sampling():
         direct = distill.consistency_function(d, model, x_T, full(3, 99)).clamp(-1, 1)
     assert torch.equal(one, direct)
     times = distill.consistency_sigmas(d, 3)
+    assert distill.consistency_sigmas(d, 2, 0.3) == [99, distill.nearest_indices(d, [0.3])[0]]
     assert times[0] == 99 and times[0] > times[1] > times[2] >= 0
 
 
 def exact_consistency(d, m, s2):
     """The exact consistency function for data N(m, s2 I): the ODE's closed form from (x_t, t) to t_min, in
     Consistency Models' coordinates (divided by alpha_{t_min}), as a v-network (v = (alpha x - x0_hat) / sigma with
-    x0_hat chosen so f comes out exact)."""
+    x0_hat chosen so f comes out exact: Eq. (5) solved for it)."""
     a_min = d.alphas_cumprod[0].double()
 
     def model(x, t):
         a = d.alphas_cumprod[t].double().view(-1, 1, 1, 1)
         end = m * a_min.sqrt() + (x - m * a.sqrt()) * ((a_min * s2 + 1 - a_min) / (a * s2 + 1 - a)).sqrt()
         sigma = ((1 - a) / a).sqrt()
-        c_skip, _ = distill.boundary_scalings(sigma, distill.ve_sigma(d, torch.tensor(0)).double())
-        x0_hat = (end / a_min.sqrt() - c_skip * x / a.sqrt()) / (1 - c_skip).clamp(min=1e-300)
-        x0_hat = torch.where(c_skip < 1, x0_hat, torch.zeros_like(x0_hat))  # at t_min f = x for any x0_hat
+        c_skip, c_out = distill.boundary_scalings(sigma, distill.ve_sigma(d, torch.tensor(0)).double())
+        skip_edm, out_edm = distill.edm_scalings(sigma)
+        x0_hat = (end / a_min.sqrt() - c_skip * x / a.sqrt()) * out_edm / c_out.clamp(min=1e-300) + skip_edm * x / a.sqrt()
+        x0_hat = torch.where(c_out > 0, x0_hat, torch.zeros_like(x0_hat))  # at t_min f = x for any x0_hat
         return (a.sqrt() * x - x0_hat) / (1 - a).sqrt()
     return model
 
@@ -273,13 +323,43 @@ def test_consistency_distillation_runs_and_samples_in_one_or_two_steps(teacher, 
     assert r.returncode == 0, r.stderr
     ckpt = load_checkpoint(str(tmp_path / "cd"))
     assert ckpt["kind"] == "consistency" and set(ckpt["target"]) == set(ckpt["model"])
-    for steps, label in ((None, "1 step"), ("2", "2 steps")):
+    for steps, label in ((None, "1 step"), ("2", "2 steps, last noise level 0.821")):
         r = run_script("sample.py", tmp_path / "cd", "--n", "3", "--device", "cpu", "--out", tmp_path / "s.png",
                        "--npz", tmp_path / "s.npz", *(["--steps", steps] if steps else []))
         assert r.returncode == 0 and f"consistency model, {label}" in r.stdout, r.stdout + r.stderr
         assert read_npz(tmp_path / "s.npz")["arr_0"].shape == (3, 8, 8, 3)
     bad = run_script("sample.py", tmp_path / "cd", "--sampler", "ddpm", "--device", "cpu")
     assert "samples with its own sampler" in assert_one_line_error(bad)
+
+
+def test_consistency_from_an_eps_teacher_converts_first_and_resumes_exactly(teacher, tmp_path):
+    """--convert-steps 2 of --steps 4: the log names both phases; stopped at the switch (step 2) or after it (step
+    3) and resumed, the run ends where an uninterrupted one does (student, EMA and target network); at the switch
+    the target network restarts from the converted student."""
+    common = lambda out: distill_args("consistency", teacher, out, "--cd-n", "6", "--cd-mu", "0.5",
+                                      "--convert-steps", "2", "--steps", "4")
+    r = run_script("train.py", *common(tmp_path / "a"))
+    assert r.returncode == 0, r.stderr
+    assert "steps 0-2: the v-student regresses onto the teacher's own x0" in r.stdout, r.stdout
+    assert "steps 2-4: consistency distillation" in r.stdout, r.stdout
+    a = load_checkpoint(str(tmp_path / "a"))
+    for stop in (2, 3):
+        out = tmp_path / f"b{stop}"
+        with pytest.raises(SystemExit) as stopped:
+            in_process([str(x) for x in common(out)], stop_after=stop)
+        assert stopped.value.code == 0 and load_checkpoint(str(out))["step"] == stop
+        if stop == 2:
+            converted = load_checkpoint(str(out))["model"]
+        r = run_script("train.py", "--resume", out)
+        assert r.returncode == 0 and f"resuming at step {stop}" in r.stdout, r.stderr
+        b = load_checkpoint(str(out))
+        for key in ("model", "ema", "target"):
+            for name in a[key]:
+                assert torch.equal(a[key][name], b[key][name]), (stop, key, name)
+    r = run_script("train.py", *common(tmp_path / "c"), "--cd-mu", "1", "--steps", "3")  # mu = 1: a target that stays
+    assert r.returncode == 0, r.stderr
+    target = load_checkpoint(str(tmp_path / "c"))["target"]
+    assert all(torch.equal(target[name], converted[name]) for name in converted)
 
 
 def test_bad_distillation_input_is_one_line(teacher, tmp_path):

@@ -220,7 +220,8 @@ def test_bad_files_one_line_subprocess(ckpt, tmp_path):
 
 @pytest.mark.parametrize("case", ["text_file", "truncated_safetensors", "state_dict_of_other_net", "empty_folder",
                                   "steps_above_T", "class_on_unconditional", "class_out_of_range", "guidance_no_class",
-                                  "zero_n", "out_folder_missing", "nll_missing_file", "nll_wrong_size", "nll_with_steps"])
+                                  "zero_n", "out_folder_missing", "nll_missing_file", "nll_wrong_size", "nll_with_steps",
+                                  "consistency_level_zero"])
 def test_bad_input_one_line(case, ckpt, tmp_path, capsys):
     """Each mistake ends in SystemExit with one 'error:' line (the __main__ guard only adds Ctrl-C handling)."""
     cond = str(tmp_path / "cond.pt")
@@ -237,7 +238,8 @@ def test_bad_input_one_line(case, ckpt, tmp_path, capsys):
             "class_out_of_range": [cond, "--class", "1,4"], "guidance_no_class": [cond, "--guidance", "2"],
             "zero_n": [ckpt, "--n", "0"], "out_folder_missing": [ckpt, "--npz", str(tmp_path / "no" / "s.npz")], "nll_missing_file": [ckpt, "--nll", str(tmp_path / "nope.npz")],
             "nll_wrong_size": [ckpt, "--nll", str(tmp_path / "big.npz")],
-            "nll_with_steps": [ckpt, "--nll", str(tmp_path / "big.npz"), "--steps", "10"]}[case]
+            "nll_with_steps": [ckpt, "--nll", str(tmp_path / "big.npz"), "--steps", "10"],
+            "consistency_level_zero": [ckpt, "--consistency-last", "0"]}[case]
     with pytest.raises(SystemExit) as e:
         sample.main([*argv, "--device", "cpu", "--out", str(tmp_path / "g.png")])
     msg = str(e.value.code)

@@ -31,7 +31,7 @@ from training import FAST_PATHS, Batches, build_run, get_lr, make_optimizer, mat
 
 MODEL_FLAGS = ("ch", "ch_mult", "num_res_blocks", "attn", "dropout", "class_cond", "timesteps", "schedule",
                "image_size", "classifier", "distill", "teacher", "student_steps", "teacher_steps", "cd_n", "low_res",
-               "mean_type")
+               "mean_type", "convert_steps")
 RUN_FLAGS = ("resume", "device", "compile", "bf16", "tf32", "fused_adam", "channels_last", "out")  # never from a ckpt
 FLIP_DATA = ("cifar10", "shapes")  # data whose classes survive a mirror image: flips on by default
 
@@ -75,8 +75,12 @@ def get_parser():
       "from (a power of two times --student-steps, at most T; a progressive student as teacher: its own steps)")
     a("--pd-weighting", default="snr-trunc", choices=["snr-trunc", "snr+1"], help="progressive: the loss weight, "
       "max(SNR, 1) or SNR + 1 (Salimans & Ho Sec. 4)")
+    a("--convert-steps", type=int, default=-1, help="consistency from an eps- or x0-teacher: the first updates "
+      "(of --steps) regress the v-student onto the teacher's own clipped x0 (distill.TeacherRegression) before "
+      "distilling; -1: a fifth of --steps. A v-teacher needs none")
     a("--cd-n", type=int, default=18, help="consistency: N, the points of the ODE discretisation (the paper's 18)")
-    a("--cd-mu", type=float, default=0.0, help="consistency: the target network's EMA decay (the paper's CIFAR-10: 0)")
+    a("--cd-mu", type=float, default=0.95, help="consistency: the target network's EMA decay (the paper's ImageNet 64 "
+      "and LSUN setting; its CIFAR-10 one is 0, which drifted at mid noise in short runs here)")
     a("--cd-solver", default="heun", choices=["heun", "ddim"], help="consistency: the teacher's ODE step")
     a("--cd-distance", default="l2", choices=["l2", "pseudo-huber"], help="consistency: the distance d (LPIPS, the "
       "paper's best, needs downloaded VGG weights: not here)")
@@ -338,7 +342,22 @@ def main(argv=None):
     t_last, step_last, n_logs = time.time(), step, 0
     draw = grid_sampler(run, args, images)
     per_round = math.ceil(args.steps / len(run.rounds)) if run.rounds else None
+    converting = run.convert_steps > 0 and step <= run.convert_steps  # at step == convert_steps: the switch below
+    if converting:
+        if step < run.convert_steps:
+            log(f"steps 0-{run.convert_steps}: the v-student regresses onto the teacher's own x0 predictions")
+        loss_fn = run.convert
+        losses = torch.compile(loss_fn.__call__) if args.compile and not ddp else loss_fn
     while step < args.steps:
+        # consistency from an eps-teacher: at the end of the conversion the distillation starts, its target network
+        # and the EMA from the converted student (Consistency Models start from a teacher of their own parameterisation)
+        if converting and step == run.convert_steps:
+            converting = False
+            run.target.load_state_dict(raw_model.state_dict())
+            ema.load_state_dict(raw_model.state_dict())
+            loss_fn = run.loss_fn
+            losses = torch.compile(loss_fn.__call__) if args.compile and not ddp else loss_fn
+            log(f"steps {step}-{args.steps}: consistency distillation")
         # progressive distillation (Algorithm 2): --steps split evenly over the rounds, each halving the steps; at a
         # round's first step the student becomes the teacher, a v-network read through the student's own diffusion,
         # and the EMA restarts from it, so the round's samples owe nothing to the last round's step count

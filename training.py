@@ -12,7 +12,7 @@ import torch
 
 from cascade import SuperResolution, SuperResolutionLoss
 from checkpoint import build_diffusion, load_model
-from distill import ConsistencyLoss, ProgressiveLoss, halving_rounds
+from distill import ConsistencyLoss, ProgressiveLoss, TeacherRegression, halving_rounds
 from guidance import ClassifierLoss, NoisyClassifier
 from unet import UNet
 
@@ -160,7 +160,8 @@ def build_run(args, ckpt, num_classes, size, channels, device):
     diffusion (Algorithm 1), classifier (guidance.ClassifierLoss), progressive or consistency (distill.py)."""
     kind = ckpt.get("kind", "diffusion") if ckpt else (
         "classifier" if args.classifier else args.distill or ("sr" if args.low_res else "diffusion"))
-    run = SimpleNamespace(kind=kind, teacher=None, target=None, rounds=None, sampling=None, extra={})
+    run = SimpleNamespace(kind=kind, teacher=None, target=None, rounds=None, sampling=None, extra={},
+                          convert_steps=0, convert=None)
     torch.manual_seed(args.seed)
     try:
         if kind in ("progressive", "consistency"):
@@ -220,4 +221,10 @@ def build_run(args, ckpt, num_classes, size, channels, device):
                                       args.cd_n, args.cd_solver, args.cd_distance, args.bf16)
         run.loss_fn.student = run.model
         run.sampling = dict(sampler="consistency", steps=1)
+        if run.teacher_diffusion.mean_type != "v":  # an eps- or x0-teacher: convert first (TeacherRegression)
+            run.convert_steps = args.steps // 5 if args.convert_steps < 0 else args.convert_steps
+            if ckpt and "convert_steps" not in ckpt["args"]:  # a run from before the conversion had none
+                run.convert_steps = 0
+            args.convert_steps = run.convert_steps  # saved as a number: a resume with another --steps keeps it
+            run.convert = TeacherRegression(run.diffusion, run.teacher, run.teacher_diffusion, args.bf16)
     return run
