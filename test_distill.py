@@ -130,8 +130,10 @@ def test_the_converted_student_predicts_the_teachers_clipped_x0(betas, seed):
     v = d_v.predict_v(x_clip, t, d_eps.predict_noise_from_start(z_t, t, x_clip))
     value, _ = loss(lambda x, tt, y: v, x0, None, t, noise)
     assert value.abs().max() < 1e-8 * max(1.0, v.abs().max().item() ** 2)
-    assert torch.allclose(d_v.predict_start_from_v(z_t, t, v), x_clip, atol=1e-8)
-    assert x_clip.abs().max() <= 1
+    unclipped = d_eps.p_mean_variance(teacher, z_t, t, clip_denoised=False)[3]
+    if (unclipped.abs() > 1.01).any():  # the v of the unclipped x0 is not the target
+        v_raw = d_v.predict_v(unclipped, t, d_eps.predict_noise_from_start(z_t, t, unclipped))
+        assert loss(lambda x, tt, y: v_raw, x0, None, t, noise)[0].max() > 1e-6
     assert loss(teacher, x0, None, t, noise)[0].min() > 1e-6
 
 # ---- consistency distillation
@@ -328,6 +330,11 @@ def test_consistency_distillation_runs_and_samples_in_one_or_two_steps(teacher, 
                        "--npz", tmp_path / "s.npz", *(["--steps", steps] if steps else []))
         assert r.returncode == 0 and f"consistency model, {label}" in r.stdout, r.stdout + r.stderr
         assert read_npz(tmp_path / "s.npz")["arr_0"].shape == (3, 8, 8, 3)
+    two = read_npz(tmp_path / "s.npz")["arr_0"]
+    r = run_script("sample.py", tmp_path / "cd", "--n", "3", "--device", "cpu", "--out", tmp_path / "s.png",
+                   "--npz", tmp_path / "s5.npz", "--steps", "2", "--consistency-last", "5")
+    assert r.returncode == 0 and "last noise level 5.0" in r.stdout, r.stdout + r.stderr
+    assert not (read_npz(tmp_path / "s5.npz")["arr_0"] == two).all()  # the level reaches the sampler
     bad = run_script("sample.py", tmp_path / "cd", "--sampler", "ddpm", "--device", "cpu")
     assert "samples with its own sampler" in assert_one_line_error(bad)
 
@@ -356,20 +363,23 @@ def test_consistency_from_an_eps_teacher_converts_first_and_resumes_exactly(teac
         for key in ("model", "ema", "target"):
             for name in a[key]:
                 assert torch.equal(a[key][name], b[key][name]), (stop, key, name)
-    r = run_script("train.py", *common(tmp_path / "c"), "--cd-mu", "1", "--steps", "3")  # mu = 1: a target that stays
+    # mu = 1 and EMA decay 1: a target and an EMA that stay where the switch put them
+    r = run_script("train.py", *common(tmp_path / "c"), "--cd-mu", "1", "--ema-decay", "1", "--steps", "3")
     assert r.returncode == 0, r.stderr
-    target = load_checkpoint(str(tmp_path / "c"))["target"]
-    assert all(torch.equal(target[name], converted[name]) for name in converted)
+    c = load_checkpoint(str(tmp_path / "c"))
+    for key in ("target", "ema"):
+        assert all(torch.equal(c[key][name], converted[name]) for name in converted), key
 
 
 def test_bad_distillation_input_is_one_line(teacher, tmp_path):
-    """A teacher that is not a checkpoint, student steps that halving cannot reach, and no teacher at all: one
-    clear line each."""
+    """A teacher that is not a checkpoint, student steps that halving cannot reach, no teacher at all, and a
+    conversion as long as the run: one clear line each."""
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     cases = [(["--distill", "progressive", "--teacher", str(tmp_path / "junk.pt")], "cannot read checkpoint"),
              (["--distill", "progressive", "--teacher", str(teacher), "--teacher-steps", "8", "--student-steps", "3"],
               "not reachable by halving"),
-             (["--distill", "consistency"], "needs --teacher")]
+             (["--distill", "consistency"], "needs --teacher"),
+             (["--distill", "consistency", "--teacher", str(teacher), "--convert-steps", "2"], "--convert-steps 2")]
     for flags, expect in cases:
         r = run_script("train.py", *TRAIN_TINY, *flags, "--steps", "2", "--out", tmp_path / "x")
         assert expect in assert_one_line_error(r)

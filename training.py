@@ -222,6 +222,9 @@ def build_run(args, ckpt, num_classes, size, channels, device):
         run.loss_fn.student = run.model
         run.sampling = dict(sampler="consistency", steps=1)
         if run.teacher_diffusion.mean_type != "v":  # an eps- or x0-teacher: convert first (TeacherRegression)
+            if not ckpt and not -1 <= args.convert_steps < args.steps:
+                raise SystemExit(f"error: --convert-steps {args.convert_steps}: give 0..{args.steps - 1} updates of "
+                                 f"--steps, or -1 for a fifth of them")
             run.convert_steps = args.steps // 5 if args.convert_steps < 0 else args.convert_steps
             if ckpt and "convert_steps" not in ckpt["args"]:  # a run from before the conversion had none
                 run.convert_steps = 0
