@@ -71,8 +71,9 @@ def get_parser():
       "al. 2023) learns a 1-step sampler")
     a("--teacher", default="", help="with --distill: a train.py checkpoint or run folder, or released weights")
     a("--student-steps", type=int, default=4, help="progressive: the student's sampling steps at the end")
-    a("--teacher-steps", type=int, default=128, help="progressive: the teacher's DDIM steps the first round starts "
-      "from (a power of two times --student-steps, at most T; a progressive student as teacher: its own steps)")
+    a("--teacher-steps", type=int, default=32, help="progressive: the teacher's DDIM steps the first round starts "
+      "from (a power of two times --student-steps, at most T; a progressive student as teacher: its own steps). "
+      "Fewer rounds give each more of --steps: from 32, 3 rounds to 4 steps (measured better than 5 from 128)")
     a("--pd-weighting", default="snr-trunc", choices=["snr-trunc", "snr+1"], help="progressive: the loss weight, "
       "max(SNR, 1) or SNR + 1 (Salimans & Ho Sec. 4)")
     a("--convert-steps", type=int, default=-1, help="consistency from an eps- or x0-teacher: the first updates "
