@@ -110,8 +110,9 @@ class TeacherRegression:
     prediction, as the teacher samples with it: z_t = alpha_t x + sigma_t eps for t uniform over the T steps
     (Algorithm 1's draw), x~ the teacher's clipped x0_hat, and the v it implies with the eps it implies,
     v~ = alpha_t (z_t - alpha_t x~) / sigma_t - sigma_t x~ = (alpha_t z_t - x~) / sigma_t; the loss ||v - v~||^2 is
-    (1 + SNR_t) ||x_student - x~||^2. Afterwards the student's x0_hat is the teacher's at every noise level, which is
-    where Consistency Models' students start (f = c_skip x + (1 - c_skip) x0_hat is then the teacher's denoiser)."""
+    (1 + SNR_t) ||x_student - x~||^2. Afterwards the student's x0_hat is the teacher's at every noise level, so its
+    consistency function (f = x0_hat above t_min) is the teacher's denoiser, where Consistency Models' students
+    start."""
 
     def __init__(self, diffusion, teacher, teacher_diffusion, bf16=False):
         self.diffusion, self.teacher, self.teacher_diffusion, self.bf16 = diffusion, teacher, teacher_diffusion, bf16
@@ -273,7 +274,8 @@ def consistency_sigmas(diffusion, steps, last=0.821):
 def consistency_sample(diffusion, model, shape, steps=1, noise=None, generator=None, callback=None, last=0.821):
     """Algorithm 1 (multistep consistency sampling): x <- f(x_T, T); then for each later time tau,
     x^ = x + sqrt(tau^2 - s_min^2) z and x <- f(x^, tau) (in Consistency Models' coordinates; each x^ is handed to
-    the network as alpha_tau x^). One step is f(x_T, T) alone; `last`: see consistency_sigmas. Returns x_0 in [-1, 1] coordinates, clipped."""
+    the network as alpha_tau x^). One step is f(x_T, T) alone; `last`: see consistency_sigmas. Returns x_0 in
+    [-1, 1] coordinates, clipped."""
     device = diffusion.betas.device
     indices = consistency_sigmas(diffusion, steps, last)
     x_t = torch.randn(shape, generator=generator, device=device) if noise is None else noise

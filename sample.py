@@ -103,7 +103,8 @@ def describe_sampler(args, diffusion):
     T = diffusion.num_timesteps
     if args.sampler == "consistency":
         last = f", last noise level {args.consistency_last}" if args.steps > 1 else ""
-        return f"consistency model, {args.steps} step{'s' if args.steps > 1 else ''}{last} (Song et al. 2023, Algorithm 1)"
+        steps = f"{args.steps} step{'s' if args.steps > 1 else ''}"
+        return f"consistency model, {steps}{last} (Song et al. 2023, Algorithm 1)"
     if args.sampler == "ddpm" and args.steps == T and args.spacing == "trailing":
         return f"Algorithm 2, {T} steps, {diffusion.var_type}"
     name = {"ddpm": "ancestral (DDIM eta 1)", "ddim": f"DDIM eta {args.eta or 0.0}", "dpm++": "DPM-Solver++(2M)"}[

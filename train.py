@@ -295,7 +295,9 @@ def main(argv=None):
     model = DDP(raw_model, device_ids=[local_rank] if device.type == "cuda" else None) if ddp else raw_model
     no_sync = model.no_sync if ddp else None
     model = torch.compile(model) if args.compile and ddp else model
-    losses = torch.compile(loss_fn.__call__) if args.compile and not ddp else loss_fn
+    def compiled(objective):  # what train_step calls: the objective's __call__, compiled with --compile
+        return torch.compile(objective.__call__) if args.compile and not ddp else objective
+    losses = compiled(loss_fn)
 
     # random state: per process, so each rank draws its own t, noise, flips and dropout
     torch.manual_seed(args.seed + rank)
@@ -348,7 +350,7 @@ def main(argv=None):
         if step < run.convert_steps:
             log(f"steps 0-{run.convert_steps}: the v-student regresses onto the teacher's own x0 predictions")
         loss_fn = run.convert
-        losses = torch.compile(loss_fn.__call__) if args.compile and not ddp else loss_fn
+        losses = compiled(loss_fn)
     while step < args.steps:
         # consistency from an eps-teacher: at the end of the conversion the distillation starts, its target network
         # and the EMA from the converted student (Consistency Models start from a teacher of their own parameterisation)
@@ -357,7 +359,7 @@ def main(argv=None):
             run.target.load_state_dict(raw_model.state_dict())
             ema.load_state_dict(raw_model.state_dict())
             loss_fn = run.loss_fn
-            losses = torch.compile(loss_fn.__call__) if args.compile and not ddp else loss_fn
+            losses = compiled(loss_fn)
             log(f"steps {step}-{args.steps}: consistency distillation")
         # progressive distillation (Algorithm 2): --steps split evenly over the rounds, each halving the steps; at a
         # round's first step the student becomes the teacher, a v-network read through the student's own diffusion,
@@ -372,7 +374,7 @@ def main(argv=None):
                 ema.load_state_dict(raw_model.state_dict())
             loss_fn = run.loss_fn = ProgressiveLoss(diffusion, run.teacher, run.teacher_diffusion, run.rounds[r],
                                                     args.pd_weighting, args.bf16)
-            losses = torch.compile(loss_fn.__call__) if args.compile and not ddp else loss_fn
+            losses = compiled(loss_fn)
             run.sampling = dict(sampler="ddim", steps=run.rounds[r])
             log(f"round {r + 1}/{len(run.rounds)}: a student of {run.rounds[r]} steps learns the teacher's "
                 f"{2 * run.rounds[r]} (steps {r * per_round}-{min((r + 1) * per_round, args.steps)})")
