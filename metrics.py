@@ -61,8 +61,6 @@ def shapes_classifier(image_size, channels, steps=600, batch_size=128):
     return _classifiers[key]
 
 
-
-
 @torch.no_grad()
 def features(images, batch_size=1024):
     """The classifier's features of uint8 (N, H, W, C) images."""

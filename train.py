@@ -345,10 +345,9 @@ def main(argv=None):
     t_last, step_last, n_logs = time.time(), step, 0
     draw = grid_sampler(run, args, images)
     per_round = math.ceil(args.steps / len(run.rounds)) if run.rounds else None
-    converting = run.convert_steps > 0 and step <= run.convert_steps  # at step == convert_steps: the switch below
-    if converting:
-        if step < run.convert_steps:
-            log(f"steps 0-{run.convert_steps}: the v-student regresses onto the teacher's own x0 predictions")
+    converting = run.convert_steps > 0 and step <= run.convert_steps  # at step == convert_steps: only the switch
+    if converting and step < run.convert_steps:
+        log(f"steps 0-{run.convert_steps}: the v-student regresses onto the teacher's own x0 predictions")
         loss_fn = run.convert
         losses = compiled(loss_fn)
     while step < args.steps:
