@@ -20,9 +20,10 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from checkpoint import build_diffusion, convert_diffusers_state_dict
+from checkpoint import PAPER_DIFFUSION, build_diffusion
+from pretrained import convert_diffusers_state_dict
 from guidance import model_fn
-from runtime import resolve_device
+from runtime import USER_ERRORS, error_line, resolve_device, set_tf32
 from training import FAST_PATHS, DiffusionLoss, make_optimizer, train_step
 from unet import AttnBlock, UNet
 
@@ -72,7 +73,7 @@ class DiffusersUNet(nn.Module):
         try:
             from diffusers import UNet2DModel
         except ImportError:
-            raise SystemExit("error: --compare needs diffusers: pip install -r requirements-dev.txt")
+            raise RuntimeError("--compare needs diffusers: pip install -r requirements-dev.txt") from None
         sizes = [config["image_size"] // 2 ** i for i in range(len(config["ch_mult"]))]
         down = tuple("AttnDownBlock2D" if s in config["attn_resolutions"] else "DownBlock2D" for s in sizes)
         self.net = UNet2DModel(
@@ -174,7 +175,7 @@ def build_nets(config, args):
                     m.set_processor(AttnProcessor())
         counts = [sum(p.numel() for p in n.parameters()) for n in (nets["ours"], theirs)]
         if counts[0] != counts[1]:
-            raise SystemExit(f"error: parameter counts differ: ours {counts[0]:,}, diffusers {counts[1]:,}")
+            raise RuntimeError(f"parameter counts differ: ours {counts[0]:,}, diffusers {counts[1]:,}")
         nets["ours"].load_state_dict(convert_diffusers_state_dict(theirs.net.state_dict()))  # released key names
         x = torch.randn(2, config["in_channels"], config["image_size"], config["image_size"])
         t = torch.tensor([10, 900])
@@ -186,8 +187,7 @@ def build_nets(config, args):
     return nets, diff
 
 
-def main(argv=None):
-    args = get_parser().parse_args(argv)
+def bench(args):
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
     for k, default in (("batch_size", 128 if cuda else 8), ("warmup", 3 if cuda else 2), ("iters", 20 if cuda else 1),
@@ -195,17 +195,16 @@ def main(argv=None):
         setattr(args, k, default if getattr(args, k) is None else getattr(args, k))
     for k in ("batch_size", "iters", "rounds"):
         if getattr(args, k) <= 0:
-            raise SystemExit(f"error: --{k.replace('_', '-')} must be positive")
+            raise ValueError(f"--{k.replace('_', '-')} must be positive")
     if args.warmup < 0 or not 0 <= args.dropout < 1:
-        raise SystemExit("error: --warmup must be >= 0 and --dropout in [0, 1)")
-    if cuda and args.tf32:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        raise ValueError("--warmup must be >= 0 and --dropout in [0, 1)")
+    set_tf32(device, args.tf32)
     AttnBlock.use_sdpa = args.sdpa
     torch.manual_seed(args.seed)
 
     config = UNet(**dict(SMALL if args.small else {}, dropout=args.dropout)).config  # default: the paper's net
     fwd_gflop, train_gflop = count_gflops(config)
-    diffusion = build_diffusion({}).to(device)  # the paper's: T = 1000, linear betas 1e-4..0.02
+    diffusion = build_diffusion(PAPER_DIFFUSION).to(device)  # T = 1000, linear betas 1e-4..0.02
     nets, diff = build_nets(config, args)
     onoff = lambda b: "on" if b else "off"
     print(f"device: {device} ({machine(device)}), torch {torch.__version__}")
@@ -262,6 +261,13 @@ def main(argv=None):
         for k in benches:
             print(f"| {k} | {ips[k]['train']:.2f} | {ips[k]['sample']:.2f} |")
         print(f"| ratio ours/diffusers (median of per-round ratios) | {ratio['train']:.3f} | {ratio['sample']:.3f} |")
+
+
+def main(argv=None):
+    try:
+        bench(get_parser().parse_args(argv))
+    except USER_ERRORS as e:
+        raise SystemExit(error_line(e)) from None
 
 
 if __name__ == "__main__":

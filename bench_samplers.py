@@ -4,7 +4,7 @@ sampler's distance to the 1000-step ODE solution (RMSE in pixel levels, 0..255),
 (built-in shapes models), and img/s; the references are the T-step ODE (DDIM, eta 0) and Algorithm 2 over all T
 steps. --compare adds diffusers' DPMSolverMultistepScheduler (DPM-Solver++ 2M, its defaults) driving the same
 network, what a user would otherwise pick.
-  python bench_samplers.py out-shapes --compare        # the README's table (CPU quick-start model)
+  python bench_samplers.py out-shapes --compare        # docs/samplers.md's table (CPU quick-start model)
 """
 import argparse
 import csv
@@ -15,7 +15,7 @@ import torch
 from checkpoint import build_diffusion, load_model
 from data import to_uint8
 from guidance import model_fn
-from runtime import resolve_device
+from runtime import USER_ERRORS, error_line, resolve_device
 from samplers import SPACINGS, ddim_sample_loop, sample_loop
 
 # (label, sampler, eta): the rows of the table
@@ -52,8 +52,7 @@ def diffusers_dpm_solver(diffusion, fn, x_T, steps, threshold=False):
     return x
 
 
-def main(argv=None):
-    args = get_parser().parse_args(argv)
+def bench(args):
     device = resolve_device(args.device)
     nfes = [int(v) for v in args.nfe.split(",")]
     net, diffusion_config, meta, desc = load_model(args.ckpt)
@@ -61,7 +60,7 @@ def main(argv=None):
     diffusion = build_diffusion(diffusion_config).to(device)
     T, c, s = diffusion.num_timesteps, net.config["in_channels"], net.config["image_size"]
     if max(nfes) > T or min(nfes) < 1:
-        raise SystemExit(f"error: --nfe values must be in 1..{T}")
+        raise ValueError(f"--nfe values must be in 1..{T}")
     shapes = meta["args"].get("data") == "shapes" and not net.config.get("num_classes")
     if shapes:
         from metrics import shapes_distance
@@ -103,6 +102,13 @@ def main(argv=None):
             w.writeheader()
             w.writerows(rows)
         print(f"wrote {args.csv}")
+
+
+def main(argv=None):
+    try:
+        bench(get_parser().parse_args(argv))
+    except USER_ERRORS as e:
+        raise SystemExit(error_line(e)) from None
 
 
 if __name__ == "__main__":

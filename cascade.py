@@ -4,12 +4,17 @@ resolution, then super-resolution diffusion models, each conditioned on the imag
 2021). The super-resolution model is this project's U-Net with the low-resolution image, upsampled to the output
 size, as extra input channels, trained with Gaussian conditioning augmentation (non-truncated): the condition is
 itself noised to a level s drawn at random, and the model is told s, so at sampling time the base model's errors
-can be washed out by choosing s > 0.
+can be washed out by choosing s > 0. At sampling time a cascade carries a base model's samples up stage by stage
+(upsample_stage, carry_up). The augmentation level, the paper's s, is `aug_level` here.
 """
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from guidance import model_fn
+from samplers import sample_loop
 from unet import UNet, timestep_embedding
 
 
@@ -24,11 +29,11 @@ def upsample(x, size):
     return F.interpolate(x, size=(size, size), mode="nearest")
 
 
-def augment(diffusion, cond, s, noise):
-    """Gaussian conditioning augmentation: c~ = q_sample(c, s) = sqrt(abar_s) c + sqrt(1 - abar_s) eps for s >= 0
-    (an index into the model's own schedule), and c itself where s = -1 ("none")."""
-    noised = diffusion.q_sample(cond, s.clamp(min=0), noise)
-    return torch.where((s >= 0).view(-1, 1, 1, 1), noised, cond)
+def augment(diffusion, cond, aug_level, noise):
+    """Gaussian conditioning augmentation: c~ = q_sample(c, s) = sqrt(abar_s) c + sqrt(1 - abar_s) eps for
+    s = aug_level >= 0 (an index into the model's own schedule), and c itself where s = -1 ("none")."""
+    noised = diffusion.q_sample(cond, aug_level.clamp(min=0), noise)
+    return torch.where((aug_level >= 0).view(-1, 1, 1, 1), noised, cond)
 
 
 class SuperResolution(nn.Module):
@@ -47,22 +52,23 @@ class SuperResolution(nn.Module):
         self.config = dict(self.unet.config, in_channels=in_channels, low_res=low_res)
         del self.config["out_channels"]
 
-    def forward(self, x, t, cond, s):
+    def forward(self, x, t, cond, aug_level):
         """x: x_t (B, C, H, W); t: (B,) indices; cond: the augmented upsampled low-resolution image c~ (B, C, H, W);
-        s: (B,) its augmentation level (-1: none)."""
-        extra = self.aug[1](F.silu(self.aug[0](timestep_embedding(s + 1, self.unet.ch))))
+        aug_level: (B,) its augmentation level s (-1: none)."""
+        extra = self.aug[1](F.silu(self.aug[0](timestep_embedding(aug_level + 1, self.unet.ch))))
         temb = self.unet.embed(t, None, extra)
         return self.unet.decode(*self.unet.encode(torch.cat([x, cond], dim=1), temb), temb)
 
 
-def conditioned(model, cond, s):
+def conditioned(model, cond, aug_level):
     """The super-resolution model as the samplers call a network, model(x_t, t), for a fixed condition."""
-    return lambda x, t: model(x, t, cond, s)
+    return lambda x, t: model(x, t, cond, aug_level)
 
 
 class SuperResolutionLoss:
     """L_simple (Eq. 14 of DDPM) for the super-resolution model: the low-resolution image is the batch itself
-    downsampled, upsampled back, and augmented at a level s drawn uniformly from none, 0, ..., max_aug - 1."""
+    downsampled, upsampled back, and augmented at a level s drawn uniformly from none, 0, ..., max_aug - 1 (the
+    augmentation noise drawn apart from the diffusion's: the two are independent in CDM's Sec. 3.2)."""
 
     def __init__(self, diffusion, low_res, max_aug, bf16=False):
         self.diffusion, self.low_res, self.max_aug, self.bf16 = diffusion, low_res, max_aug, bf16
@@ -70,10 +76,63 @@ class SuperResolutionLoss:
     def draw(self, x0, y):
         B = x0.shape[0]
         t = torch.randint(0, self.diffusion.num_timesteps, (B,), device=x0.device)
-        s = torch.randint(-1, self.max_aug, (B,), device=x0.device)
-        return t, torch.randn_like(x0), s, torch.randn_like(x0)
+        aug_level = torch.randint(-1, self.max_aug, (B,), device=x0.device)
+        return t, torch.randn_like(x0), aug_level, torch.randn_like(x0)
 
-    def __call__(self, model, x0, y, t, noise, s, aug_noise):
-        cond = augment(self.diffusion, upsample(downsample(x0, self.low_res), x0.shape[-1]), s, aug_noise)
+    def __call__(self, model, x0, y, t, noise, aug_level, aug_noise):
+        cond = augment(self.diffusion, upsample(downsample(x0, self.low_res), x0.shape[-1]), aug_level, aug_noise)
         with torch.autocast(x0.device.type, torch.bfloat16, enabled=self.bf16 and x0.device.type == "cuda"):
-            return self.diffusion.training_losses(conditioned(model, cond, s), x0, t, noise), None
+            return self.diffusion.training_losses(conditioned(model, cond, aug_level), x0, t, noise), None
+
+
+# ---- a cascade at sampling time
+
+
+def check_chain(models, first):
+    """ValueError unless the super-resolution models [(name, net), ...] chain from images of shape first (H, W, C):
+    each stage's low resolution the size below it, the same channels."""
+    size, channels = first[0], first[2]
+    for name, net in models:
+        c = net.config
+        if c["low_res"] != size or c["in_channels"] != channels:
+            raise ValueError(f"the cascade does not chain: {name} takes {c['low_res']}x{c['low_res']}x{c['in_channels']}"
+                             f" images up to {c['image_size']}x{c['image_size']}, the stage below gives "
+                             f"{size}x{size}x{channels}")
+        size = c["image_size"]
+
+
+@dataclass
+class Stage:
+    """A super-resolution stage as a cascade samples it: its network and diffusion, the size it draws, its sampler
+    (samplers.sample_loop's arguments) and the augmentation level its condition gets (-1: none)."""
+    net: nn.Module
+    diffusion: nn.Module
+    size: int
+    sampler: str = "ddpm"
+    steps: int = None
+    eta: float = None
+    spacing: str = "trailing"
+    cond_aug: int = -1
+    bf16: bool = False
+
+
+def upsample_stage(stage, x_lr, generator):
+    """One stage of a cascade (Ho et al. 2021): the super-resolution model's sampler, conditioned on x_lr upsampled to
+    its size and augmented to the level stage.cond_aug, the augmentation noise drawn from generator first."""
+    B, C = x_lr.shape[:2]
+    aug_level = torch.full((B,), stage.cond_aug, device=x_lr.device)
+    cond = upsample(x_lr, stage.size)
+    cond = augment(stage.diffusion, cond, aug_level, torch.randn(cond.shape, generator=generator, device=x_lr.device))
+    fn = model_fn(stage.net, bf16=stage.bf16, cond=cond, aug_level=aug_level)
+    return sample_loop(stage.diffusion, fn, (B, C, stage.size, stage.size), stage.sampler, stage.steps, stage.eta,
+                       stage.spacing, generator=generator)
+
+
+def carry_up(stages, x, generator):
+    """x (B, C, h, w) in [-1, 1] through each stage in turn. -> (the last stage's samples, the squared difference of
+    the output area-downsampled to x's size from x (clipped), summed, on the [0, 255] scale: CDM's requirement that a
+    super-resolution sample be consistent with its low-resolution input; 0 without stages)."""
+    out = x
+    for stage in stages:
+        out = upsample_stage(stage, out, generator)
+    return out, ((downsample(out, x.shape[-1]) - x.clamp(-1, 1)) * 127.5).square().sum().item() if stages else 0.0

@@ -48,24 +48,24 @@ def run_script(script, *args, timeout=120):
 
 
 def in_process(argv, stop_after=None):
-    """train.main in this process (to monkeypatch it), on one thread, restoring the signal handlers it installs.
-    stop_after=k: as if SIGTERM arrived during step k (the run finishes the step, checkpoints and stops)."""
-    import runtime
+    """train.main(argv) in this process, on one thread, restoring the signal handlers it installs. stop_after=k:
+    SIGTERM arrives during update k (raised from the EMA update, training.update_ema), as a pre-emption would: the
+    run finishes the step, checkpoints and stops."""
     import train
+    import training
     handlers, threads = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)), torch.get_num_threads()
     torch.set_num_threads(1)  # as ENV does for the subprocesses; restored below
-    step_fn, calls = train.train_step, [0]
+    update, calls = training.update_ema, [0]
     def counted(*a, **k):
+        update(*a, **k)
         calls[0] += 1
-        return step_fn(*a, **k)
-    class Stop(runtime.StopSignal):
-        signum = property(lambda self: signal.SIGTERM if stop_after and calls[0] >= stop_after else None,
-                          lambda self, value: None)
-    train.train_step, train.StopSignal = counted, Stop
+        if calls[0] == stop_after:
+            signal.raise_signal(signal.SIGTERM)
+    training.update_ema = counted
     try:
         train.main(argv)
     finally:
-        train.train_step, train.StopSignal = step_fn, runtime.StopSignal
+        training.update_ema = update
         torch.set_num_threads(threads)
         signal.signal(signal.SIGINT, handlers[0])
         signal.signal(signal.SIGTERM, handlers[1])
@@ -106,10 +106,11 @@ def write_checkpoint(path, num_classes=None, args=None):
 
 
 def read_npz(path):
-    """An .npz read back with the standard library (data.read_npy), checked to be what numpy.savez writes."""
+    """The arrays of an .npz read back with the standard library (data.read_npy), checked to be what numpy.savez
+    writes (uncompressed); a record.json beside them is not an array."""
     with zipfile.ZipFile(path) as z:
         assert all(i.compress_type == zipfile.ZIP_STORED for i in z.infolist())
-        return {n[:-4]: read_npy(io.BytesIO(z.read(n))) for n in z.namelist()}
+        return {n[:-4]: read_npy(io.BytesIO(z.read(n))) for n in z.namelist() if n.endswith(".npy")}
 
 
 def decode_png(path):

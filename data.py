@@ -9,6 +9,7 @@ import contextlib
 import ctypes
 import hashlib
 import io
+import json
 import math
 import os
 import pickle
@@ -16,6 +17,7 @@ import shutil
 import struct
 import sys
 import tarfile
+import time
 import urllib.request
 import zipfile
 import zlib
@@ -24,6 +26,22 @@ import torch
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 SHAPES_CLASSES = ("square", "disk", "triangle", "cross")
+
+
+def parse_classes(spec, num_classes, names):
+    """'3' or '1,5,7' (or class names, where the checkpoint has them) -> list of ints in 0..num_classes-1."""
+    out = []
+    for s in spec.split(","):
+        s = s.strip()
+        if s in names:
+            out.append(names.index(s))
+        elif s.lstrip("-").isdigit() and 0 <= int(s) < num_classes:
+            out.append(int(s))
+        else:
+            raise ValueError(f"--class {s}: not a class of this model (0..{num_classes - 1}"
+                             + (f" or one of {','.join(names)})" if names else ")"))
+    return out
+
 
 
 def first_line(e):
@@ -48,7 +66,8 @@ def from_uint8(images):
 
 def atomic_write(path, write):
     """Call write(f) on a temporary file, fsync it, then os.replace it onto path: a crash, a signal or a
-    full disk leaves either the old file or the new one, never half of one. OSError -> one line, exit."""
+    full disk leaves either the old file or the new one, never half of one. An OSError says which file, and that
+    the previous one is intact."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -60,8 +79,8 @@ def atomic_write(path, write):
         with contextlib.suppress(OSError):
             os.remove(tmp)
         if isinstance(e, OSError):
-            raise SystemExit(f"error: could not write {path}: {e.strerror or e} "
-                             f"(any previous {os.path.basename(path)} is intact)")
+            raise OSError(f"could not write {path}: {e.strerror or e} "
+                          f"(any previous {os.path.basename(path)} is intact)") from None
         raise
 
 
@@ -92,17 +111,39 @@ def save_grid(path, images, nrow=None, pad=2):
     atomic_write(path, lambda f: f.write(data))
 
 
+def class_grid(images, counts=None, most=256):
+    """uint8 (N, H, W, C) -> (images in [-1, 1] for save_grid, its row length): at most `most` of them, or, with the
+    counts of the classes the images run through in blocks, one row per class (short rows padded with black)."""
+    x = from_uint8(images)
+    if counts is None:
+        return x[:most], None
+    per_row = max(1, min(max(counts), most // len(counts)))
+    rows, start = [], 0
+    for count in counts:
+        block = x[start:start + min(count, per_row)]
+        rows.append(torch.cat([block, -torch.ones(per_row - len(block), *x.shape[1:])]))
+        start += count
+    return torch.cat(rows), per_row
+
+
 def npy_header(t):
     """.npy format 1.0: magic, version, little-endian header length, a python dict literal padded with spaces
     and a newline so the data starts on a 64-byte boundary."""
-    descr = {torch.uint8: "|u1", torch.int64: "<i8"}[t.dtype]
+    descr = {torch.uint8: "|u1", torch.int64: "<i8", torch.float64: "<f8"}[t.dtype]
     header = f"{{'descr': '{descr}', 'fortran_order': False, 'shape': {tuple(t.shape)!r}, }}"
     header += " " * (-(10 + len(header) + 1) % 64) + "\n"
     return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header.encode("latin1")
 
 
-def write_npz(path, arrays):
-    """arrays: {"arr_0": uint8 tensor, ...} -> an uncompressed .npz as numpy.savez writes it, atomically.
+def tensor_bytes(t):
+    """The bytes of a tensor's elements (contiguous, on the CPU), in chunks, without numpy."""
+    for chunk in t.detach().cpu().contiguous().view(-1).split(1 << 24):
+        yield ctypes.string_at(chunk.data_ptr(), chunk.numel() * chunk.element_size())
+
+
+def write_npz(path, arrays, record=None):
+    """arrays: {"arr_0": uint8 tensor, ...} -> an uncompressed .npz as numpy.savez writes it, atomically; record: a
+    dict stored beside them as record.json (what made the arrays; numpy and the FID tools read arr_0 and ignore it).
     The zip entries carry a fixed date, so the same arrays give the same file byte for byte."""
     assert sys.byteorder == "little", "the .npy headers say little-endian"
     def write(f):
@@ -111,9 +152,93 @@ def write_npz(path, arrays):
                 info = zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
                 with zf.open(info, "w", force_zip64=True) as out:  # zip64: 50k samples at 256x256 pass 4 GB
                     out.write(npy_header(t))
-                    for chunk in t.contiguous().view(-1).split(1 << 24):  # a CPU tensor's bytes, without numpy
-                        out.write(ctypes.string_at(chunk.data_ptr(), chunk.numel() * chunk.element_size()))
+                    for chunk in tensor_bytes(t):
+                        out.write(chunk)
+            if record is not None:
+                info = zipfile.ZipInfo("record.json", date_time=(1980, 1, 1, 0, 0, 0))
+                zf.writestr(info, json.dumps(record, sort_keys=True))
     atomic_write(path, write)
+
+
+def read_npz(path):
+    """Every array of an .npz ({name: tensor}) and its record (write_npz's, or None)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            arrays = {n[:-4]: read_npy(io.BytesIO(z.read(n))) for n in z.namelist() if n.endswith(".npy")}
+            record = json.loads(z.read("record.json")) if "record.json" in z.namelist() else None
+    except Exception as e:
+        raise ValueError(f"cannot read {path}: {first_line(e)}") from None
+    return arrays, record
+
+
+class BatchFolder:
+    """Where a long sampling run keeps its finished batches as they finish: one .npz per batch (arr_0 images,
+    arr_1 labels, and what else the run adds) in a folder, each written atomically by the process that drew it, so
+    no process waits on another's batch and a stopped run loses only the batches in flight. record.json says what
+    made them (check() refuses to mix runs); each process marks when it leaves (rankR.done or rankR.stopped)."""
+
+    def __init__(self, folder, n, batch_size, record):
+        self.folder, self.record = folder, record
+        self.sizes = [min(batch_size, n - lo) for lo in range(0, n, batch_size)]
+
+    def check(self, npz):
+        """For a resume: the folder's record, and that of the .npz a stopped run wrote, must be this run's."""
+        path = os.path.join(self.folder, "record.json")
+        for what, saved in ((npz, os.path.exists(npz) and read_npz(npz)[1]),
+                            (self.folder, os.path.exists(path) and json.load(open(path)))):
+            if saved and saved != self.record:
+                changed = sorted(k for k in self.record if saved.get(k) != self.record[k])
+                raise ValueError(f"--resume: {what} holds samples of another run (its {', '.join(changed)} differ "
+                                 f"from this command's)")
+
+    def start(self, resume, npz=""):
+        """Once, before anyone draws: a fresh run forgets an earlier run's batches; a resumed one keeps them, and
+        takes the whole batches of an .npz that a stopped run of an earlier version wrote without this folder."""
+        os.makedirs(self.folder, exist_ok=True)
+        for f in os.listdir(self.folder):
+            if not resume or f.startswith("rank"):
+                os.remove(os.path.join(self.folder, f))
+        atomic_write(os.path.join(self.folder, "record.json"), lambda f: f.write(json.dumps(self.record).encode()))
+        if resume and npz and os.path.exists(npz) and not self.done(0):
+            (images, labels), lo = load_file(npz), 0
+            for b, size in enumerate(self.sizes):
+                if lo + size <= len(images):
+                    self.write(b, {"arr_0": images[lo:lo + size],
+                                   **({"arr_1": labels[lo:lo + size]} if labels is not None else {})})
+                lo += size
+
+    def path(self, b):
+        return os.path.join(self.folder, f"batch_{b:07d}.npz")
+
+    def done(self, b):
+        return os.path.exists(self.path(b))
+
+    def drawn(self):
+        """Samples in finished batches."""
+        return sum(size for b, size in enumerate(self.sizes) if self.done(b))
+
+    def write(self, b, arrays):
+        write_npz(self.path(b), arrays)
+
+    def read(self):
+        """The finished batches from the first on, as far as they go: {name: the arrays concatenated} ({} if none)."""
+        parts = []
+        while len(parts) < len(self.sizes) and self.done(len(parts)):
+            parts.append(read_npz(self.path(len(parts)))[0])
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
+
+    def leave(self, rank, stopped):
+        open(os.path.join(self.folder, f"rank{rank}.{'stopped' if stopped else 'done'}"), "w").close()
+
+    def wait(self, world, stopping):
+        """Until every process has left (stopping(): give up on them); -> whether the run stopped short."""
+        marks = lambda: [f for f in os.listdir(self.folder) if f.startswith("rank")]
+        while len(marks()) < world and not stopping():
+            time.sleep(0.5)
+        return stopping() or any(f.endswith(".stopped") for f in marks())
+
+    def remove(self):
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 # -----------------------------------------------------------------------------
@@ -185,18 +310,20 @@ class _CifarUnpickler(pickle.Unpickler):
 
 
 def read_cifar_batch(path):
-    """One data_batch_k: 10000 images as rows of 3072 bytes (R, G, B planes of 32x32) and their labels."""
+    """One data_batch_k: 10000 images stored as rows of 3072 bytes (R, G, B planes of 32x32), returned uint8
+    (N, H, W, C), and their labels."""
     with open(path, "rb") as f:
         d = _CifarUnpickler(f, encoding="bytes").load()
     _, shape, dtype, _, raw = d[b"data"].state  # ndarray state: (version, shape, dtype, fortran, bytes)
     assert dtype.args[0] in ("u1", b"u1") and shape[1] == 3072, f"unexpected array {dtype.args} {shape}"
-    images = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(shape[0], 3, 32, 32)
-    return images, torch.tensor(d[b"labels"], dtype=torch.int64)
+    images = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(shape[0], 3, 32, 32).permute(0, 2, 3, 1)
+    return images.contiguous(), torch.tensor(d[b"labels"], dtype=torch.int64)
 
 
 def load_cifar10(data_dir):
-    """The 50,000 training images of CIFAR-10: the extracted python batches in data_dir, else the archive
-    there (downloaded with the standard library if absent), checked against its MD5 and extracted."""
+    """The 50,000 training images of CIFAR-10, uint8 (N, H, W, C), and their labels: the extracted python batches
+    in data_dir, else the archive there (downloaded with the standard library if absent), checked against its MD5
+    and extracted."""
     folder, archive = os.path.join(data_dir, "cifar-10-batches-py"), os.path.join(data_dir, "cifar-10-python.tar.gz")
     if not os.path.isdir(folder):
         if not os.path.exists(archive):
@@ -210,12 +337,12 @@ def load_cifar10(data_dir):
             except OSError as e:  # no network, timeout, full disk
                 with contextlib.suppress(OSError):
                     os.remove(tmp)
-                raise SystemExit(f"error: could not download CIFAR-10 ({getattr(e, 'reason', e)}); "
-                                 f"fetch {CIFAR10_URL} by hand and put it in {os.path.abspath(data_dir)}/")
+                raise OSError(f"could not download CIFAR-10 ({getattr(e, 'reason', e)}); "
+                              f"fetch {CIFAR10_URL} by hand and put it in {os.path.abspath(data_dir)}/") from None
         with open(archive, "rb") as f:
             md5 = hashlib.md5(f.read()).hexdigest()
         if md5 != CIFAR10_MD5:
-            raise SystemExit(f"error: {archive} has MD5 {md5}, expected {CIFAR10_MD5}: delete it and download it again")
+            raise ValueError(f"{archive} has MD5 {md5}, expected {CIFAR10_MD5}: delete it and download it again")
         tmp = os.path.join(data_dir, ".extracting")  # then renamed, so an interrupted extraction leaves no half folder
         shutil.rmtree(tmp, ignore_errors=True)
         with tarfile.open(archive) as tar:
@@ -225,7 +352,7 @@ def load_cifar10(data_dir):
     try:
         batches = [read_cifar_batch(os.path.join(folder, f"data_batch_{k}")) for k in range(1, 6)]
     except Exception as e:
-        raise SystemExit(f"error: cannot read the CIFAR-10 batches in {folder}: {e}")
+        raise ValueError(f"cannot read the CIFAR-10 batches in {folder}: {first_line(e)}") from None
     return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
 
 
@@ -254,7 +381,7 @@ def load_file(path):
     (images, labels), or a dict with "images" and "labels"). Layout N,H,W,C (N,H,W and N,C,H,W accepted)."""
     ext = os.path.splitext(path)[1].lower()
     if ext not in (".npy", ".npz", ".pt", ".pth"):
-        raise SystemExit(f"error: --data {path}: unsupported file type {ext or '(none)'} (use .npy, .npz or .pt)")
+        raise ValueError(f"--data {path}: unsupported file type {ext or '(none)'} (use .npy, .npz or .pt)")
     labels = None
     try:
         if ext == ".npy":
@@ -272,20 +399,20 @@ def load_file(path):
             else:
                 images, labels = obj if isinstance(obj, (tuple, list)) else (obj, None)
     except Exception as e:
-        raise SystemExit(f"error: cannot read {path}: {first_line(e)}")
+        raise ValueError(f"cannot read {path}: {first_line(e)}") from None
     if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8:
         got = images.dtype if isinstance(images, torch.Tensor) else type(images).__name__
-        raise SystemExit(f"error: {path}: images must be uint8 in [0, 255] (N,H,W,C), got {got}")
+        raise ValueError(f"{path}: images must be uint8 in [0, 255] (N,H,W,C), got {got}")
     if images.dim() == 3:  # N,H,W: one channel
         images = images[..., None]
     if images.dim() == 4 and images.shape[-1] not in (1, 3) and images.shape[1] in (1, 3):
         images = images.permute(0, 2, 3, 1)  # N,C,H,W (torch's layout) -> N,H,W,C
     if images.dim() != 4 or images.shape[0] == 0 or images.shape[1] != images.shape[2] or images.shape[3] not in (1, 3):
-        raise SystemExit(f"error: {path}: images must be N x H x W x C with H = W and C = 1 or 3, "
+        raise ValueError(f"{path}: images must be N x H x W x C with H = W and C = 1 or 3, "
                          f"got shape {tuple(images.shape)}")
     if labels is not None and (not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point
                                or labels.shape != images.shape[:1] or labels.min() < 0):
-        raise SystemExit(f"error: {path}: labels must be N non-negative integers, "
+        raise ValueError(f"{path}: labels must be N non-negative integers, "
                          f"got {getattr(labels, 'dtype', type(labels))} {tuple(getattr(labels, 'shape', ()))}")
     return images, (labels.long() if labels is not None else None)
 
@@ -395,7 +522,7 @@ def read_image(path):
     try:
         from PIL import Image
     except ImportError:
-        raise SystemExit(f"error: {path}: reading {os.path.splitext(path)[1]} files needs Pillow "
+        raise ValueError(f"{path}: reading {os.path.splitext(path)[1]} files needs Pillow "
                          f"(pip install Pillow); PNG files are read without it") from None
     with Image.open(path) as im:
         im = im.convert("L" if im.mode in ("1", "L", "I;16", "I") else "RGB")
@@ -404,24 +531,24 @@ def read_image(path):
 
 def center_crop_resize(img, size):
     """uint8 (H, W, C) -> the centred square, resized to size x size: bicubic with antialiasing (PIL's BICUBIC),
-    in both directions; uint8 (C, size, size)."""
+    in both directions; uint8 (size, size, C)."""
     h, w, _ = img.shape
     side = min(h, w)
     top, left = (h - side) // 2, (w - side) // 2
     x = img[top:top + side, left:left + side].permute(2, 0, 1)[None].float()
     if side != size:
         x = torch.nn.functional.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
-    return x[0].round().clamp(0, 255).to(torch.uint8)
+    return x[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8)
 
 
 def load_folder(path, image_size):
-    """Every image file under a folder, centre-cropped and resized to image_size: uint8 (N, C, H, W), C = 1 if all
+    """Every image file under a folder, centre-cropped and resized to image_size: uint8 (N, H, W, C), C = 1 if all
     are grey, else 3; labels from the first-level subfolders (sorted names, as torchvision's ImageFolder) when the
     images sit in subfolders, else None; and the class names."""
     files = sorted(os.path.join(root, f) for root, _, names in os.walk(path) for f in names
                    if f.lower().endswith(IMAGE_SUFFIXES))
     if not files:
-        raise SystemExit(f"error: --data {path}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+        raise ValueError(f"--data {path}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
     tops = [os.path.relpath(f, path).split(os.sep)[0] for f in files]
     classes = sorted(set(tops)) if all(os.sep in os.path.relpath(f, path) for f in files) else None
     images = []
@@ -429,28 +556,26 @@ def load_folder(path, image_size):
         try:
             images.append(center_crop_resize(read_image(f), image_size))
         except (ValueError, OSError, zlib.error, RuntimeError) as e:
-            raise SystemExit(f"error: cannot read {f}: {first_line(e)}") from None
-    colour = any(x.shape[0] == 3 and not (x == x[:1]).all() for x in images)
-    images = torch.stack([x.expand(3, -1, -1) if colour else x[:1] for x in images])
+            raise ValueError(f"cannot read {f}: {first_line(e)}") from None
+    colour = any(x.shape[-1] == 3 and not (x == x[..., :1]).all() for x in images)
+    images = torch.stack([x.expand(-1, -1, 3) if colour else x[..., :1] for x in images])
     labels = torch.tensor([classes.index(t) for t in tops]) if classes else None
     return images, labels, classes
 
 
 def load_data(spec, data_dir, image_size):
-    """The training set named by train.py's --data: uint8 images (N, C, H, W), int64 labels (N,) or None, and the
+    """The training set named by train.py's --data: uint8 images (N, H, W, C), int64 labels (N,) or None, and the
     class names (None where the data have none)."""
     if spec == "cifar10":
         return (*load_cifar10(data_dir), CIFAR10_CLASSES)
     if spec == "shapes":
-        images, labels = make_shapes(SHAPES_N, image_size, 3, seed=0)
-        return images.permute(0, 3, 1, 2).contiguous(), labels, SHAPES_CLASSES
+        return (*make_shapes(SHAPES_N, image_size, 3, seed=0), SHAPES_CLASSES)
     if os.path.isdir(spec):
         return load_folder(spec, image_size)
     if os.path.exists(spec):
-        images, labels = load_file(spec)
-        return images.permute(0, 3, 1, 2).contiguous(), labels, None
-    raise SystemExit(f"error: --data {spec}: not cifar10, shapes, a folder of images, or an existing "
-                     f".npy/.npz/.pt file")
+        return (*load_file(spec), None)
+    raise FileNotFoundError(f"--data {spec}: not cifar10, shapes, a folder of images, or an existing "
+                            f".npy/.npz/.pt file")
 
 
 def load_eval_images(spec, data_dir, image_size, channels):
@@ -464,6 +589,6 @@ def load_eval_images(spec, data_dir, image_size, channels):
     if not os.path.exists(test_batch):
         load_cifar10(data_dir)  # finds, or downloads, and extracts the archive
     try:
-        return read_cifar_batch(test_batch)[0].permute(0, 2, 3, 1)
+        return read_cifar_batch(test_batch)[0]
     except Exception as e:
-        raise SystemExit(f"error: cannot read {test_batch}: {e}")
+        raise ValueError(f"cannot read {test_batch}: {first_line(e)}") from None

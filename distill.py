@@ -9,16 +9,18 @@ alpha magnifying its errors where alpha -> 0). A student starts from its teacher
 is read as v, which is right where the two agree (v -> eps as abar_t -> 1) and retrained where they differ: by the
 first round itself in progressive distillation, by a regression onto the teacher's predictions first
 (TeacherRegression) in consistency distillation.
-Timesteps are this project's: 0-based indices into the T-step schedule; alpha_t = sqrt(abar_t), sigma_t =
-sqrt(1 - abar_t) in the papers' VP notation, and Consistency Models' (EDM's) noise level is s_t = sigma_t / alpha_t,
-their x being ours divided by alpha_t.
+Each method is an objective of train.py's loop (training.Objective's interface): draw() and __call__ give the
+loss, begin() switches rounds and phases between updates, state() is what a checkpoint keeps to resume exactly.
+Names: timesteps are this project's 0-based indices into the T-step schedule; alpha_t = sqrt(abar_t) and sigma_t =
+sqrt(1 - abar_t) (samplers.alpha_sigma), the papers' VP notation; Consistency Models' (EDM's) noise level, their t,
+is `noise_level` = sigma_t / alpha_t, their x being ours divided by alpha_t; x0_hat is a network's prediction of
+x_0 (Salimans & Ho's x^_theta).
 """
 import math
 
 import torch
 
-from ddpm import extract
-from samplers import spaced_timesteps
+from samplers import alpha_sigma, ddim_sample_loop, ddim_step, spaced_timesteps
 
 # ---- progressive distillation ----
 
@@ -42,19 +44,6 @@ def nested_grid(num_timesteps, steps):
     return spaced_timesteps(num_timesteps, steps, "trailing")
 
 
-def _alpha_sigma(diffusion, t, x):
-    """alpha_t, sigma_t shaped to broadcast against x; t = -1 (the data) gives alpha = 1, sigma = 0."""
-    abar = torch.where(t >= 0, diffusion.alphas_cumprod[t.clamp(min=0)], torch.ones_like(t, dtype=x.dtype))
-    abar = abar.view(-1, *([1] * (x.dim() - 1)))
-    return abar.sqrt(), (1 - abar).sqrt()
-
-
-def ddim_step(z_t, x_hat, alpha_t, sigma_t, alpha_s, sigma_s):
-    """DDIM with eta = 0 as Salimans & Ho write it (Eqs. 7-8): z_s = alpha_s x_hat + sigma_s (z_t - alpha_t x_hat)
-    / sigma_t."""
-    return alpha_s * x_hat + sigma_s / sigma_t * (z_t - alpha_t * x_hat)
-
-
 def distillation_target(z_t, z_t2, alpha_t, sigma_t, alpha_t2, sigma_t2):
     """Algorithm 2: the x~ for which one DDIM step t -> t'' of the student lands where the teacher's two steps
     t -> t' -> t'' did: x~ = (z_t'' - (sigma_t'' / sigma_t) z_t) / (alpha_t'' - (sigma_t'' / sigma_t) alpha_t)."""
@@ -65,7 +54,7 @@ def distillation_target(z_t, z_t2, alpha_t, sigma_t, alpha_t2, sigma_t2):
 class ProgressiveLoss:
     """One round of Algorithm 2: for t on the student's grid of `steps` steps, z_t = alpha_t x + sigma_t eps, two
     unclipped DDIM steps of the teacher t -> t' -> t'' on the grid of 2 steps, the target x~, and the loss
-    w(lambda_t) ||x~ - x_hat_student(z_t)||^2 with the truncated-SNR weight max(SNR_t, 1) or SNR_t + 1 (Sec. 4;
+    w(lambda_t) ||x~ - x0_hat_student(z_t)||^2 with the truncated-SNR weight max(SNR_t, 1) or SNR_t + 1 (Sec. 4;
     SNR + 1 on x is the plain loss on v). The student is a v-network; the teacher any network of its diffusion."""
 
     def __init__(self, diffusion, teacher, teacher_diffusion, steps, weighting="snr-trunc", bf16=False):
@@ -82,22 +71,84 @@ class ProgressiveLoss:
         d, dev = self.diffusion, x0.device
         t1, t2 = self.t1.to(dev)[i], self.t2.to(dev)[i]
         z_t = d.q_sample(x0, t, noise)
-        a, s = _alpha_sigma(d, t, x0)
+        alpha_t, sigma_t = alpha_sigma(d, t, x0)
         with torch.no_grad(), torch.autocast(dev.type, torch.bfloat16, enabled=self.bf16 and dev.type == "cuda"):
             teacher = lambda x, tt: self.teacher(x, tt, y)
-            a1, s1 = _alpha_sigma(d, t1, x0)
-            a2, s2 = _alpha_sigma(d, t2, x0)
-            x_hat = self.teacher_diffusion.p_mean_variance(teacher, z_t, t, clip_denoised=False)[3]
-            z_t1 = ddim_step(z_t, x_hat, a, s, a1, s1)
-            x_hat1 = self.teacher_diffusion.p_mean_variance(teacher, z_t1, t1, clip_denoised=False)[3]
-            z_t2 = ddim_step(z_t1, x_hat1, a1, s1, a2, s2)
-            target = distillation_target(z_t, z_t2, a, s, a2, s2).float()
+            alpha_t1, sigma_t1 = alpha_sigma(d, t1, x0)
+            alpha_t2, sigma_t2 = alpha_sigma(d, t2, x0)
+            x0_hat = self.teacher_diffusion.p_mean_variance(teacher, z_t, t, clip_denoised=False)[3]
+            z_t1 = ddim_step(z_t, x0_hat, alpha_t, sigma_t, alpha_t1, sigma_t1)
+            x0_hat1 = self.teacher_diffusion.p_mean_variance(teacher, z_t1, t1, clip_denoised=False)[3]
+            z_t2 = ddim_step(z_t1, x0_hat1, alpha_t1, sigma_t1, alpha_t2, sigma_t2)
+            target = distillation_target(z_t, z_t2, alpha_t, sigma_t, alpha_t2, sigma_t2).float()
         with torch.autocast(dev.type, torch.bfloat16, enabled=self.bf16 and dev.type == "cuda"):
             v = model(z_t, t, y).float()
-        x_student = d.predict_start_from_v(z_t, t, v)
-        snr = (a / s).square().flatten()
+        x0_hat_student = d.predict_start_from_v(z_t, t, v)
+        snr = (alpha_t / sigma_t).square().flatten()
         weight = snr.clamp(min=1.0) if self.weighting == "snr-trunc" else snr + 1
-        return weight * ((target - x_student) ** 2).flatten(1).mean(1), None
+        return weight * ((target - x0_hat_student) ** 2).flatten(1).mean(1), None
+
+
+def progressive_schedule(teacher_steps, student_steps, total_updates):
+    """The rounds of a progressive run: the student's steps in each (halving_rounds) and the update each begins
+    at, the run's updates split evenly over them."""
+    rounds = halving_rounds(teacher_steps, student_steps)
+    per_round = math.ceil(total_updates / len(rounds))
+    return rounds, [r * per_round for r in range(len(rounds))]
+
+
+class ProgressiveDistillation:
+    """Algorithm 2's outer loop as train.py runs it: round r trains a student of rounds[r] steps from update
+    starts[r] on. At a round's first update the student becomes the teacher (a v-network, read through the
+    student's own diffusion) and the EMA restarts from it, so a round's samples owe nothing to the round before's
+    step count. The rounds and their starts are fixed when the run begins and kept in the checkpoint, so a resume
+    with another --steps continues the same round."""
+    metric = None
+
+    def __init__(self, diffusion, teacher, teacher_diffusion, teacher_diffusion_config, rounds, starts, round=0,
+                 total_updates=None, weighting="snr-trunc", bf16=False):
+        self.diffusion, self.teacher, self.teacher_diffusion = diffusion, teacher, teacher_diffusion
+        self.teacher_diffusion_config, self.rounds, self.starts, self.round = teacher_diffusion_config, rounds, starts, round
+        self.total_updates, self.weighting, self.bf16 = total_updates, weighting, bf16
+        self.loss, self.announced = self._round_loss(), False
+
+    def _round_loss(self):
+        return ProgressiveLoss(self.diffusion, self.teacher, self.teacher_diffusion, self.rounds[self.round],
+                               self.weighting, self.bf16)
+
+    def draw(self, x0, y):
+        return self.loss.draw(x0, y)
+
+    def __call__(self, model, x0, y, *draws):
+        return self.loss(model, x0, y, *draws)
+
+    def begin(self, step, model, ema, optimizer):
+        """Before update step + 1: a new round starts here, or the run (re)starts; -> a line for the log, or None."""
+        if self.round + 1 < len(self.rounds) and step == self.starts[self.round + 1]:
+            self.round += 1
+            self.teacher.load_state_dict(model.state_dict())
+            self.teacher_diffusion, self.teacher_diffusion_config = self.diffusion, None  # the student's own
+            ema.load_state_dict(model.state_dict())
+            self.loss = self._round_loss()
+        elif self.announced:
+            return None
+        self.announced, r = True, self.round
+        end = self.starts[r + 1] if r + 1 < len(self.rounds) else self.total_updates
+        return (f"round {r + 1}/{len(self.rounds)}: a student of {self.rounds[r]} steps learns the teacher's "
+                f"{2 * self.rounds[r]} (steps {self.starts[r]}-{end})")
+
+    def after_update(self, model):
+        pass
+
+    def state(self, diffusion_config):
+        """What a checkpoint keeps: the round's teacher, the rounds, and how the student samples now."""
+        return dict(teacher=self.teacher.state_dict(), teacher_config=self.teacher.config,
+                    teacher_diffusion_config=self.teacher_diffusion_config or diffusion_config, rounds=self.rounds,
+                    round_starts=self.starts, round=self.round, sampling=dict(sampler="ddim", steps=self.rounds[self.round]))
+
+    def sample(self, model, shape, generator):
+        """The student's own sampler: DDIM (eta 0) over the round's steps."""
+        return ddim_sample_loop(self.diffusion, model, shape, self.rounds[self.round], 0.0, generator=generator)
 
 # ---- the first student of an eps-teacher ----
 
@@ -110,9 +161,9 @@ class TeacherRegression:
     prediction, as the teacher samples with it: z_t = alpha_t x + sigma_t eps for t uniform over the T steps
     (Algorithm 1's draw), x~ the teacher's clipped x0_hat, and the v it implies with the eps it implies,
     v~ = alpha_t (z_t - alpha_t x~) / sigma_t - sigma_t x~ = (alpha_t z_t - x~) / sigma_t; the loss ||v - v~||^2 is
-    (1 + SNR_t) ||x_student - x~||^2. Afterwards the student's x0_hat is the teacher's at every noise level, so its
-    consistency function (f = x0_hat above t_min) is the teacher's denoiser, where Consistency Models' students
-    start."""
+    (1 + SNR_t) ||x0_hat_student - x~||^2. Afterwards the student's x0_hat is the teacher's at every noise level,
+    so its consistency function (f = x0_hat above t_min) is the teacher's denoiser, where Consistency Models'
+    students start."""
 
     def __init__(self, diffusion, teacher, teacher_diffusion, bf16=False):
         self.diffusion, self.teacher, self.teacher_diffusion, self.bf16 = diffusion, teacher, teacher_diffusion, bf16
@@ -124,14 +175,14 @@ class TeacherRegression:
     def __call__(self, model, x0, y, t, noise):
         dev = x0.device
         z_t = self.diffusion.q_sample(x0, t, noise)
-        a, s = _alpha_sigma(self.diffusion, t, x0)
+        alpha_t, sigma_t = alpha_sigma(self.diffusion, t, x0)
         autocast = torch.autocast(dev.type, torch.bfloat16, enabled=self.bf16 and dev.type == "cuda")
         with torch.no_grad(), autocast:
-            x_hat = self.teacher_diffusion.p_mean_variance(lambda x, tt: self.teacher(x, tt, y), z_t, t,
-                                                           clip_denoised=True)[3].float()
+            x0_hat = self.teacher_diffusion.p_mean_variance(lambda x, tt: self.teacher(x, tt, y), z_t, t,
+                                                            clip_denoised=True)[3].float()
         with autocast:
             v = model(z_t, t, y).float()
-        return ((v - (a * z_t - x_hat) / s) ** 2).flatten(1).mean(1), None
+        return ((v - (alpha_t * z_t - x0_hat) / sigma_t) ** 2).flatten(1).mean(1), None
 
 # ---- consistency distillation ----
 
@@ -139,74 +190,76 @@ class TeacherRegression:
 SIGMA_DATA = 0.5  # EDM's and Consistency Models' data standard deviation, for c_skip and c_out
 
 
-def ve_sigma(diffusion, t):
-    """Consistency Models' (EDM's) noise level at index t: x_t / alpha_t = x_0 + (sigma_t / alpha_t) eps."""
-    abar = diffusion.alphas_cumprod[t]
-    return ((1 - abar) / abar).sqrt()
+def noise_level(diffusion, t):
+    """Consistency Models' (EDM's) noise level at index t, sigma_t / alpha_t: x_t / alpha_t = x_0 + (sigma_t /
+    alpha_t) eps."""
+    alpha, sigma = alpha_sigma(diffusion, t)
+    return sigma / alpha
 
 
-def nearest_indices(diffusion, sigmas):
-    """The timestep indices whose noise levels ve_sigma are nearest (in log) to each of the given levels."""
-    table = ve_sigma(diffusion, torch.arange(diffusion.num_timesteps, device=diffusion.betas.device)).double().cpu()
-    return [int((table.log() - math.log(s)).abs().argmin()) for s in sigmas]
+def nearest_indices(diffusion, levels):
+    """The timestep indices whose noise levels are nearest (in log) to each of the given levels."""
+    table = noise_level(diffusion, torch.arange(diffusion.num_timesteps, device=diffusion.betas.device))
+    table = table.double().cpu().log()
+    return [int((table - math.log(level)).abs().argmin()) for level in levels]
 
 
 def cd_timesteps(diffusion, n=18, rho=7.0):
-    """Consistency Models Sec. 4's discretisation, s_i = (s_min^(1/rho) + (i-1)/(N-1) (s_max^(1/rho) - s_min^(1/rho)))^rho
-    for i = 1..N (EDM's, rho = 7), s_min and s_max our chain's first and last noise levels, each s_i moved to the
-    index of nearest noise level; increasing, each index once (t_1 = 0: t_min, t_N = T - 1)."""
-    ends = ve_sigma(diffusion, torch.tensor([0, diffusion.num_timesteps - 1], device=diffusion.betas.device))
+    """Consistency Models Sec. 4's discretisation, t_i = (t_min^(1/rho) + (i-1)/(N-1) (t_max^(1/rho) -
+    t_min^(1/rho)))^rho for i = 1..N (EDM's, rho = 7), t_min and t_max our chain's first and last noise levels, each
+    moved to the index of nearest noise level; increasing, each index once (t_1 = 0: t_min, t_N = T - 1)."""
+    ends = noise_level(diffusion, torch.tensor([0, diffusion.num_timesteps - 1], device=diffusion.betas.device))
     lo, hi = (ends.double().cpu() ** (1 / rho)).tolist()
     wanted = (lo + torch.arange(n, dtype=torch.float64) / (n - 1) * (hi - lo)) ** rho
     return sorted(set(nearest_indices(diffusion, wanted.tolist())))
 
 
-def boundary_scalings(sigma, sigma_min):
-    """Consistency Models Appendix C: c_skip(s) = s_data^2 / ((s - s_min)^2 + s_data^2) and
-    c_out(s) = s_data (s - s_min) / sqrt(s_data^2 + s^2), so that c_skip(s_min) = 1 and c_out(s_min) = 0."""
-    c_skip = SIGMA_DATA ** 2 / ((sigma - sigma_min) ** 2 + SIGMA_DATA ** 2)
-    c_out = SIGMA_DATA * (sigma - sigma_min) / (SIGMA_DATA ** 2 + sigma ** 2).sqrt()
+def boundary_scalings(level, level_min):
+    """Consistency Models Appendix C, at noise level `level`: c_skip = s_data^2 / ((level - level_min)^2 + s_data^2)
+    and c_out = s_data (level - level_min) / sqrt(s_data^2 + level^2), so that c_skip(level_min) = 1 and
+    c_out(level_min) = 0."""
+    c_skip = SIGMA_DATA ** 2 / ((level - level_min) ** 2 + SIGMA_DATA ** 2)
+    c_out = SIGMA_DATA * (level - level_min) / (SIGMA_DATA ** 2 + level ** 2).sqrt()
     return c_skip, c_out
 
 
-def edm_scalings(sigma):
-    """EDM's preconditioning (Karras et al. 2022, Table 1), which Consistency Models' scalings shift by s_min:
-    the denoiser is D = c_skip x + c_out F with c_skip = s_data^2 / (s^2 + s_data^2), c_out = s s_data /
-    sqrt(s^2 + s_data^2)."""
-    return SIGMA_DATA ** 2 / (sigma ** 2 + SIGMA_DATA ** 2), sigma * SIGMA_DATA / (sigma ** 2 + SIGMA_DATA ** 2).sqrt()
+def edm_scalings(level):
+    """EDM's preconditioning (Karras et al. 2022, Table 1), which Consistency Models' scalings shift by level_min:
+    the denoiser is D = c_skip x + c_out F with c_skip = s_data^2 / (level^2 + s_data^2), c_out = level s_data /
+    sqrt(level^2 + s_data^2)."""
+    return SIGMA_DATA ** 2 / (level ** 2 + SIGMA_DATA ** 2), level * SIGMA_DATA / (level ** 2 + SIGMA_DATA ** 2).sqrt()
 
 
 def consistency_function(diffusion, model, x_t, t):
     """f(x, t) = c_skip(t) x + c_out(t) F(x, t), Consistency Models Eq. (5), in their coordinates (x = x_t / alpha_t),
     F the raw output EDM's preconditioning gives for the network's x0_hat, F = (x0_hat - c_skip^EDM x) / c_out^EDM
     (the parameterisation of the paper's EDM teachers and their students). At t_min c_skip = 1 and c_out = 0, so
-    f(x, t_min) = x for any weights; above it, where s >> s_min, f is x0_hat: a student whose x0_hat is its
-    teacher's starts as the teacher's denoiser, as the paper's students do (f = c_skip x + (1 - c_skip) x0_hat
-    instead would start with a c_skip share of the noisy x in it, 27% at s = 0.821)."""
-    abar = extract(diffusion.alphas_cumprod, t, x_t)
-    sigma = ((1 - abar) / abar).sqrt()
-    c_skip, c_out = boundary_scalings(sigma, ve_sigma(diffusion, torch.zeros_like(t[:1])))
-    skip_edm, out_edm = edm_scalings(sigma)
-    x = x_t / abar.sqrt()
+    f(x, t_min) = x for any weights; above it, where the noise level is far above t_min's, f is x0_hat: a student
+    whose x0_hat is its teacher's starts as the teacher's denoiser, as the paper's students do (f = c_skip x +
+    (1 - c_skip) x0_hat instead would start with a c_skip share of the noisy x in it)."""
+    alpha, sigma = alpha_sigma(diffusion, t, x_t)
+    level = sigma / alpha
+    c_skip, c_out = boundary_scalings(level, noise_level(diffusion, torch.zeros_like(t[:1])))
+    skip_edm, out_edm = edm_scalings(level)
+    x = x_t / alpha
     x0_hat = diffusion.predict_start_from_v(x_t, t, model(x_t, t).float())
     return c_skip * x + c_out * (x0_hat - skip_edm * x) / out_edm
 
 
-def heun_step(diffusion, teacher, x_t, t, t_prev, y=None, heun=True):
-    """One step of the teacher's probability-flow ODE from t to t_prev < t, in EDM's coordinates (x / alpha, noise
-    level s), where eps_hat is dx/ds: Euler, x' = x + (s_prev - s) eps_hat(x, s), which is DDIM with eta = 0; Heun
-    (EDM, Karras et al. 2022, Algorithm 1) averages eps_hat at both ends. Unclipped. Returns x_{t_prev} (ours, VP)."""
-    d = diffusion
-    a, a_prev = extract(d.alphas_cumprod, t, x_t), extract(d.alphas_cumprod, t_prev, x_t)
-    s, s_prev = ((1 - a) / a).sqrt(), ((1 - a_prev) / a_prev).sqrt()
-    eps = lambda x, tt: d.predict_noise_from_start(x, tt, d.p_mean_variance(teacher, x, tt, clip_denoised=False)[3])
-    x = x_t / a.sqrt()
-    e1 = eps(x_t, t)
-    x_next = x + (s_prev - s) * e1
-    if heun:
-        e2 = eps(x_next * a_prev.sqrt(), t_prev)
-        x_next = x + (s_prev - s) * (e1 + e2) / 2
-    return x_next * a_prev.sqrt()
+def heun_step(diffusion, teacher, x_t, t, t_prev, heun=True):
+    """One step of the teacher's probability-flow ODE from t to t_prev < t, Eq. (6)'s Phi. In EDM's coordinates
+    (x / alpha against the noise level) eps_hat is the ODE's slope, and Euler, x' = x + (level_prev - level) eps_hat,
+    is the DDIM step with eta = 0 (samplers.ddim_step); Heun (EDM, Karras et al. 2022, Algorithm 1) takes the same
+    step with eps_hat averaged at both ends. Unclipped. Returns x_{t_prev} (ours, VP)."""
+    alpha, sigma = alpha_sigma(diffusion, t, x_t)
+    alpha_prev, sigma_prev = alpha_sigma(diffusion, t_prev, x_t)
+    x0_hat = lambda x, tt: diffusion.p_mean_variance(teacher, x, tt, clip_denoised=False)[3]
+    euler = ddim_step(x_t, x0_hat(x_t, t), alpha, sigma, alpha_prev, sigma_prev)
+    if not heun:
+        return euler
+    eps = lambda x, tt: diffusion.predict_noise_from_start(x, tt, x0_hat(x, tt))
+    eps_mean = (eps(x_t, t) + eps(euler, t_prev)) / 2
+    return ddim_step(x_t, (x_t - sigma * eps_mean) / alpha, alpha, sigma, alpha_prev, sigma_prev)
 
 
 def pseudo_huber(a, b):
@@ -229,7 +282,6 @@ class ConsistencyLoss:
         self.diffusion, self.teacher, self.teacher_diffusion, self.target = diffusion, teacher, teacher_diffusion, target
         self.mu, self.solver, self.distance, self.bf16 = mu, solver, distance, bf16
         self.timesteps = torch.tensor(cd_timesteps(diffusion, n))
-        self.student = None  # the raw student, set by train.py, for the target's EMA
 
     def draw(self, x0, y):
         n = torch.randint(0, len(self.timesteps) - 1, (x0.shape[0],), device=x0.device)
@@ -255,17 +307,70 @@ class ConsistencyLoss:
         return ((pred - target) ** 2).flatten(1).mean(1), None
 
     @torch.no_grad()
-    def after_step(self):
-        """Eq. (8), the target network's EMA."""
-        torch._foreach_lerp_(list(self.target.parameters()), list(self.student.parameters()), 1.0 - self.mu)
+    def after_update(self, student):
+        """Eq. (8), the target network's EMA of the student."""
+        torch._foreach_lerp_(list(self.target.parameters()), list(student.parameters()), 1.0 - self.mu)
 
 
-def consistency_sigmas(diffusion, steps, last=0.821):
+class ConsistencyDistillation:
+    """Algorithm 2 (CD) as train.py runs it. From an eps- or x0-teacher the first convert_steps updates are the
+    conversion (TeacherRegression); at the switch the target network and the EMA restart from the converted
+    student, and consistency distillation proper begins, its target network an EMA of the student (Eq. 8) after
+    each update. convert_steps is a number of updates, kept in the checkpoint: a resume with another --steps keeps
+    the switch where it was."""
+    metric = None
+
+    def __init__(self, diffusion, teacher, teacher_diffusion, teacher_diffusion_config, target, convert_steps=0,
+                 total_updates=None, mu=0.95, n=18, solver="heun", distance="l2", bf16=False):
+        self.diffusion, self.teacher, self.target = diffusion, teacher, target
+        self.teacher_diffusion_config, self.convert_steps, self.total_updates = (teacher_diffusion_config,
+                                                                                 convert_steps, total_updates)
+        self.distill = ConsistencyLoss(diffusion, teacher, teacher_diffusion, target, mu, n, solver, distance, bf16)
+        self.convert = TeacherRegression(diffusion, teacher, teacher_diffusion, bf16)
+        self.loss = None  # the phase: self.convert or self.distill, set by begin()
+
+    def draw(self, x0, y):
+        return self.loss.draw(x0, y)
+
+    def __call__(self, model, x0, y, *draws):
+        return self.loss(model, x0, y, *draws)
+
+    def begin(self, step, model, ema, optimizer):
+        """Before update step + 1: the conversion runs, or distillation begins (at the switch, the target network
+        and the EMA from the converted student); -> a line for the log when the phase is new, or None."""
+        if step < self.convert_steps:
+            if self.loss is self.convert:
+                return None
+            self.loss = self.convert
+            return f"steps 0-{self.convert_steps}: the v-student regresses onto the teacher's own x0 predictions"
+        if self.loss is self.distill:
+            return None
+        if step == self.convert_steps > 0:
+            self.target.load_state_dict(model.state_dict())
+            ema.load_state_dict(model.state_dict())
+        self.loss = self.distill
+        return f"steps {step}-{self.total_updates}: consistency distillation"
+
+    def after_update(self, model):
+        if self.loss is self.distill:
+            self.distill.after_update(model)
+
+    def state(self, diffusion_config):
+        return dict(teacher=self.teacher.state_dict(), teacher_config=self.teacher.config,
+                    teacher_diffusion_config=self.teacher_diffusion_config, target=self.target.state_dict(),
+                    convert_steps=self.convert_steps, sampling=dict(sampler="consistency", steps=1))
+
+    def sample(self, model, shape, generator):
+        """The student's own sampler: one step."""
+        return consistency_sample(self.diffusion, model, shape, generator=generator)
+
+
+def consistency_levels(diffusion, steps, last=0.821):
     """Where multistep sampling adds noise back: the first step from T - 1, then noise levels falling geometrically
     to `last` (Consistency Models' searched CIFAR-10 value for two steps, 0.821), each at the index of nearest noise
     level. For steps = 1 just T - 1."""
     T = diffusion.num_timesteps
-    top = ve_sigma(diffusion, torch.tensor(T - 1)).item()
+    top = noise_level(diffusion, T - 1).item()
     wanted = [top * (last / top) ** (k / (steps - 1)) for k in range(1, steps)] if steps > 1 else []
     return [T - 1] + nearest_indices(diffusion, wanted)
 
@@ -273,19 +378,20 @@ def consistency_sigmas(diffusion, steps, last=0.821):
 @torch.no_grad()
 def consistency_sample(diffusion, model, shape, steps=1, noise=None, generator=None, callback=None, last=0.821):
     """Algorithm 1 (multistep consistency sampling): x <- f(x_T, T); then for each later time tau,
-    x^ = x + sqrt(tau^2 - s_min^2) z and x <- f(x^, tau) (in Consistency Models' coordinates; each x^ is handed to
-    the network as alpha_tau x^). One step is f(x_T, T) alone; `last`: see consistency_sigmas. Returns x_0 in
-    [-1, 1] coordinates, clipped."""
+    x^ = x + sqrt(tau^2 - t_min^2) z and x <- f(x^, tau) (in Consistency Models' coordinates, tau a noise level; each
+    x^ is handed to the network as alpha_tau x^). One step is f(x_T, T) alone; `last`: see consistency_levels.
+    Returns x_0 in [-1, 1] coordinates, clipped."""
     device = diffusion.betas.device
-    indices = consistency_sigmas(diffusion, steps, last)
+    indices = consistency_levels(diffusion, steps, last)
     x_t = torch.randn(shape, generator=generator, device=device) if noise is None else noise
-    sigma_min = ve_sigma(diffusion, torch.tensor(0, device=device))
+    level_min = noise_level(diffusion, 0)
     x = None
     for i in indices:
         t = torch.full((shape[0],), i, device=device, dtype=torch.long)
-        if x is not None:  # back to the noise level of index i: x^ = x + sqrt(tau^2 - s_min^2) z, then times alpha
+        if x is not None:  # back to the noise level of index i: x^ = x + sqrt(tau^2 - t_min^2) z, then times alpha
             z = torch.randn(shape, generator=generator, device=device)
-            x_t = (x + (ve_sigma(diffusion, t[0]) ** 2 - sigma_min ** 2).sqrt() * z) * diffusion.alphas_cumprod[i].sqrt()
+            alpha, _ = alpha_sigma(diffusion, i)
+            x_t = (x + (noise_level(diffusion, i) ** 2 - level_min ** 2).sqrt() * z) * alpha
         x = consistency_function(diffusion, model, x_t, t)
         if callback is not None:
             callback(i, x_t, x)

@@ -1,5 +1,5 @@
 """
-The README's figures, drawn with matplotlib (an optional extra: pip install matplotlib; nothing else needs it):
+The figures in assets/ (README and docs/), drawn with matplotlib (an optional extra: pip install matplotlib; nothing else needs it):
 the forward process erasing a distribution (Eq. 4), the variance over t and the schedules, the posterior mean's
 coefficients (Eq. 7), a trained model's loss and bound terms over t (Eqs. 5, 14), the rate-distortion curve of
 progressive coding (Sec. 4.3, Figure 5) and quality against network evaluations for each sampler.
@@ -17,10 +17,11 @@ from checkpoint import build_diffusion, load_model
 from data import from_uint8, make_shapes
 from ddpm import GaussianDiffusion, make_beta_schedule
 from guidance import model_fn
+from runtime import USER_ERRORS, error_line
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="Draw the README's figures (needs matplotlib).")
+    p = argparse.ArgumentParser(description="Draw the figures in assets/ (needs matplotlib).")
     a = p.add_argument
     a("--out", default="assets", help="folder for the PNG files")
     a("--model", default="", help="a train.py checkpoint on the shapes (the CPU quick start): loss and bound over t")
@@ -40,7 +41,7 @@ def forward_process(plt, out):
     d = GaussianDiffusion(make_beta_schedule("linear", 1000))
     g = torch.Generator().manual_seed(0)
     mixture = torch.where(torch.rand(200_000, generator=g) < 0.3, -0.8, 0.6) + 0.05 * torch.randn(200_000, generator=g)
-    pixels = make_shapes(2000, 16, 3, seed=1)[0].flatten().float() / 127.5 - 1
+    pixels = from_uint8(make_shapes(2000, 16, 3, seed=1)[0]).flatten()
     fig, axes = plt.subplots(2, 5, figsize=(13, 4.6), sharey="row")
     grid = torch.linspace(-4, 4, 400)
     for row, (x0, name) in enumerate(((mixture, "bimodal mixture"), (pixels[:200_000], "shapes' pixels"))):
@@ -168,14 +169,13 @@ def sample_rows(plt, out, spec, name, per_row):
     save(fig, out, name)
 
 
-def main(argv=None):
-    args = get_parser().parse_args(argv)
+def draw(args):
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise SystemExit("error: figures.py draws with matplotlib, an optional extra: pip install matplotlib") from None
+        raise RuntimeError("figures.py draws with matplotlib, an optional extra: pip install matplotlib") from None
     os.makedirs(args.out, exist_ok=True)
     forward_process(plt, args.out)
     schedules(plt, args.out)
@@ -188,6 +188,13 @@ def main(argv=None):
         nfe_curves(plt, args.out, args.nfe)
     if args.grids:
         sample_rows(plt, args.out, args.grids, args.grids_name, args.per_row)
+
+
+def main(argv=None):
+    try:
+        draw(get_parser().parse_args(argv))
+    except USER_ERRORS as e:
+        raise SystemExit(error_line(e)) from None
 
 
 if __name__ == "__main__":

@@ -53,6 +53,22 @@ class ClassifierLoss:
         return F.cross_entropy(logits, y, reduction="none"), logits.argmax(1) == y
 
 
+def check_classifier(name, classifier, classifier_diffusion, net, diffusion):
+    """ValueError unless the classifier can guide this model: trained for the same diffusion (T and betas), on the
+    model's image size and channels, with its classes where the model has classes."""
+    other = classifier_diffusion
+    if other.num_timesteps != diffusion.num_timesteps or not torch.allclose(other.betas, diffusion.betas):
+        raise ValueError(f"--classifier {name} was trained for another diffusion (T = {other.num_timesteps}); the "
+                         f"model's is T = {diffusion.num_timesteps} with other betas or T: train it with the model's "
+                         f"--timesteps and --schedule")
+    a, b = classifier.config, net.config
+    if (a["image_size"], a["in_channels"]) != (b["image_size"], b["in_channels"]):
+        raise ValueError(f"--classifier {name} sees {a['image_size']}x{a['image_size']}x{a['in_channels']} images, the "
+                         f"model draws {b['image_size']}x{b['image_size']}x{b['in_channels']}")
+    if b.get("num_classes") is not None and b["num_classes"] != a["num_classes"]:
+        raise ValueError(f"--classifier {name} has {a['num_classes']} classes, the model {b['num_classes']}")
+
+
 def classifier_grad(classifier, y, scale):
     """cond_fn(x_t, t) = s grad_{x_t} log p_phi(y | x_t, t), taken at x_t (Dhariwal & Nichol, Algorithms 1 and 2).
     Each sample's log-probability depends on its own x_t alone, so the gradient of their sum is every sample's
@@ -75,24 +91,35 @@ def classifier_guided_eps(diffusion, model, cond_fn):
     return fn
 
 
+def classifier_guidance(diffusion, model, cond_fn, full_chain):
+    """How a sampler takes classifier guidance: DDPM's full ancestral chain (Algorithm 2) takes cond_fn on its mean,
+    their Algorithm 1; every other sampler the guided eps as its model, their Algorithm 2. -> (model, cond_fn)."""
+    if cond_fn is None or full_chain:
+        return model, cond_fn
+    return classifier_guided_eps(diffusion, model, cond_fn), None
+
+
 def classifier_free_guidance(eps_cond, eps_uncond, guidance_scale):
     """Classifier-free guidance (Ho & Salimans 2021, Eq. 6):
     eps~ = (1 + w) eps(x_t, c) - w eps(x_t, null). w = 0 is the plain conditional model."""
     return (1 + guidance_scale) * eps_cond - guidance_scale * eps_uncond
 
 
-def model_fn(net, y=None, guidance=0.0, bf16=False):
-    """model(x_t, t) as the samplers call it, from a U-Net and labels y (None: unconditional). With guidance
-    w > 0 the conditional and unconditional predictions come from one forward pass over a batch of 2B,
-    combined by classifier_free_guidance. bf16: autocast for the network only; the diffusion math stays fp32.
-    The output is always a fresh fp32 tensor: a net compiled with CUDA graphs returns its static output buffer,
-    which the next call overwrites, and a sampler may keep an output across calls."""
-    def fn(x, t):
+def model_fn(net, y=None, guidance=0.0, bf16=False, **condition):
+    """model(x_t, t) as the samplers call it, from a network, labels y (None: unconditional) and any other
+    conditioning it takes by keyword (a super-resolution stage's image), given here or at the call. With guidance
+    w > 0 the conditional and unconditional predictions come from one forward pass over a batch of 2B, combined by
+    classifier_free_guidance. bf16: autocast for the network only; the diffusion math stays fp32. The output is
+    always a fresh fp32 tensor: a net compiled with CUDA graphs returns its static output buffer, which the next
+    call overwrites, and a sampler may keep an output across calls."""
+    def fn(x, t, **extra):
+        kw = dict(condition, **extra)
         with torch.autocast(x.device.type, torch.bfloat16, enabled=bf16):
             if y is None or guidance == 0:
-                return net(x, t, y).to(torch.float32, copy=True)
+                return net(*((x, t) if y is None else (x, t, y)), **kw).to(torch.float32, copy=True)
             null = torch.full_like(y, net.config["num_classes"])
-            out = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).float()
+            doubled = {k: torch.cat([v, v]) for k, v in kw.items()}
+            out = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), **doubled).float()
         eps_cond, eps_uncond = out.chunk(2)
         return classifier_free_guidance(eps_cond, eps_uncond, guidance)
     return fn

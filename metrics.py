@@ -10,7 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import from_uint8, make_shapes
+from data import from_uint8, load_file, make_shapes
+from runtime import USER_ERRORS, error_line
 
 REFERENCE_SEED = 1    # the held-out images (train.py trains on seed 0)
 CLASSIFIER_SEED = 2   # the classifier's own training images
@@ -99,11 +100,17 @@ def main(argv=None):
     and, where the file holds labels (class-conditional or guided sampling), how often the classifier sees the
     asked-for class."""
     import argparse
-    from data import load_file
     p = argparse.ArgumentParser(description="The shapes quality number (lower is better) of sample.py --npz files.")
     p.add_argument("npz", nargs="+", help=".npz files of uint8 shapes samples (arr_0), labels in arr_1 if any")
     p.add_argument("--reference", type=int, default=2000, help="held-out real images to compare with")
     args = p.parse_args(argv)
+    try:
+        report(args)
+    except USER_ERRORS as e:
+        raise SystemExit(error_line(e)) from None
+
+
+def report(args):
     for path in args.npz:
         images, labels = load_file(path)
         line = f"{path}: {len(images)} samples | quality {shapes_distance(images, args.reference):.2f}"

@@ -2,14 +2,13 @@
 Faster samplers for a trained DDPM, from the papers that came after it: DDIM (Song, Meng, Ermon 2021,
 arXiv:2010.02502) and DPM-Solver++ (Lu et al. 2022, arXiv:2211.01095), over a subsequence of the T timesteps.
 They reuse the DDPM's tables and conventions (ddpm.py: 0-based timesteps, model(x_t, t)), clip x0_hat as the
-DDPM sampler does (clip_denoised), and draw every random number from the generator they are given.
+DDPM sampler does (clip_denoised), and draw every random number from the generator they are given. Imports only
+torch (and takes any GaussianDiffusion), so it can be copied with ddpm.py alone.
 """
 import math
 
 import torch
 
-from ddpm import extract
-from guidance import classifier_guided_eps
 
 SPACINGS = ("trailing", "uniform", "quadratic")
 
@@ -39,11 +38,35 @@ def spaced_timesteps(num_timesteps, steps, spacing="trailing"):
     return indices
 
 
+def alpha_sigma(diffusion, t, x=None):
+    """alpha_t = sqrt(abar_t) and sigma_t = sqrt(1 - abar_t), so x_t = alpha_t x_0 + sigma_t eps (DDPM's Eq. 4 in the
+    notation of the later papers), from the diffusion's float64-computed tables, at timestep index t: an int or a
+    (B,) LongTensor, -1 meaning the data (alpha = 1, sigma = 0). With x, shaped to broadcast against it. Device
+    tensors throughout: no host sync."""
+    if isinstance(t, int):
+        t = torch.tensor(t, device=diffusion.betas.device)
+    index = t.clamp(min=0)
+    alpha = torch.where(t >= 0, diffusion.sqrt_alphas_cumprod[index], 1.0)
+    sigma = torch.where(t >= 0, diffusion.sqrt_one_minus_alphas_cumprod[index], 0.0)
+    if x is not None:
+        alpha, sigma = (v.view(-1, *([1] * (x.dim() - 1))) for v in (alpha, sigma))
+    return alpha, sigma
+
+
+def ddim_step(x_t, pred_xstart, alpha_t, sigma_t, alpha_prev, sigma_prev, noise_std=0.0, noise=None):
+    """DDIM Eq. (12): x_prev = alpha_prev x0_hat + sqrt(sigma_prev^2 - noise_std^2) eps_hat + noise_std z, with
+    eps_hat = (x_t - alpha_t x0_hat) / sigma_t the eps that x0_hat implies (Eq. 15 of DDPM solved for eps). With
+    noise_std = 0 it is deterministic, the probability-flow ODE's first-order step, which DPM-Solver++1 and
+    progressive distillation's teacher steps (Salimans & Ho Eqs. 7-8) take too."""
+    eps = (x_t - alpha_t * pred_xstart) / sigma_t
+    x_prev = alpha_prev * pred_xstart + (sigma_prev ** 2 - noise_std ** 2).clamp(min=0).sqrt() * eps
+    return x_prev if noise is None else x_prev + noise_std * noise
+
+
 def ddim_sample(diffusion, model, x_t, t, t_prev, eta=0.0, noise=None, clip_denoised=True,
                 return_pred_xstart=False):
-    """One DDIM step from index t to index t_prev < t (t_prev = -1 means the data).
-    DDIM Eq. (12): x_prev = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps_hat + sigma z,
-    DDIM Eq. (16): sigma = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev).
+    """One DDIM step from index t to index t_prev < t (t_prev = -1 means the data): ddim_step, its noise DDIM
+    Eq. (16): noise_std = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev).
     eta = 0 is deterministic; eta = 1 with t_prev = t - 1 is the posterior (7), i.e. DDPM with fixedsmall
     variance. eps_hat is recomputed from the (clipped) x0_hat: with clip_denoised=False it is the network's eps."""
     if isinstance(t_prev, int):  # as ddim_sample_loop calls it: checked on the host, so the loop never
@@ -52,17 +75,13 @@ def ddim_sample(diffusion, model, x_t, t, t_prev, eta=0.0, noise=None, clip_deno
     else:
         assert (t_prev < t).all() and (t_prev >= -1).all()
     _, _, _, pred_xstart = diffusion.p_mean_variance(model, x_t, t, clip_denoised)
-    eps = diffusion.predict_noise_from_start(x_t, t, pred_xstart)
-    abar = extract(diffusion.alphas_cumprod, t, x_t)
-    abar_prev = torch.where(t_prev >= 0, diffusion.alphas_cumprod[t_prev.clamp(min=0)],
-                            torch.ones_like(diffusion.alphas_cumprod[0]))
-    abar_prev = abar_prev.view_as(abar)
-    sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev))
-    sample = abar_prev.sqrt() * pred_xstart + (1 - abar_prev - sigma ** 2).clamp(min=0).sqrt() * eps
-    if eta > 0:
-        if noise is None:
-            noise = torch.randn_like(x_t)
-        sample = sample + sigma * noise
+    alpha_t, sigma_t = alpha_sigma(diffusion, t, x_t)
+    alpha_prev, sigma_prev = alpha_sigma(diffusion, t_prev, x_t)
+    noise_std = eta * sigma_prev / sigma_t * (1 - alpha_t ** 2 / alpha_prev ** 2).sqrt()
+    if eta > 0 and noise is None:
+        noise = torch.randn_like(x_t)
+    sample = ddim_step(x_t, pred_xstart, alpha_t, sigma_t, alpha_prev, sigma_prev, noise_std,
+                       noise if eta > 0 else None)
     return (sample, pred_xstart) if return_pred_xstart else sample
 
 
@@ -83,27 +102,22 @@ def ddim_sample_loop(diffusion, model, shape, steps, eta=0.0, spacing="trailing"
     return x
 
 
-def _alpha_sigma_lambda(diffusion, i):
-    """DPM-Solver's alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t) and lambda_t = log(alpha_t / sigma_t) (half
-    the log-SNR) at timestep index i, as 0-d tensors on the diffusion's device (no host sync)."""
-    abar = diffusion.alphas_cumprod[i]
-    return abar.sqrt(), (1 - abar).sqrt(), 0.5 * (abar.log() - diffusion.log_one_minus_alphas_cumprod[i])
-
-
 @torch.no_grad()
 def dpm_solver_pp_sample_loop(diffusion, model, shape, steps, spacing="trailing", order=2, noise=None,
                               generator=None, clip_denoised=True, callback=None):
     """DPM-Solver++ (Lu et al. 2022): the probability-flow ODE solved in data-prediction form, one network call
     per step, over `steps` timesteps chosen by `spacing`, then a last step to the data. x_theta is x0_hat of
     Eq. (15) of DDPM (clipped to [-1, 1] with clip_denoised, the paper's static thresholding).
-    - order 1 is DPM-Solver++1, the first step of Algorithm 2, which is DDIM with eta = 0:
-        x_t = (sigma_t / sigma_s) x_s - alpha_t (e^{-h} - 1) x_theta(x_s, s),  h = lambda_t - lambda_s;
+    - order 1 is DPM-Solver++1, the first step of Algorithm 2:
+        x_t = (sigma_t / sigma_s) x_s - alpha_t (e^{-h} - 1) x_theta(x_s, s),  h = lambda_t - lambda_s,
+      lambda = log(alpha / sigma); since e^{-h} = (sigma_t alpha_s) / (alpha_t sigma_s) this is the DDIM step
+      with eta = 0 (ddim_step), which computes it;
     - order 2 is DPM-Solver++(2M), Algorithm 2: after that first step, each step reuses the previous step's
       x_theta, D = (1 + 1 / (2 r)) x_theta(s) - 1 / (2 r) x_theta(s'), r = h' / h (h' the previous step), in place
       of x_theta(s) in the update above;
     - the last step goes to the data (sigma = 0, lambda = inf), where that update is x_theta itself: x0_hat.
-    Its authors' stochastic variant (SDE-DPM-Solver++(2M)) was measured against the ancestral sampler on the
-    spaced chain (DDIM with eta = 1) and lost at every NFE on a briefly trained model (README), so it is not here.
+    Its authors' stochastic variant (SDE-DPM-Solver++(2M)) lost to the ancestral sampler on the spaced chain
+    (DDIM with eta = 1) at every NFE on a briefly trained model (docs/samplers.md), so it is not here.
     callback(i, x, x0_hat) after each step; x_T = noise, or drawn from generator."""
     if order not in (1, 2):
         raise ValueError(f"order must be 1 or 2, got {order}")
@@ -113,25 +127,30 @@ def dpm_solver_pp_sample_loop(diffusion, model, shape, steps, spacing="trailing"
     previous = None  # (x_theta, lambda) of the step before, for the multistep update
     for i, i_next in zip(indices, indices[1:] + [-1]):
         t = torch.full((shape[0],), i, device=device, dtype=torch.long)
-        _, _, _, x0 = diffusion.p_mean_variance(model, x, t, clip_denoised)
-        alpha_s, sigma_s, lambda_s = _alpha_sigma_lambda(diffusion, i)
+        _, _, _, pred_xstart = diffusion.p_mean_variance(model, x, t, clip_denoised)
+        alpha_s, sigma_s = alpha_sigma(diffusion, i)
+        lambda_s = alpha_s.log() - sigma_s.log()
         if i_next == -1:  # to the data: alpha = 1, sigma = 0
-            x = x0
+            x = pred_xstart
         else:
-            alpha_t, sigma_t, lambda_t = _alpha_sigma_lambda(diffusion, i_next)
-            h = lambda_t - lambda_s
-            D = x0
+            alpha_t, sigma_t = alpha_sigma(diffusion, i_next)
+            D = pred_xstart
             if order == 2 and previous is not None:  # Algorithm 2, the multistep correction
-                r = (lambda_s - previous[1]) / h
-                D = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * previous[0]
-            x = sigma_t / sigma_s * x - alpha_t * torch.expm1(-h) * D
-        previous = (x0, lambda_s)
+                r = (lambda_s - previous[1]) / (alpha_t.log() - sigma_t.log() - lambda_s)
+                D = (1 + 1 / (2 * r)) * pred_xstart - 1 / (2 * r) * previous[0]
+            x = ddim_step(x, D, alpha_s, sigma_s, alpha_t, sigma_t)
+        previous = (pred_xstart, lambda_s)
         if callback is not None:
-            callback(i, x, x0)
+            callback(i, x, pred_xstart)
     return x
 
 
 SAMPLERS = ("ddpm", "ddim", "dpm++")
+
+
+def is_full_chain(sampler, steps, spacing, num_timesteps):
+    """Whether a sampler by name runs DDPM's Algorithm 2 itself: every one of the T steps, ancestrally."""
+    return sampler == "ddpm" and steps in (None, num_timesteps) and spacing == "trailing"
 
 
 def sample_loop(diffusion, model, shape, sampler="ddpm", steps=None, eta=None, spacing="trailing", noise=None,
@@ -141,18 +160,17 @@ def sample_loop(diffusion, model, shape, sampler="ddpm", steps=None, eta=None, s
       chain, which is DDIM with eta = 1 (the posterior of each strided step);
     - ddim: DDIM with eta (default 0: deterministic);
     - dpm++: DPM-Solver++(2M).
-    cond_fn(x_t, t) = s grad log p(y | x_t): classifier guidance (guidance.py), Dhariwal & Nichol's Algorithm 1 for
-    Algorithm 2 over all T steps, their Algorithm 2 (the eps shifted) for every other sampler."""
+    cond_fn shifts Algorithm 2's mean (classifier guidance, guidance.py), so it is taken by the full chain only;
+    every other sampler is guided through the model it is given (guidance.classifier_guidance decides which)."""
     T = diffusion.num_timesteps
     steps = T if steps is None else steps
     kw = dict(noise=noise, generator=generator, clip_denoised=clip_denoised, callback=callback)
-    full_chain = sampler == "ddpm" and steps == T and spacing == "trailing"
-    if cond_fn is not None and not full_chain:
-        model = classifier_guided_eps(diffusion, model, cond_fn)
+    if cond_fn is not None and not is_full_chain(sampler, steps, spacing, T):
+        raise ValueError("cond_fn shifts Algorithm 2's mean: only the full ancestral chain takes it")
     if sampler == "ddpm":
         if eta not in (None, 1.0):
             raise ValueError("the ddpm sampler has no eta (it is eta = 1); use --sampler ddim for another eta")
-        if full_chain:
+        if is_full_chain(sampler, steps, spacing, T):
             return diffusion.p_sample_loop(model, shape, cond_fn=cond_fn, **kw)
         return ddim_sample_loop(diffusion, model, shape, steps, 1.0, spacing, **kw)
     if sampler == "ddim":

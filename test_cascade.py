@@ -3,13 +3,10 @@ Tests of cascade.py (cascaded diffusion, Ho et al. 2021): the resampling pair, G
 against the moments of q, the super-resolution model against the plain U-Net it extends, the cascade's stage
 against the plain sampler; then train.py --low-res and sample.py --upsample / --low-res end to end on tiny nets.
 """
-from types import SimpleNamespace
-
 import pytest
 import torch
 
-import sample
-from cascade import SuperResolution, augment, conditioned, downsample, upsample
+from cascade import Stage, SuperResolution, augment, conditioned, downsample, upsample, upsample_stage
 from checkpoint import build_diffusion, load_checkpoint
 from conftest import TINY_DIFFUSION, TINY_NET, TRAIN_TINY, assert_one_line_error, randomized, read_npz, run_script
 from data import make_shapes, write_npz
@@ -81,15 +78,14 @@ def test_zero_conditioning_weights_compute_the_unconditional_network():
 
 
 def test_a_cascade_stage_is_the_plain_sampler_on_the_conditioned_model():
-    """sample.upsample_stage = the augmentation noise drawn first, then sample_loop on conditioned(model, c~, s),
+    """cascade.upsample_stage = the augmentation noise drawn first, then sample_loop on conditioned(model, c~, s),
     with the same generator: the cascade adds nothing else."""
     d = build_diffusion(TINY_DIFFUSION)
     sr = randomized(SuperResolution(low_res=4, **TINY_NET))
     x_lr = torch.rand(2, 3, 4, 4) * 2 - 1
-    stage = SimpleNamespace(net=sr, diffusion=d, size=8, sampler="ddim", steps=5, eta=None,
-                                   spacing="trailing", cond_aug=20)
+    stage = Stage(net=sr, diffusion=d, size=8, sampler="ddim", steps=5, eta=None, spacing="trailing", cond_aug=20)
     with torch.no_grad():
-        ours = sample.upsample_stage(stage, x_lr, torch.Generator().manual_seed(0))
+        ours = upsample_stage(stage, x_lr, torch.Generator().manual_seed(0))
         g = torch.Generator().manual_seed(0)
         s = torch.full((2,), 20)
         cond = augment(d, upsample(x_lr, 8), s, torch.randn(2, 3, 8, 8, generator=g))

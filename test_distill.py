@@ -15,7 +15,7 @@ from checkpoint import load_checkpoint
 from conftest import (FAST, TINY_NET, TRAIN_TINY, assert_one_line_error, full, in_process, randomized, read_npz,
                       run_script, schedules)
 from ddpm import GaussianDiffusion, make_beta_schedule
-from samplers import ddim_sample
+from samplers import alpha_sigma, ddim_sample, ddim_step
 from unet import UNet
 
 # ---- the v-parameterisation (Salimans & Ho, Sec. 4)
@@ -76,10 +76,10 @@ def test_a_student_predicting_the_target_takes_the_teachers_two_steps_in_one(bet
     z_t = torch.randn(2, 1, 4, 4, generator=g, dtype=torch.float64)
     z_t1 = ddim_sample(d, teacher, z_t, full(2, t), t1, clip_denoised=False)
     z_t2 = ddim_sample(d, teacher, z_t1, full(2, t1), t2, clip_denoised=False)
-    a, s = distill._alpha_sigma(d, full(2, t), z_t)
-    a2, s2 = distill._alpha_sigma(d, full(2, t2), z_t)
+    a, s = alpha_sigma(d, full(2, t), z_t)
+    a2, s2 = alpha_sigma(d, full(2, t2), z_t)
     target = distill.distillation_target(z_t, z_t2, a, s, a2, s2)
-    student_step = distill.ddim_step(z_t, target, a, s, a2, s2)
+    student_step = ddim_step(z_t, target, a, s, a2, s2)
     assert torch.allclose(student_step, z_t2, rtol=1e-9, atol=1e-9)
 
 
@@ -95,13 +95,13 @@ def test_progressive_loss_is_zero_for_a_student_that_matches_and_positive_otherw
     t, noise, i = loss.draw(x0, None)
     z_t = d_v.q_sample(x0, t, noise)
     with torch.no_grad():
-        a, s = distill._alpha_sigma(d_v, t, x0)
-        a1, s1 = distill._alpha_sigma(d_v, loss.t1[i], x0)
-        a2, s2 = distill._alpha_sigma(d_v, loss.t2[i], x0)
+        a, s = alpha_sigma(d_v, t, x0)
+        a1, s1 = alpha_sigma(d_v, loss.t1[i], x0)
+        a2, s2 = alpha_sigma(d_v, loss.t2[i], x0)
         x_hat = d_eps.p_mean_variance(lambda x, tt: teacher(x, tt), z_t, t, clip_denoised=False)[3]
-        z1 = distill.ddim_step(z_t, x_hat, a, s, a1, s1)
+        z1 = ddim_step(z_t, x_hat, a, s, a1, s1)
         x_hat1 = d_eps.p_mean_variance(lambda x, tt: teacher(x, tt), z1, loss.t1[i], clip_denoised=False)[3]
-        z2 = distill.ddim_step(z1, x_hat1, a1, s1, a2, s2)
+        z2 = ddim_step(z1, x_hat1, a1, s1, a2, s2)
         target = distill.distillation_target(z_t, z2, a, s, a2, s2)
         exact_v = (a * z_t - target) / s  # x0 = a z - s v  =>  v = (a z - x0) / s
         value, _ = loss(lambda x, tt, y: exact_v, x0, None, t, noise, i)
@@ -149,7 +149,7 @@ def test_consistency_function_is_the_identity_at_t_min_for_any_weights(betas, se
     wild = lambda x, t: 1e3 * torch.randn_like(x)
     f = distill.consistency_function(d, wild, x, full(2, 0))
     assert torch.equal(f, x / d.alphas_cumprod[0].sqrt())
-    sigma = distill.ve_sigma(d, torch.arange(len(betas)))
+    sigma = distill.noise_level(d, torch.arange(len(betas)))
     c_skip, c_out = distill.boundary_scalings(sigma, sigma[0])
     assert c_skip[0] == 1 and c_out[0] == 0 and (c_skip[1:] < 1).all() and (c_out[1:] > 0).all()
 
@@ -168,7 +168,7 @@ def test_the_consistency_function_starts_as_the_networks_denoiser(betas, seed, d
     v = torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64)
     f = distill.consistency_function(d, lambda x, tt: v, x_t, t)
     a = d.alphas_cumprod[t].view(-1, 1, 1, 1)
-    s, s_min = ((1 - a) / a).sqrt(), distill.ve_sigma(d, torch.tensor(0))
+    s, s_min = ((1 - a) / a).sqrt(), distill.noise_level(d, torch.tensor(0))
     x, x0_hat = x_t / a.sqrt(), d.predict_start_from_v(x_t, t, v.float())
     c_skip = 0.25 / ((s - s_min) ** 2 + 0.25)
     assert torch.allclose(f, c_skip * x + (1 - s_min / s) * (x0_hat - 0.25 / (s ** 2 + 0.25) * x), rtol=1e-6, atol=1e-6)
@@ -207,8 +207,8 @@ def test_one_step_of_multistep_sampling_is_one_step_sampling():
     with torch.no_grad():
         direct = distill.consistency_function(d, model, x_T, full(3, 99)).clamp(-1, 1)
     assert torch.equal(one, direct)
-    times = distill.consistency_sigmas(d, 3)
-    assert distill.consistency_sigmas(d, 2, 0.3) == [99, distill.nearest_indices(d, [0.3])[0]]
+    times = distill.consistency_levels(d, 3)
+    assert distill.consistency_levels(d, 2, 0.3) == [99, distill.nearest_indices(d, [0.3])[0]]
     assert times[0] == 99 and times[0] > times[1] > times[2] >= 0
 
 
@@ -222,7 +222,7 @@ def exact_consistency(d, m, s2):
         a = d.alphas_cumprod[t].double().view(-1, 1, 1, 1)
         end = m * a_min.sqrt() + (x - m * a.sqrt()) * ((a_min * s2 + 1 - a_min) / (a * s2 + 1 - a)).sqrt()
         sigma = ((1 - a) / a).sqrt()
-        c_skip, c_out = distill.boundary_scalings(sigma, distill.ve_sigma(d, torch.tensor(0)).double())
+        c_skip, c_out = distill.boundary_scalings(sigma, distill.noise_level(d, torch.tensor(0)).double())
         skip_edm, out_edm = distill.edm_scalings(sigma)
         x0_hat = (end / a_min.sqrt() - c_skip * x / a.sqrt()) * out_edm / c_out.clamp(min=1e-300) + skip_edm * x / a.sqrt()
         x0_hat = torch.where(c_out > 0, x0_hat, torch.zeros_like(x0_hat))  # at t_min f = x for any x0_hat
@@ -267,7 +267,7 @@ def test_cd_timesteps_follow_the_papers_discretisation():
     d = GaussianDiffusion(make_beta_schedule("linear", 1000))
     idx = distill.cd_timesteps(d, 18)
     assert idx[0] == 0 and idx[-1] == 999 and all(a < b for a, b in zip(idx, idx[1:])) and 15 <= len(idx) <= 18
-    root = distill.ve_sigma(d, torch.tensor(idx)).double() ** (1 / 7)  # evenly spaced in sigma^(1/7), up to rounding
+    root = distill.noise_level(d, torch.tensor(idx)).double() ** (1 / 7)  # evenly spaced in sigma^(1/7), up to rounding
     steps = root.diff() / ((root[-1] - root[0]) / 17)
     assert steps.max() < 2.2 and steps[-8:].min() > 0.9
 
@@ -412,10 +412,9 @@ def test_consistency_target_is_an_ema_of_the_student():
     d = GaussianDiffusion(make_beta_schedule("linear", 100))
     student, target = torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)
     loss = distill.ConsistencyLoss(d, None, d, target, mu=0.9, n=6)
-    loss.student = student
     before = target.weight.detach().clone()
-    loss.after_step()
+    loss.after_update(student)
     assert torch.allclose(target.weight, 0.9 * before + 0.1 * student.weight)
     loss.mu = 0.0
-    loss.after_step()
+    loss.after_update(student)
     assert torch.equal(target.weight, student.weight)

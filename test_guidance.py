@@ -15,10 +15,11 @@ import sample
 from checkpoint import build_diffusion
 from conftest import (FAST, HERE, TINY_DIFFUSION as DIFFUSION, TINY_NET as TINY, assert_one_line_error, randomized,
                       read_npz, run_script, write_checkpoint)
-from data import CIFAR10_CLASSES, make_shapes, to_uint8
+from data import CIFAR10_CLASSES, make_shapes, parse_classes, to_uint8
 from ddpm import GaussianDiffusion, make_beta_schedule
-from guidance import NoisyClassifier, classifier_free_guidance, classifier_grad, classifier_guided_eps, model_fn
-from samplers import ddim_sample, ddim_sample_loop, sample_loop
+from guidance import (NoisyClassifier, classifier_free_guidance, classifier_grad, classifier_guidance,
+                      classifier_guided_eps, model_fn)
+from samplers import ddim_sample, ddim_sample_loop, is_full_chain, sample_loop
 from unet import UNet
 
 
@@ -60,11 +61,11 @@ def test_guided_prediction_one_batched_pass():
 
 def test_class_list_parsing():
     """--class takes indices or, for a CIFAR-10 model, names; anything else is one error line."""
-    assert sample.parse_classes("ship,3, cat", 10, CIFAR10_CLASSES) == [8, 3, 3]
-    assert sample.parse_classes("2,0,2", 3, ()) == [2, 0, 2]
+    assert parse_classes("ship,3, cat", 10, CIFAR10_CLASSES) == [8, 3, 3]
+    assert parse_classes("2,0,2", 3, ()) == [2, 0, 2]
     for bad in ("3", "-1", "ship", "1,,2"):
-        with pytest.raises(SystemExit, match="^error: --class"):
-            sample.parse_classes(bad, 3, ())
+        with pytest.raises(ValueError, match="^--class"):
+            parse_classes(bad, 3, ())
 
 
 def test_no_class_samples_with_the_null_label(tmp_path, capsys):
@@ -163,8 +164,10 @@ def test_zero_scale_is_the_unguided_sampler():
     classifier, _ = linear_classifier()
     y = torch.tensor([0, 2])
     for sampler, steps in (("ddpm", 100), ("ddim", 10), ("dpm++", 10)):
-        runs = [sample_loop(d, lambda x, t: net(x, t), (2, 3, 8, 8), sampler, steps, generator=torch.Generator()
-                            .manual_seed(0), cond_fn=cond) for cond in (None, classifier_grad(classifier, y, 0.0))]
+        full = is_full_chain(sampler, steps, "trailing", d.num_timesteps)
+        guided = lambda cond: classifier_guidance(d, lambda x, t: net(x, t), cond, full)  # -> (model, cond_fn)
+        runs = [sample_loop(d, *guided(cond)[:1], (2, 3, 8, 8), sampler, steps, generator=torch.Generator()
+                            .manual_seed(0), cond_fn=guided(cond)[1]) for cond in (None, classifier_grad(classifier, y, 0.0))]
         assert torch.equal(*runs), sampler
 
 

@@ -4,7 +4,7 @@ later papers' models on the same machinery: a noise-aware classifier for guidanc
 super-resolution stage of a cascade.
   python train.py --data cifar10 --device cuda                       # the paper's run
   torchrun --nproc_per_node=8 train.py --data cifar10                 # data-parallel, same global batch
-  python train.py --data shapes --image-size 16 --ch 32 --steps 2000 ...  # CPU, minutes (see README)
+  python train.py --data shapes --image-size 16 --ch 32 --steps 3000 ...  # CPU, minutes (README, docs/training.md)
 A command line: nothing imports this file.
 """
 import argparse
@@ -17,14 +17,12 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from cascade import conditioned, downsample, upsample
 from checkpoint import load_checkpoint, save_checkpoint
 from data import load_data, save_grid
-from distill import ProgressiveLoss, consistency_sample
-from guidance import model_fn
-from runtime import StopSignal, close_distributed, format_eta, init_distributed, rng_state, set_rng_state
-from samplers import ddim_sample_loop
-from training import FAST_PATHS, Batches, build_run, get_lr, make_optimizer, match_layout, train_step
+from runtime import (USER_ERRORS, Processes, StopSignal, close_distributed, error_line, format_eta, rng_state,
+                     set_rng_state, set_tf32)
+from training import (FAST_PATHS, Batches, build_run, get_lr, make_optimizer, match_layout, sample_images,
+                      train_step)
 
 # -----------------------------------------------------------------------------
 # command line
@@ -73,7 +71,7 @@ def get_parser():
     a("--student-steps", type=int, default=4, help="progressive: the student's sampling steps at the end")
     a("--teacher-steps", type=int, default=32, help="progressive: the teacher's DDIM steps the first round starts "
       "from (a power of two times --student-steps, at most T; a progressive student as teacher: its own steps). "
-      "Fewer rounds give each more of --steps: from 32, 3 rounds to 4 steps (measured better than 5 from 128)")
+      "Fewer rounds give each more of --steps: from 32, 3 rounds to 4 steps (docs/distillation.md)")
     a("--pd-weighting", default="snr-trunc", choices=["snr-trunc", "snr+1"], help="progressive: the loss weight, "
       "max(SNR, 1) or SNR + 1 (Salimans & Ho Sec. 4)")
     a("--convert-steps", type=int, default=-1, help="consistency from an eps- or x0-teacher: the first updates "
@@ -140,96 +138,23 @@ def merge_resume_args(args, explicit, saved):
         elif getattr(args, k) != v:
             flag = f"--{k.replace('_', '-')} {getattr(args, k)}"
             if k in MODEL_FLAGS:
-                raise SystemExit(f"error: {flag} conflicts with the checkpoint ({v}); drop the flag to resume")
+                raise ValueError(f"{flag} conflicts with the checkpoint ({v}); drop the flag to resume")
             print(f"note: {flag} overrides the checkpoint's {v}")
 
 
 def check_args(args, world):
     for k in ("batch_size", "steps", "log_every", "ckpt_every", "timesteps", "num_samples", "grad_accum"):
         if getattr(args, k) <= 0:
-            raise SystemExit(f"error: --{k.replace('_', '-')} must be positive")
+            raise ValueError(f"--{k.replace('_', '-')} must be positive")
     if args.batch_size % world:
-        raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by the {world} processes")
+        raise ValueError(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
     if (args.batch_size // world) % args.grad_accum:
-        raise SystemExit(f"error: the batch of {args.batch_size // world} per process is not divisible by "
+        raise ValueError(f"the batch of {args.batch_size // world} per process is not divisible by "
                          f"--grad-accum {args.grad_accum}")
 
 
-def flip_note(args):
-    """Whether flips are on, and why: said at the start of every run."""
-    if args.flip is None:  # the default follows the data
-        args.flip = args.data in FLIP_DATA
-        why = ("the paper's augmentation for CIFAR-10" if args.data == "cifar10" else
-               "the built-in shapes are mirror-symmetric" if args.data == "shapes" else
-               "the default for your own data, where a mirror image can change the class (digits, letters); "
-               "--flip turns them on")
-    else:
-        why = "--flip" if args.flip else "--no-flip"
-    return f"horizontal flips {'on' if args.flip else 'off'} ({why})"
-
-# -----------------------------------------------------------------------------
-# sample grids
-
-
-def grid_sampler(run, args, images):
-    """How grids are drawn for this kind of run: draw(ema, y, shape, generator) -> samples, or None (classifier).
-    Diffusion: Algorithm 2 over all T steps (--sample-steps 0), else that many strided steps of DDIM with eta = 1,
-    the stochastic sampler closest to Algorithm 2 (eta = 0 gives noisy images from a briefly trained model where
-    eta = 1 and Algorithm 2 give clean ones). Students: their own sampler. Super-resolution: the first training
-    images of the process, downsampled and drawn back up (no augmentation), by the sampler of a diffusion run."""
-    d, bf16 = run.diffusion, args.bf16 and images.device.type == "cuda"
-    if run.kind == "classifier":
-        return None
-    if run.kind == "consistency":
-        return lambda ema, y, shape, g: consistency_sample(d, model_fn(ema, y, bf16=bf16), shape, generator=g)
-    if run.kind == "progressive":
-        return lambda ema, y, shape, g: ddim_sample_loop(d, model_fn(ema, y, bf16=bf16), shape, run.loss_fn.steps,
-                                                         0.0, generator=g)
-
-    def draw(ema, y, shape, g):
-        if run.kind == "sr":
-            low = downsample(images[:shape[0]].float() / 127.5 - 1, run.model_config["low_res"])
-            net = conditioned(ema, upsample(low, shape[-1]), torch.full((shape[0],), -1, device=images.device))
-        else:
-            net = model_fn(ema, y, bf16=bf16)
-        if args.sample_steps:
-            return ddim_sample_loop(d, net, shape, args.sample_steps, 1.0, generator=g)
-        return d.p_sample_loop(net, shape, generator=g)
-    return draw
-
-
-@torch.no_grad()
-def sample_images(ema, draw, n, seed, rank=0, world=1):
-    """n EMA samples, the same noise every time (so grids show one set improving), with labels spread over the
-    classes for a class-conditional model.
-    Under torchrun every rank draws its share and rank 0 gathers them (so no rank idles in a collective while
-    one samples, which on a long grid could trip NCCL's watchdog); the noise then depends on the rank count.
-    Every draw comes from the grid's own generator, and fork_rng restores the global random state anyway, so
-    drawing a grid never changes the training run (resume stays exact)."""
-    device = next(ema.parameters()).device
-    c, s = ema.config["in_channels"], ema.config["image_size"]
-    y, nrow = None, None
-    if ema.num_classes:
-        nrow = max(1, n // ema.num_classes)  # one row per class
-        y = torch.arange(ema.num_classes, device=device).repeat_interleave(nrow)
-        n = y.shape[0]
-    share = math.ceil(n / world)
-    if y is not None:
-        y = y[torch.arange(rank * share, (rank + 1) * share, device=device) % n]  # the last shares wrap around
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        g = torch.Generator(device).manual_seed(seed * 1_000_003 + rank)
-        x = draw(ema, y, (share, c, s, s), g)
-    if world > 1:
-        shares = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(shares, x)
-        x = torch.cat(shares)
-    return x[:n], nrow
-
-# -----------------------------------------------------------------------------
-# the run
-
-
-def main(argv=None):
+def parse(argv):
+    """-> (args, the checkpoint to resume or None, the kind of run: decided here, once; the line about flips)."""
     args, explicit = get_args(argv)
     ckpt = None
     if args.resume:
@@ -237,47 +162,98 @@ def main(argv=None):
         merge_resume_args(args, explicit, ckpt["args"])
         if "out" not in explicit:  # continue in the folder the checkpoint is in
             args.out = args.resume if os.path.isdir(args.resume) else os.path.dirname(args.resume) or "."
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    check_args(args, world)
-    ckpt_path = os.path.join(args.out, "ckpt.pt")
-    if not args.resume and os.path.exists(ckpt_path):
-        raise SystemExit(f"error: {ckpt_path} exists; continue it with --resume {args.out} or pick another --out")
-    rank, local_rank, world, device = init_distributed(args.device)
-    ddp, master = world > 1, rank == 0
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
+    check_args(args, int(os.environ.get("WORLD_SIZE", 1)))
+    if not args.resume and os.path.exists(os.path.join(args.out, "ckpt.pt")):
+        raise ValueError(f"{os.path.join(args.out, 'ckpt.pt')} exists; continue it with --resume {args.out} or pick "
+                         f"another --out")
+    kind = ckpt.get("kind", "diffusion") if ckpt else (
+        "classifier" if args.classifier else args.distill or ("sr" if args.low_res else "diffusion"))
+    return args, ckpt, kind, flip_note(args)
 
-    def log(msg, console=True):
-        if master:
-            if console:
-                print(msg, flush=True)
-            try:
-                with open(os.path.join(args.out, "log.txt"), "a") as f:
-                    f.write(msg + "\n")
-            except OSError as e:
-                raise SystemExit(f"error: could not write {args.out}/log.txt: {e.strerror or e}")
 
-    # data: each process keeps its own shard of the images, on its device
-    images, labels, class_names = load_data(args.data, args.data_dir, args.image_size)
-    flips = flip_note(args)
-    use_labels = args.class_cond or args.classifier
-    if use_labels and labels is None:
+def flip_note(args):
+    """Decide whether flips are on (args.flip, kept in the checkpoint), and say why: the second line of every run."""
+    if args.flip is not None:
+        why = "--flip" if args.flip else "--no-flip"
+    else:  # the default follows the data
+        args.flip = args.data in FLIP_DATA
+        why = {"cifar10": "the paper's augmentation for CIFAR-10", "shapes": "the built-in shapes are mirror-symmetric"
+               }.get(args.data, "the default for your own data, where a mirror image can change the class (digits, "
+                                "letters); --flip turns them on")
+    return f"horizontal flips {'on' if args.flip else 'off'} ({why})"
+
+
+def training_data(args, procs, kind):
+    """This process's shard of the training images (uint8 N, H, W, C) and labels, on its device; the number of
+    classes (None if the run uses no labels) and the class names. The data set is prepared once per node
+    (downloaded, unpacked) before the other processes load it."""
+    images, labels, class_names = procs.in_turns(lambda: load_data(args.data, args.data_dir, args.image_size))
+    if (args.class_cond or kind == "classifier") and labels is None:
         flag = "--class-cond" if args.class_cond else "--classifier"
-        raise SystemExit(f"error: {flag} needs labels, and --data {args.data} has none (npz: put them in arr_1; "
-                         f"a folder: one subfolder per class)")
-    num_classes = int(labels.max()) + 1 if use_labels else None
-    images = images[rank::world].to(device)
-    labels = labels[rank::world].to(device) if use_labels else None
-    _, c, s, _ = images.shape
-    if master:  # only now: bad data leave no empty run folder behind
-        try:
-            os.makedirs(args.out, exist_ok=True)
-        except OSError as e:
-            raise SystemExit(f"error: cannot create --out {args.out}: {e.strerror or e}")
+        raise ValueError(f"{flag} needs labels, and --data {args.data} has none (npz: put them in arr_1; a folder: "
+                         f"one subfolder per class)")
+    use = args.class_cond or kind == "classifier"
+    num_classes = int(labels.max()) + 1 if use else None
+    shard = slice(procs.rank, None, procs.world)
+    return images[shard].to(procs.device), labels[shard].to(procs.device) if use else None, num_classes, class_names
 
-    # what this run trains: a diffusion model, a classifier, or a distilled student; then its EMA and optimizer
-    run = build_run(args, ckpt, num_classes, s, c, device)
-    raw_model, diffusion, loss_fn = run.model, run.diffusion, run.loss_fn
+
+class Log:
+    """The run's log: on rank 0, each line to the console and to <out>/log.txt; and the statistics of an interval
+    (the loss, the gradient norm, the loss and the objective's metric by timestep quartile) as device tensors,
+    read only at the log's sync points, so the GPU never waits for Python."""
+
+    def __init__(self, args, master, device):
+        self.args, self.master, self.acc = args, master, torch.zeros(14, device=device)
+        self.time, self.step, self.count = time.time(), 0, 0
+
+    def __call__(self, msg, console=True):
+        if not self.master or msg is None:
+            return
+        if console:
+            print(msg, flush=True)
+        try:
+            with open(os.path.join(self.args.out, "log.txt"), "a") as f:
+                f.write(msg + "\n")
+        except OSError as e:
+            raise OSError(f"could not write {self.args.out}/log.txt: {e.strerror or e}") from None
+
+    def add(self, loss, grad_norm):
+        self.acc[0] += loss
+        self.acc[1] += grad_norm
+
+    def interval(self, step, lr, world, metric):
+        """The interval's line (and, every tenth and last, the quartiles); the statistics start again."""
+        if world > 1:
+            dist.all_reduce(self.acc)
+        v, n, args = self.acc.tolist(), (step - self.step) * world, self.args
+        img_s = (step - self.step) * args.batch_size / (time.time() - self.time)
+        self(f"step {step:>{len(str(args.steps))}d}/{args.steps} | loss {v[0] / n:.4f} | lr {lr:.2e} | "
+             f"gnorm {v[1] / n:.2f} | {img_s:7.1f} img/s | eta {format_eta((args.steps - step) * args.batch_size / img_s)}")
+        if self.count % 10 == 0 or step == args.steps:
+            self("  loss by t quartile: " + " | ".join(f"q{i} {v[2 + i] / max(v[6 + i], 1):.4f}" for i in range(4)))
+            if metric:
+                self(f"  {metric} by t quartile: " + " | ".join(f"q{i} {v[10 + i] / max(v[6 + i], 1):.3f}"
+                                                               for i in range(4)))
+        self.acc.zero_()
+        self.time, self.step, self.count = time.time(), step, self.count + 1
+
+
+# -----------------------------------------------------------------------------
+# the run
+
+
+def train(args, ckpt, kind, flips):
+    """Algorithm 1 for any kind of run: repeat { x_0 ~ q(x_0); the objective's draws; a gradient step } until
+    --steps, with the EMA, log lines, checkpoints and sample grids at their intervals."""
+    procs = Processes(args.device)
+    device, world, master = procs.device, procs.world, procs.master
+    set_tf32(device, args.tf32)
+    ckpt_path = os.path.join(args.out, "ckpt.pt")
+    images, labels, num_classes, class_names = training_data(args, procs, kind)
+    procs.on_master(lambda: os.makedirs(args.out, exist_ok=True))  # only now: bad data leave no empty folder behind
+    run = build_run(kind, args, ckpt, images, num_classes, device)
+    raw_model, objective = run.model, run.objective
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     raw_model.to(device, memory_format=memory_format)
     ema = copy.deepcopy(raw_model).requires_grad_(False).eval()
@@ -292,144 +268,90 @@ def main(argv=None):
     # --compile: the whole loss computation in one graph. Under DDP the compiler wraps the DDP model, the order the
     # DDP notes and the compiler FAQ give: dynamo then splits the graph at DDP's gradient buckets, so each bucket's
     # all-reduce overlaps the rest of the backward (a compiled net inside DDP would reduce after the whole backward)
-    model = DDP(raw_model, device_ids=[local_rank] if device.type == "cuda" else None) if ddp else raw_model
-    no_sync = model.no_sync if ddp else None
-    model = torch.compile(model) if args.compile and ddp else model
-    def compiled(objective):  # what train_step calls: the objective's __call__, compiled with --compile
-        return torch.compile(objective.__call__) if args.compile and not ddp else objective
-    losses = compiled(loss_fn)
-
-    # random state: per process, so each rank draws its own t, noise, flips and dropout
-    torch.manual_seed(args.seed + rank)
+    model = DDP(raw_model, device_ids=[procs.local_rank] if device.type == "cuda" else None) if world > 1 else raw_model
+    no_sync = model.no_sync if world > 1 else None
+    model = torch.compile(model) if args.compile and world > 1 else model
+    losses = torch.compile(objective.__call__) if args.compile and world == 1 else objective
+    torch.manual_seed(args.seed + procs.rank)  # per process: each rank draws its own t, noise, flips and dropout
+    log = Log(args, master, device)
     if ckpt:
         saved = ckpt["rng"]["ranks"]
         if len(saved) == world:
-            set_rng_state(saved[rank], device)
+            set_rng_state(saved[procs.rank], device)
         else:
-            torch.manual_seed(args.seed + rank + 7919 * step)
+            torch.manual_seed(args.seed + procs.rank + 7919 * step)
             log(f"note: checkpoint from {len(saved)} process(es), now {world}: random streams reseeded")
-    batches = Batches(images, labels, args.batch_size // world, args.seed + rank, args.flip)
+    batches = Batches(images, labels, args.batch_size // world, args.seed + procs.rank, args.flip)
 
     def save(step):
         states = [None] * world
-        if ddp:
+        if world > 1:
             dist.all_gather_object(states, rng_state(device))
         else:
             states = [rng_state(device)]
-        if master:
-            extra = dict(run.extra, kind=run.kind)
-            if run.teacher is not None:
-                extra.update(teacher=run.teacher.state_dict(), sampling=run.sampling)
-            if run.target is not None:
-                extra.update(target=run.target.state_dict())
-            if run.rounds is not None:
-                extra.update(rounds=run.rounds)
-            save_checkpoint(ckpt_path, {
-                "model": raw_model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                "step": step, "model_config": run.model_config, "diffusion_config": run.diffusion_config,
-                "args": vars(args), "class_names": class_names, "rng": {"ranks": states}, **extra})
-        if ddp:
-            dist.barrier()
+        procs.on_master(lambda: save_checkpoint(ckpt_path, {
+            "model": raw_model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+            "step": step, "model_config": run.model_config, "diffusion_config": run.diffusion_config, "kind": kind,
+            "args": vars(args), "class_names": class_names, "rng": {"ranks": states},
+            **objective.state(run.diffusion_config)}))
 
     stop = StopSignal()  # Ctrl-C / SIGTERM: finish the step, save, exit
     n_params = sum(p.numel() for p in raw_model.parameters())
     log(f"{'resuming at step ' + str(step) if ckpt else 'training'}: {args.data} {images.shape[0] * world} images "
-        f"{s}x{s}x{c}, {n_params / 1e6:.2f}M params, batch {args.batch_size} on {world} x {device}"
-        + (f" in {args.grad_accum} micro-batches" if args.grad_accum > 1 else "") + f", T={diffusion.num_timesteps}")
+        f"{images.shape[1]}x{images.shape[2]}x{images.shape[3]}, {n_params / 1e6:.2f}M params, batch "
+        f"{args.batch_size} on {world} x {device}" + (f" in {args.grad_accum} micro-batches" if args.grad_accum > 1
+                                                      else "") + f", T={run.diffusion.num_timesteps}")
     log(flips)
     log("args: " + " ".join(f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()), console=False)
-
-    # the loop. acc: loss sum, grad-norm sum, then per t quartile: loss sum (4), count (4), second metric (4); on
-    # the device, read only at sync points (log, checkpoint, samples), so the GPU never waits for Python
-    acc = torch.zeros(14, device=device)
-    t_last, step_last, n_logs = time.time(), step, 0
-    draw = grid_sampler(run, args, images)
-    per_round = math.ceil(args.steps / len(run.rounds)) if run.rounds else None
-    converting = run.convert_steps > 0 and step <= run.convert_steps  # at step == convert_steps: only the switch
-    if converting and step < run.convert_steps:
-        log(f"steps 0-{run.convert_steps}: the v-student regresses onto the teacher's own x0 predictions")
-        loss_fn = run.convert
-        losses = compiled(loss_fn)
     while step < args.steps:
-        # consistency from an eps-teacher: at the end of the conversion the distillation starts, its target network
-        # and the EMA from the converted student (Consistency Models start from a teacher of their own parameterisation)
-        if converting and step == run.convert_steps:
-            converting = False
-            run.target.load_state_dict(raw_model.state_dict())
-            ema.load_state_dict(raw_model.state_dict())
-            loss_fn = run.loss_fn
-            losses = compiled(loss_fn)
-            log(f"steps {step}-{args.steps}: consistency distillation")
-        # progressive distillation (Algorithm 2): --steps split evenly over the rounds, each halving the steps; at a
-        # round's first step the student becomes the teacher, a v-network read through the student's own diffusion,
-        # and the EMA restarts from it, so the round's samples owe nothing to the last round's step count
-        # (resuming mid-round keeps the checkpoint's teacher)
-        if run.rounds and (step % per_round == 0 or run.loss_fn.steps != run.rounds[step // per_round]):
-            r = step // per_round
-            if step % per_round == 0 and step > 0:
-                run.teacher.load_state_dict(raw_model.state_dict())
-                run.teacher_diffusion = diffusion
-                run.extra["teacher_diffusion_config"] = run.diffusion_config
-                ema.load_state_dict(raw_model.state_dict())
-            loss_fn = run.loss_fn = ProgressiveLoss(diffusion, run.teacher, run.teacher_diffusion, run.rounds[r],
-                                                    args.pd_weighting, args.bf16)
-            losses = compiled(loss_fn)
-            run.sampling = dict(sampler="ddim", steps=run.rounds[r])
-            log(f"round {r + 1}/{len(run.rounds)}: a student of {run.rounds[r]} steps learns the teacher's "
-                f"{2 * run.rounds[r]} (steps {r * per_round}-{min((r + 1) * per_round, args.steps)})")
+        log(objective.begin(step, raw_model, ema, optimizer))  # a round or phase that starts here, if any
         lr = get_lr(step, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
         x0, y = batches(step)
         x0 = x0.contiguous(memory_format=memory_format)  # a no-op unless --channels-last
-        loss, grad_norm = train_step(model, ema, optimizer, loss_fn, x0, y, args, acc[2:].view(3, 4), losses, no_sync)
-        acc[0] += loss
-        acc[1] += grad_norm
+        log.add(*train_step(model, ema, optimizer, objective, x0, y, args, log.acc[2:].view(3, 4), losses, no_sync))
         step += 1
         do_log = step % args.log_every == 0 or step == args.steps
         do_ckpt = step % args.ckpt_every == 0 or step == args.steps
         do_sample = args.sample_every > 0 and (step % args.sample_every == 0 or step == args.steps)
-        if not (do_log or do_ckpt or do_sample or (stop.signum and not ddp)):
+        if not (do_log or do_ckpt or do_sample or (stop.signum and world == 1)):
             continue
         # sync point: all ranks agree on NaN and on stopping (a signal may reach them at different steps)
         finite = torch.stack([p.isfinite().all() for p in raw_model.parameters()]).all()
-        status = torch.stack([acc[0], (~finite).float(), torch.tensor(float(stop.signum is not None), device=device)])
-        if ddp:
+        status = torch.stack([log.acc[0], (~finite).float(), torch.tensor(float(stop.signum is not None), device=device)])
+        if world > 1:
             dist.all_reduce(status)
         loss_sum, bad_params, stopping = status.tolist()
         if not math.isfinite(loss_sum) or bad_params:
-            last = (f"{ckpt_path} (the last good checkpoint) is intact" if os.path.exists(ckpt_path)
-                    else "no checkpoint was written")
-            raise SystemExit(f"error: loss became {loss_sum / max(step - step_last, 1):.4g} by step {step}: training "
-                             f"diverged; {last}. Resume it with a lower --lr or a longer --warmup.")
+            last = f"{ckpt_path} (the last good checkpoint) is intact" if os.path.exists(ckpt_path) else \
+                "no checkpoint was written"
+            raise RuntimeError(f"loss became {loss_sum / max(step - log.step, 1):.4g} by step {step}: training "
+                               f"diverged; {last}. Resume it with a lower --lr or a longer --warmup.")
         if do_log:
-            if ddp:
-                dist.all_reduce(acc)
-            v, n = acc.tolist(), (step - step_last) * world
-            dt = time.time() - t_last
-            img_s = (step - step_last) * args.batch_size / dt
-            eta = format_eta((args.steps - step) * args.batch_size / img_s)
-            log(f"step {step:>{len(str(args.steps))}d}/{args.steps} | loss {v[0] / n:.4f} | lr {lr:.2e} | "
-                f"gnorm {v[1] / n:.2f} | {img_s:7.1f} img/s | eta {eta}")
-            if n_logs % 10 == 0 or step == args.steps:  # every tenth line, and the last
-                log("  loss by t quartile: " + " | ".join(f"q{i} {v[2 + i] / max(v[6 + i], 1):.4f}" for i in range(4)))
-                if run.kind == "classifier":
-                    log("  accuracy by t quartile: " + " | ".join(f"q{i} {v[10 + i] / max(v[6 + i], 1):.3f}"
-                                                               for i in range(4)))
-            acc.zero_()
-            t_last, step_last, n_logs = time.time(), step, n_logs + 1
+            log.interval(step, lr, world, objective.metric)
         t_work = time.time()
         if do_ckpt or stopping:
             save(step)
-        if do_sample and draw and not stopping:
-            x, nrow = sample_images(ema, draw, args.num_samples, args.seed, rank, world)
-            if master:
-                save_grid(os.path.join(args.out, f"samples_{step:07d}.png"), x, nrow)
-        t_last += time.time() - t_work  # checkpoints and samples do not count against img/s
+        if do_sample and not stopping:
+            x, nrow = sample_images(ema, objective.sample, args.num_samples, args.seed, procs.rank, world,
+                                    args.bf16 and device.type == "cuda")
+            if x is not None:
+                procs.on_master(lambda: save_grid(os.path.join(args.out, f"samples_{step:07d}.png"), x, nrow))
+        log.time += time.time() - t_work  # checkpoints and samples do not count against img/s
         if stopping:
             log(f"stopped at step {step}; checkpoint {ckpt_path}; continue with --resume {args.out}")
             raise SystemExit(stop.exit_code)
     log(f"done: {step} steps; checkpoint {ckpt_path}")
+
+
+def main(argv=None):
+    """python train.py [flags]. A library's error (bad input, a full disk, a failed download, a diverged run) is
+    one 'error:' line and exit code 1; the previous checkpoint is intact."""
+    try:
+        train(*parse(argv))
+    except USER_ERRORS as e:
+        raise SystemExit(error_line(e)) from None
 
 
 if __name__ == "__main__":

@@ -1,19 +1,23 @@
 """
 What train.py's loop runs (bench.py times the same): batches drawn on the device, Adam with the paper's warmup,
 one step of Algorithm 1 (gradient accumulation, gradient-norm clipping, the EMA of the weights used for sampling),
-and what each kind of run trains: a DDPM, a noise-aware classifier, a distilled student, a super-resolution stage.
+and what each kind of run trains, behind the one interface the loop calls (Objective): a DDPM, a noise-aware
+classifier, a super-resolution stage, a distilled student.
 """
 import contextlib
-import copy
 import math
-from types import SimpleNamespace
+from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+import torch.nn as nn
 
-from cascade import SuperResolution, SuperResolutionLoss
-from checkpoint import build_diffusion, load_model
-from distill import ConsistencyLoss, ProgressiveLoss, TeacherRegression, halving_rounds
-from guidance import ClassifierLoss, NoisyClassifier
+from cascade import SuperResolutionLoss, downsample, upsample
+from checkpoint import build_diffusion, build_model, diffusion_config, load_model
+from data import from_uint8
+from distill import ConsistencyDistillation, ProgressiveDistillation, progressive_schedule
+from guidance import ClassifierLoss, model_fn
+from samplers import sample_loop
 from unet import UNet
 
 # train.py's fast paths and their defaults (bench.py times the same): channels_last and compile stay off until a
@@ -22,12 +26,13 @@ FAST_PATHS = dict(bf16=True, tf32=True, fused_adam=True, channels_last=False, co
 
 
 class Batches:
-    """Random batches from the images on their device (for CIFAR-10 on a GPU: 150 MB, gathered by index, so
-    the loader never stalls). Each epoch is a fresh permutation from a generator seeded with (seed, epoch),
-    so the batch at a step depends on the step alone: resuming needs no sampler state."""
+    """Random batches from uint8 images (N, H, W, C) on their device (for CIFAR-10 on a GPU: 150 MB, gathered by
+    index, so the loader never stalls), scaled to [-1, 1] (N, C, H, W). Each epoch is a fresh permutation from a
+    generator seeded with (seed, epoch), so the batch at a step depends on the step alone: resuming needs no
+    sampler state."""
     def __init__(self, images, labels, batch_size, seed, flip):
         if images.shape[0] < batch_size:
-            raise SystemExit(f"error: {images.shape[0]} images per process, fewer than the batch of {batch_size}")
+            raise ValueError(f"{images.shape[0]} images per process, fewer than the batch of {batch_size}")
         self.images, self.labels, self.batch_size, self.seed, self.flip = images, labels, batch_size, seed, flip
         self.per_epoch, self.epoch, self.perm = images.shape[0] // batch_size, None, None
 
@@ -37,7 +42,7 @@ class Batches:
             g = torch.Generator(self.images.device).manual_seed(self.seed * 1_000_003 + epoch)
             self.epoch, self.perm = epoch, torch.randperm(self.images.shape[0], generator=g, device=self.images.device)
         idx = self.perm[k * self.batch_size:(k + 1) * self.batch_size]
-        x = self.images[idx].float() / 127.5 - 1  # [0, 255] -> [-1, 1], as in the paper
+        x = from_uint8(self.images[idx])  # [0, 255] -> [-1, 1], as in the paper
         if self.flip:  # random horizontal flips (paper Sec. 4), on the device
             x = torch.where(torch.rand(x.shape[0], 1, 1, 1, device=x.device) < 0.5, x.flip(3), x)
         return x, (self.labels[idx] if self.labels is not None else None)
@@ -57,7 +62,7 @@ def make_optimizer(model, lr, fused, device):
 def match_layout(optimizer):
     """Give Adam's moments their parameter's memory layout. They load from a checkpoint in the layout they were
     saved in, and fused Adam pairs elements by memory order, not by index: a channels_last parameter with
-    NCHW moments would be updated wrongly, without an error (seen with torch 2.13 on the CPU)."""
+    NCHW moments would be updated wrongly, without an error."""
     for p, state in optimizer.state.items():
         for k, v in state.items():
             if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
@@ -70,14 +75,107 @@ def update_ema(ema, model, decay):
     torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
 
 
-class DiffusionLoss:
-    """What a DDPM run minimises, Algorithm 1 lines 2-5: L_simple of Eq. (14), per example, for the eps-network (or
-    the x0 target of the paper's ablation), with classifier-free guidance's label dropping (Ho & Salimans 2021):
-    each label becomes the null class num_classes with probability p_uncond. draw() takes all of a batch's random
-    numbers at once (t, eps, which labels drop), so a batch split into micro-batches sees the same ones."""
+def train_step(model, ema, optimizer, objective, x0, y, args, stats=None, losses=None, no_sync=None):
+    """One step of Algorithm 1: the loss (an Objective; losses: its compiled __call__, by default the objective
+    itself), backward, clip the global grad norm, Adam, EMA, and the objective's own after_update. With
+    args.grad_accum = k the batch runs as k micro-batches whose gradients add up to the whole batch's (the same
+    random draws, losses summed over the batch / B): only the activations of one micro-batch are held at a time.
+    no_sync: DDP's, to skip the all-reduce of all but the last micro-batch. args needs grad_clip, ema_decay,
+    grad_accum. stats (3, 4), if given, accumulates per timestep quartile the loss sum, the count and the
+    objective's second metric. Returns device tensors (loss, grad norm): nothing here waits for the device."""
+    losses = losses or objective
+    draws = objective.draw(x0, y)
+    B, k = x0.shape[0], args.grad_accum
+    total = 0.0
+    for j in range(k):
+        part = slice(j * B // k, (j + 1) * B // k)
+        with no_sync() if no_sync is not None and j < k - 1 else contextlib.nullcontext():
+            value, metric = losses(model, x0[part], None if y is None else y[part], *(d[part] for d in draws))
+            (value.sum() / B).backward()
+        total = total + value.detach().sum()
+        if stats is not None:  # loss by timestep quartile, as improved-diffusion logs it
+            q = draws[0][part] * 4 // objective.diffusion.num_timesteps
+            stats[0].index_add_(0, q, value.detach().float())
+            stats[1].index_add_(0, q, torch.ones_like(value, dtype=torch.float32))
+            if metric is not None:
+                stats[2].index_add_(0, q, metric.float())
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0 else math.inf)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    update_ema(ema, model, args.ema_decay)
+    objective.after_update(model)
+    return total / B, grad_norm
 
-    def __init__(self, diffusion, num_classes=None, p_uncond=0.0, bf16=False):
+@torch.no_grad()
+def sample_images(ema, draw, n, seed, rank=0, world=1, bf16=False):
+    """n EMA samples for a grid (or None), drawn by draw(model function, shape, generator), the same noise every time (so grids
+    show one set improving), with labels spread over the classes for a class-conditional model.
+    Under torchrun every rank draws its share and rank 0 gathers them (so no rank idles in a collective while
+    one samples, which on a long grid could trip NCCL's watchdog); the noise then depends on the rank count.
+    Every draw comes from the grid's own generator, and fork_rng restores the global random state anyway, so
+    drawing a grid never changes the training run (resume stays exact)."""
+    device = next(ema.parameters()).device
+    c, s = ema.config["in_channels"], ema.config["image_size"]
+    y, nrow = None, None
+    if ema.num_classes:
+        nrow = max(1, n // ema.num_classes)  # one row per class
+        y = torch.arange(ema.num_classes, device=device).repeat_interleave(nrow)
+        n = y.shape[0]
+    share = math.ceil(n / world)
+    if y is not None:
+        y = y[torch.arange(rank * share, (rank + 1) * share, device=device) % n]  # the last shares wrap around
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        g = torch.Generator(device).manual_seed(seed * 1_000_003 + rank)
+        x = draw(model_fn(ema, y, bf16=bf16), (share, c, s, s), g)
+    if x is None:  # an objective without samples (a classifier): the same answer on every rank
+        return None, None
+    if world > 1:
+        shares = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(shares, x)
+        x = torch.cat(shares)
+    return x[:n], nrow
+
+# ---- what a run trains
+
+
+class Objective:
+    """The one interface train.py's loop calls, whatever a run trains:
+    - draw(x0, y): all of a batch's random numbers at once (t first), so micro-batches see the same ones;
+    - __call__(model, x0, y, *draws) -> per-example losses (B,), and a per-example second metric or None, named by
+      `metric` in the log;
+    - begin(step, model, ema, optimizer) -> a line for the log, or None: called before update step + 1, where an
+      objective that changes during a run changes (distill.py's rounds and phases);
+    - after_update(model): after each update (a target network's EMA);
+    - state(diffusion_config) -> what the checkpoint keeps beyond the weights, to resume exactly and to sample;
+    - sample(model, shape, generator) -> a grid's samples from a model function (guidance.model_fn), or None.
+    This base is a loss that stays as it is all run, sampled as a diffusion model: Algorithm 2 over all T steps, or
+    sample_steps strided steps of the same ancestral sampler (DDIM with eta = 1). distill.py's objectives implement
+    the same methods."""
+    metric = None
+    sample_steps = 0
+
+    def begin(self, step, model, ema, optimizer):
+        return None
+
+    def after_update(self, model):
+        pass
+
+    def state(self, diffusion_config):
+        return {}
+
+    def sample(self, model, shape, generator):
+        return sample_loop(self.diffusion, model, shape, "ddpm", self.sample_steps or None, generator=generator)
+
+
+class DiffusionLoss(Objective):
+    """What a DDPM run minimises, Algorithm 1 lines 2-5: L_simple of Eq. (14), per example, for the eps-network (or
+    the x0 or v target), with classifier-free guidance's label dropping (Ho & Salimans 2021): each label becomes the
+    null class num_classes with probability p_uncond. draw() takes all of a batch's random numbers at once (t, eps,
+    which labels drop), so a batch split into micro-batches sees the same ones."""
+
+    def __init__(self, diffusion, num_classes=None, p_uncond=0.0, bf16=False, sample_steps=0):
         self.diffusion, self.num_classes, self.p_uncond, self.bf16 = diffusion, num_classes, p_uncond, bf16
+        self.sample_steps = sample_steps
 
     def draw(self, x0, y):
         t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), device=x0.device)  # line 3 (0-based)
@@ -93,141 +191,173 @@ class DiffusionLoss:
             return self.diffusion.training_losses(lambda x, t: model(x, t, y), x0, t, noise), None  # line 5
 
 
-def train_step(model, ema, optimizer, loss_fn, x0, y, args, stats=None, losses=None, no_sync=None):
-    """One step of Algorithm 1: the loss (loss_fn, a DiffusionLoss or another objective with draw() and
-    __call__; losses: its compiled __call__, by default loss_fn itself), backward, clip the global grad norm, Adam,
-    EMA. With args.grad_accum = k the batch runs as k micro-batches whose gradients add up to the whole batch's
-    (the same random draws, losses summed over the batch / B): only the activations of one micro-batch are held at
-    a time. no_sync: DDP's, to skip the all-reduce of all but the last micro-batch. args needs grad_clip,
-    ema_decay, grad_accum. stats (3, 4), if given, accumulates per timestep quartile the loss sum, the count and
-    the objective's second metric. Returns device tensors (loss, grad norm): nothing here waits for the device."""
-    losses = losses or loss_fn
-    draws = loss_fn.draw(x0, y)
-    B, k = x0.shape[0], args.grad_accum
-    total = 0.0
-    for j in range(k):
-        part = slice(j * B // k, (j + 1) * B // k)
-        with no_sync() if no_sync is not None and j < k - 1 else contextlib.nullcontext():
-            value, metric = losses(model, x0[part], None if y is None else y[part], *(d[part] for d in draws))
-            (value.sum() / B).backward()
-        total = total + value.detach().sum()
-        if stats is not None:  # loss by timestep quartile, as improved-diffusion logs it
-            q = draws[0][part] * 4 // loss_fn.diffusion.num_timesteps
-            stats[0].index_add_(0, q, value.detach().float())
-            stats[1].index_add_(0, q, torch.ones_like(value, dtype=torch.float32))
-            if metric is not None:
-                stats[2].index_add_(0, q, metric.float())
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0 else math.inf)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    update_ema(ema, model, args.ema_decay)
-    if hasattr(loss_fn, "after_step"):  # an objective with state of its own (consistency's target network)
-        loss_fn.after_step()
-    return total / B, grad_norm
+class ClassifierObjective(ClassifierLoss, Objective):
+    """The noise-aware classifier's cross-entropy (guidance.ClassifierLoss), its accuracy logged; no samples."""
+    metric = "accuracy"
+
+    def sample(self, model, shape, generator):
+        return None
 
 
-# ---- what a run trains
+class SuperResolutionObjective(SuperResolutionLoss, Objective):
+    """A cascade stage's L_simple (cascade.SuperResolutionLoss). Its grids upsample the process's first training
+    images, downsampled (no augmentation), with the sampler of a diffusion run."""
+
+    def __init__(self, diffusion, low_res, max_aug, bf16, sample_steps, grid_images):
+        super().__init__(diffusion, low_res, max_aug, bf16)
+        self.sample_steps, self.grid_images = sample_steps, grid_images
+
+    def state(self, diffusion_config):
+        return dict(cond_aug_max=self.max_aug)
+
+    def sample(self, model, shape, generator):
+        low = downsample(from_uint8(self.grid_images[:shape[0]]), self.low_res)
+        cond = upsample(low, shape[-1])
+        aug_level = torch.full((shape[0],), -1, device=low.device)
+        return super().sample(lambda x, t: model(x, t, cond=cond, aug_level=aug_level), shape, generator)
 
 
-def new_diffusion_config(args):
-    scale = 1000 / args.timesteps  # = 1 for the paper's T = 1000
-    return dict(schedule=args.schedule, num_timesteps=args.timesteps, beta_start=1e-4 * scale, beta_end=0.02 * scale,
-                mean_type=args.mean_type, var_type="fixedlarge")
+@dataclass
+class Run:
+    """What a run trains, as build_run sets it up from the flags or a checkpoint."""
+    model: nn.Module        # the network to train, on the CPU (train.py moves it, adds its EMA, optimizer, DDP)
+    model_config: dict
+    diffusion_config: dict
+    diffusion: nn.Module    # a GaussianDiffusion, on the device
+    objective: Objective
 
 
-def load_teacher(args, ckpt, size, channels, device):
-    """The frozen teacher of a distillation run (EMA weights): from the checkpoint when resuming, else --teacher."""
+def _new_model_config(args, images, num_classes):
+    """The network of a new run from the flags; its size and channels follow the data (N, H, W, C)."""
+    return dict(image_size=images.shape[1], in_channels=images.shape[3], ch=args.ch, ch_mult=args.ch_mult,
+                num_res_blocks=args.num_res_blocks, attn_resolutions=args.attn, dropout=args.dropout,
+                num_classes=num_classes)
+
+
+def _configs(args, ckpt, model_config):
+    """(model config, diffusion config): the checkpoint's when resuming, else the new ones from the flags."""
     if ckpt:
-        config, diffusion_config, sampling = ckpt["teacher_config"], ckpt["teacher_diffusion_config"], ckpt["sampling"]
-        teacher = UNet(**config)
+        return ckpt["model_config"], ckpt["diffusion_config"]
+    return model_config, diffusion_config(args.schedule, args.timesteps, args.mean_type)
+
+
+def _diffusion_run(args, ckpt, images, num_classes, device):
+    """DDPM, Algorithm 1: a U-Net, class-conditional with --class-cond."""
+    model_config, dc = _configs(args, ckpt, _new_model_config(args, images, num_classes if args.class_cond else None))
+    diffusion = build_diffusion(dc).to(device)
+    objective = DiffusionLoss(diffusion, num_classes, args.p_uncond if args.class_cond else 0.0, args.bf16,
+                              args.sample_steps)
+    return model_config, dc, diffusion, objective
+
+
+def _classifier_run(args, ckpt, images, num_classes, device):
+    """A noise-aware classifier for classifier guidance, for the diffusion of the model it will guide."""
+    model_config, dc = _configs(args, ckpt, _new_model_config(args, images, num_classes))
+    diffusion = build_diffusion(dc).to(device)
+    return model_config, dc, diffusion, ClassifierObjective(diffusion, args.bf16)
+
+
+def _super_resolution_run(args, ckpt, images, num_classes, device):
+    """A cascade's super-resolution stage from --low-res up to the data's size."""
+    model_config, dc = _configs(args, ckpt, dict(_new_model_config(args, images, None), low_res=args.low_res))
+    if not 0 < model_config["low_res"] < images.shape[1]:
+        raise ValueError(f"--low-res {model_config['low_res']} must be below the data's size {images.shape[1]}")
+    diffusion = build_diffusion(dc).to(device)
+    max_aug = ckpt.get("cond_aug_max", args.cond_aug_max) if ckpt else args.cond_aug_max
+    objective = SuperResolutionObjective(diffusion, model_config["low_res"], max_aug, args.bf16, args.sample_steps,
+                                         images)
+    return model_config, dc, diffusion, objective
+
+
+def load_teacher(args, ckpt, images, device):
+    """The frozen teacher of a distillation run (EMA weights), from the checkpoint when resuming, else --teacher:
+    -> (teacher, its diffusion config, how it samples when it is itself a progressive student, else None)."""
+    if ckpt:
+        teacher = UNet(**ckpt["teacher_config"])
         teacher.load_state_dict(ckpt["teacher"])
+        config, sampling = ckpt["teacher_diffusion_config"], ckpt.get("sampling")
     else:
         if not args.teacher:
-            raise SystemExit(f"error: --distill {args.distill} needs --teacher (a train.py checkpoint or released weights)")
-        teacher, diffusion_config, meta, _ = load_model(args.teacher)
-        if meta["kind"] not in ("diffusion", "progressive"):
-            raise SystemExit(f"error: --teacher {args.teacher} is a {meta['kind']} checkpoint, not a diffusion model")
-        sampling = meta["sampling"] if meta["kind"] == "progressive" else None
-    c = teacher.config
+            raise ValueError(f"--distill {args.distill} needs --teacher (a train.py checkpoint or released weights)")
+        teacher, config, meta, _ = load_model(args.teacher)
+        sampling = meta["sampling"]  # a progressive student's own DDIM steps; None for a diffusion model
+        if type(teacher) is not UNet or (sampling or {}).get("sampler", "ddim") != "ddim":
+            raise ValueError(f"--teacher {args.teacher} is a {meta['kind']} checkpoint, not a diffusion model")
+    c, (size, channels) = teacher.config, (images.shape[1], images.shape[3])
     if (c["image_size"], c["in_channels"]) != (size, channels):
-        raise SystemExit(f"error: the data are {size}x{size} with {channels} channel(s), the teacher expects "
+        raise ValueError(f"the data are {size}x{size} with {channels} channel(s), the teacher expects "
                          f"{c['image_size']}x{c['image_size']} with {c['in_channels']}")
-    return teacher.to(device).eval().requires_grad_(False), diffusion_config, sampling
+    return teacher.to(device).eval().requires_grad_(False), config, sampling
 
 
-def build_run(args, ckpt, num_classes, size, channels, device):
-    """The model to train (new, or as the checkpoint describes it), its diffusion and the objective. kind:
-    diffusion (Algorithm 1), classifier (guidance.ClassifierLoss), progressive or consistency (distill.py)."""
-    kind = ckpt.get("kind", "diffusion") if ckpt else (
-        "classifier" if args.classifier else args.distill or ("sr" if args.low_res else "diffusion"))
-    run = SimpleNamespace(kind=kind, teacher=None, target=None, rounds=None, sampling=None, extra={},
-                          convert_steps=0, convert=None)
-    torch.manual_seed(args.seed)
-    try:
-        if kind in ("progressive", "consistency"):
-            teacher, teacher_dc, teacher_sampling = load_teacher(args, ckpt, size, channels, device)
-            run.teacher, run.teacher_diffusion = teacher, build_diffusion(teacher_dc).to(device)
-            run.extra = dict(teacher_config=teacher.config, teacher_diffusion_config=teacher_dc)
-            run.model_config = ckpt["model_config"] if ckpt else teacher.config  # the teacher's architecture
-            run.diffusion_config = ckpt["diffusion_config"] if ckpt else dict(teacher_dc, mean_type="v")
-            run.model = UNet(**run.model_config)
-            run.model.load_state_dict(teacher.state_dict())  # the student starts as its teacher (an eps net read as v)
-        else:
-            run.model_config = ckpt["model_config"] if ckpt else dict(
-                image_size=size, in_channels=channels, ch=args.ch, ch_mult=args.ch_mult,
-                num_res_blocks=args.num_res_blocks, attn_resolutions=args.attn, dropout=args.dropout,
-                num_classes=num_classes if args.class_cond or args.classifier else None,
-                **(dict(low_res=args.low_res) if args.low_res else {}))
-            run.diffusion_config = ckpt["diffusion_config"] if ckpt else new_diffusion_config(args)
-            if kind == "sr" and not 0 < run.model_config["low_res"] < size:
-                raise ValueError(f"--low-res {run.model_config['low_res']} must be below the data's size {size}")
-            net = {"classifier": NoisyClassifier, "sr": SuperResolution, "diffusion": UNet}[kind]
-            run.model = net(**run.model_config)
-        run.diffusion = build_diffusion(run.diffusion_config).to(device)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}")
-    if kind != "progressive" and kind != "consistency":
-        c = run.model_config
-        if (c["image_size"], c["in_channels"]) != (size, channels):
-            raise SystemExit(f"error: the data are {size}x{size} with {channels} channel(s), the checkpoint's model "
-                             f"expects {c['image_size']}x{c['image_size']} with {c['in_channels']}")
-        if num_classes is not None and c.get("num_classes") is not None and num_classes > c["num_classes"]:
-            raise SystemExit(f"error: the data have {num_classes} classes, the checkpoint's model {c['num_classes']}")
-    if kind == "diffusion":
-        run.loss_fn = DiffusionLoss(run.diffusion, num_classes, args.p_uncond if args.class_cond else 0.0, args.bf16)
-    elif kind == "classifier":
-        run.loss_fn = ClassifierLoss(run.diffusion, args.bf16)
-    elif kind == "sr":
-        run.loss_fn = SuperResolutionLoss(run.diffusion, run.model_config["low_res"], args.cond_aug_max, args.bf16)
-        run.extra = dict(cond_aug_max=args.cond_aug_max)
-    elif kind == "progressive":
-        start = teacher_sampling["steps"] if teacher_sampling else args.teacher_steps
-        if ckpt:
-            start = ckpt["rounds"][0] * 2
-        if start > run.diffusion.num_timesteps:
-            raise SystemExit(f"error: --teacher-steps {start} is more than the teacher's T = "
-                             f"{run.diffusion.num_timesteps}")
-        try:
-            run.rounds = halving_rounds(start, args.student_steps)
-        except ValueError as e:
-            raise SystemExit(f"error: --student-steps: {e}")
-        run.loss_fn = ProgressiveLoss(run.diffusion, run.teacher, run.teacher_diffusion, run.rounds[0],
-                                      args.pd_weighting, args.bf16)
+def _student(args, ckpt, images, device):
+    """A distillation run's teacher and its v-student, which starts as its teacher (an eps-net read as v), with the
+    teacher's architecture. -> (model config, diffusion config, diffusion, teacher, teacher diffusion (config),
+    how the teacher samples)."""
+    teacher, teacher_dc, sampling = load_teacher(args, ckpt, images, device)
+    model_config = ckpt["model_config"] if ckpt else teacher.config
+    dc = ckpt["diffusion_config"] if ckpt else dict(teacher_dc, mean_type="v")
+    return model_config, dc, build_diffusion(dc).to(device), teacher, teacher_dc, sampling
+
+
+def _progressive_run(args, ckpt, images, num_classes, device):
+    """Progressive distillation (distill.ProgressiveDistillation): rounds halving the teacher's DDIM steps."""
+    model_config, dc, diffusion, teacher, teacher_dc, teacher_sampling = _student(args, ckpt, images, device)
+    if ckpt and "round_starts" in ckpt:
+        rounds, starts, r = ckpt["rounds"], ckpt["round_starts"], ckpt["round"]
     else:
-        run.target = copy.deepcopy(run.model).to(device).eval().requires_grad_(False)
-        if ckpt:
-            run.target.load_state_dict(ckpt["target"])
-        run.loss_fn = ConsistencyLoss(run.diffusion, run.teacher, run.teacher_diffusion, run.target, args.cd_mu,
-                                      args.cd_n, args.cd_solver, args.cd_distance, args.bf16)
-        run.loss_fn.student = run.model
-        run.sampling = dict(sampler="consistency", steps=1)
-        if run.teacher_diffusion.mean_type != "v":  # an eps- or x0-teacher: convert first (TeacherRegression)
-            if not ckpt and not -1 <= args.convert_steps < args.steps:
-                raise SystemExit(f"error: --convert-steps {args.convert_steps}: give 0..{args.steps - 1} updates of "
-                                 f"--steps, or -1 for a fifth of them")
-            run.convert_steps = args.steps // 5 if args.convert_steps < 0 else args.convert_steps
-            if ckpt and "convert_steps" not in ckpt["args"]:  # a run from before the conversion had none
-                run.convert_steps = 0
-            args.convert_steps = run.convert_steps  # saved as a number: a resume with another --steps keeps it
-            run.convert = TeacherRegression(run.diffusion, run.teacher, run.teacher_diffusion, args.bf16)
-    return run
+        first = ckpt["rounds"][0] * 2 if ckpt else teacher_sampling["steps"] if teacher_sampling else args.teacher_steps
+        if first > diffusion.num_timesteps:
+            raise ValueError(f"--teacher-steps {first} is more than the teacher's T = {diffusion.num_timesteps}")
+        try:
+            # a checkpoint from before the starts were kept: its own run's --steps fixed them
+            rounds, starts = progressive_schedule(first, args.student_steps, ckpt["args"]["steps"] if ckpt
+                                                  else args.steps)
+        except ValueError as e:
+            raise ValueError(f"--student-steps: {e}") from None
+        r = min(max(ckpt["step"] - 1, 0) // starts[1], len(rounds) - 1) if ckpt and len(starts) > 1 else 0
+    objective = ProgressiveDistillation(diffusion, teacher, build_diffusion(teacher_dc).to(device), teacher_dc, rounds,
+                                        starts, r, args.steps, args.pd_weighting, args.bf16)
+    return model_config, dc, diffusion, objective, teacher
+
+
+def _consistency_run(args, ckpt, images, num_classes, device):
+    """Consistency distillation (distill.ConsistencyDistillation), with a conversion phase for an eps-teacher."""
+    model_config, dc, diffusion, teacher, teacher_dc, _ = _student(args, ckpt, images, device)
+    teacher_diffusion = build_diffusion(teacher_dc).to(device)
+    if ckpt:  # a number of updates, fixed when the run began (a run from before the conversion had none)
+        convert_steps = ckpt.get("convert_steps", ckpt["args"].get("convert_steps", 0))
+    elif teacher_diffusion.mean_type == "v":
+        convert_steps = 0  # a v-teacher is the student's own parameterisation
+    elif not -1 <= args.convert_steps < args.steps:
+        raise ValueError(f"--convert-steps {args.convert_steps}: give 0..{args.steps - 1} updates of --steps, or -1 "
+                         f"for a fifth of them")
+    else:
+        convert_steps = args.steps // 5 if args.convert_steps < 0 else args.convert_steps
+    target = UNet(**model_config).to(device).eval().requires_grad_(False)
+    target.load_state_dict(ckpt["target"] if ckpt else teacher.state_dict())
+    objective = ConsistencyDistillation(diffusion, teacher, teacher_diffusion, teacher_dc, target, convert_steps,
+                                        args.steps, args.cd_mu, args.cd_n, args.cd_solver, args.cd_distance, args.bf16)
+    return model_config, dc, diffusion, objective, teacher
+
+
+BUILDERS = {"diffusion": _diffusion_run, "classifier": _classifier_run, "sr": _super_resolution_run,
+            "progressive": _progressive_run, "consistency": _consistency_run}
+
+
+def build_run(kind, args, ckpt, images, num_classes, device):
+    """The model a run of this kind trains (new, or as the checkpoint describes it), its diffusion and its
+    objective. images: the process's training images, uint8 (N, H, W, C) on the device."""
+    torch.manual_seed(args.seed)  # a new model's initial weights
+    built = BUILDERS[kind](args, ckpt, images, num_classes, device)
+    model_config, dc, diffusion, objective = built[:4]
+    model = build_model(kind, model_config)
+    if len(built) > 4:  # a student starts as its teacher
+        model.load_state_dict(built[4].state_dict())
+    c, (size, channels) = model_config, (images.shape[1], images.shape[3])
+    if (c["image_size"], c["in_channels"]) != (size, channels):
+        raise ValueError(f"the data are {size}x{size} with {channels} channel(s), the checkpoint's model expects "
+                         f"{c['image_size']}x{c['image_size']} with {c['in_channels']}")
+    if num_classes is not None and c.get("num_classes") is not None and num_classes > c["num_classes"]:
+        raise ValueError(f"the data have {num_classes} classes, the checkpoint's model {c['num_classes']}")
+    return Run(model, model_config, dc, diffusion, objective)

@@ -1,6 +1,6 @@
 """The noise-prediction U-Net eps_theta(x_t, t) of DDPM (Ho, Jain, Abbeel 2020, Sec. 4 and Appendix B),
 a PixelCNN++-style U-Net after the original diffusion_tf/models/unet.py. Imports only torch; its state_dict keys
-are those of the released CIFAR-10 weights (checkpoint.load_pretrained reads them)."""
+are those of the released CIFAR-10 weights (pretrained.load_pretrained reads them)."""
 
 import math
 
@@ -45,7 +45,7 @@ class ResnetBlock(nn.Module):
 
     def forward(self, x, temb):  # temb arrives already through swish (UNet.forward applies it once for all blocks)
         # swish in place on the norm's fresh output (GroupNorm's backward does not need it): one tensor less
-        # to allocate and fill, 6% of a CPU sampling step; the compiler fuses the pair either way
+        # to allocate and fill; the compiler fuses the pair either way
         h = self.conv1(F.silu(self.norm1(x), inplace=True))
         h = h + self.temb_proj(temb)[:, :, None, None]
         h = self.conv2(self.dropout(F.silu(self.norm2(h), inplace=True)))
@@ -131,7 +131,8 @@ class UNet(nn.Module):
         # Timestep embedding: sinusoid(ch) -> dense(4ch) -> swish -> dense(4ch)
         self.temb = nn.Module()
         self.temb.dense = nn.ModuleList([nn.Linear(ch, temb_ch), nn.Linear(temb_ch, temb_ch)])
-        # Extension (issue 6): one learned vector per class plus a "null" class K for dropped labels
+        # Extension (classifier-free guidance, Ho & Salimans 2021): one learned vector per class plus a "null"
+        # class K, the label of an unconditional prediction
         self.label_emb = nn.Embedding(num_classes + 1, temb_ch) if num_classes is not None else None
 
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
