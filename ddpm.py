@@ -179,6 +179,15 @@ class GaussianDiffusion(nn.Module):
         """v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0, the target of a v-network (Salimans & Ho 2022, Sec. 4)."""
         return extract(self.sqrt_alphas_cumprod, t, x0) * noise - extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0
 
+    def predict_start(self, x_t, t, model_output):
+        """x0_hat from what the network predicts (mean_type): Eq. (15) from eps, the v-parameterisation's from v,
+        or x_0 itself."""
+        if self.mean_type == "eps":
+            return self.predict_start_from_noise(x_t, t, model_output)
+        if self.mean_type == "v":
+            return self.predict_start_from_v(x_t, t, model_output)
+        return model_output
+
     def score_from_noise(self, x_t, t, noise):
         """Sec. 3.2: grad_{x_t} log q(x_t | x_0) = -eps / sqrt(1 - abar_t), so an eps-predictor
         is a scaled score model (the link to denoising score matching, Song & Ermon 2019)."""
@@ -196,13 +205,7 @@ class GaussianDiffusion(nn.Module):
         it allows clipping x0_hat to [-1, 1] as the original code does (Algorithm 2 does not)."""
         model_output = model(x_t, t)
         assert model_output.shape == x_t.shape, "the model must return a tensor shaped like x_t"
-        model_output = model_output.to(x_t.dtype)  # a bf16 network still feeds float32 math
-        if self.mean_type == "eps":
-            pred_xstart = self.predict_start_from_noise(x_t, t, model_output)
-        elif self.mean_type == "v":
-            pred_xstart = self.predict_start_from_v(x_t, t, model_output)
-        else:
-            pred_xstart = model_output
+        pred_xstart = self.predict_start(x_t, t, model_output.to(x_t.dtype))  # a bf16 network feeds fp32 math
         if clip_denoised:
             pred_xstart = pred_xstart.clamp(-1.0, 1.0)
         mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x_t, t)

@@ -60,16 +60,17 @@ class ProgressiveLoss:
     def __init__(self, diffusion, teacher, teacher_diffusion, steps, weighting="snr-trunc", bf16=False):
         self.diffusion, self.teacher, self.teacher_diffusion = diffusion, teacher, teacher_diffusion
         self.steps, self.weighting, self.bf16 = steps, weighting, bf16
-        grid = nested_grid(diffusion.num_timesteps, 2 * steps) + [-1]
-        self.t, self.t1, self.t2 = (torch.tensor(grid[k::2][:steps]) for k in range(3))  # t > t' > t''
+        grid, device = nested_grid(diffusion.num_timesteps, 2 * steps) + [-1], diffusion.betas.device
+        # t > t' > t'', on the diffusion's device once: indexing them each step is no host sync
+        self.t, self.t1, self.t2 = (torch.tensor(grid[k::2][:steps], device=device) for k in range(3))
 
     def draw(self, x0, y):
         i = torch.randint(0, self.steps, (x0.shape[0],), device=x0.device)  # Alg. 2: t = i / N
-        return self.t.to(x0.device)[i], torch.randn_like(x0), i
+        return self.t[i], torch.randn_like(x0), i
 
     def __call__(self, model, x0, y, t, noise, i):
         d, dev = self.diffusion, x0.device
-        t1, t2 = self.t1.to(dev)[i], self.t2.to(dev)[i]
+        t1, t2 = self.t1[i], self.t2[i]
         z_t = d.q_sample(x0, t, noise)
         alpha_t, sigma_t = alpha_sigma(d, t, x0)
         with torch.no_grad(), torch.autocast(dev.type, torch.bfloat16, enabled=self.bf16 and dev.type == "cuda"):
@@ -281,11 +282,11 @@ class ConsistencyLoss:
                  bf16=False):
         self.diffusion, self.teacher, self.teacher_diffusion, self.target = diffusion, teacher, teacher_diffusion, target
         self.mu, self.solver, self.distance, self.bf16 = mu, solver, distance, bf16
-        self.timesteps = torch.tensor(cd_timesteps(diffusion, n))
+        self.timesteps = torch.tensor(cd_timesteps(diffusion, n), device=diffusion.betas.device)
 
     def draw(self, x0, y):
         n = torch.randint(0, len(self.timesteps) - 1, (x0.shape[0],), device=x0.device)
-        return self.timesteps.to(x0.device)[n + 1], torch.randn_like(x0), n
+        return self.timesteps[n + 1], torch.randn_like(x0), n
 
     def teacher_step(self, x_t, t, t_prev, y):
         """Eq. (6): x^_{t_n} = x_{t_{n+1}} + (t_n - t_{n+1}) Phi(x_{t_{n+1}}, t_{n+1}; phi), Phi Euler (DDIM) or Heun."""
@@ -294,7 +295,7 @@ class ConsistencyLoss:
 
     def __call__(self, model, x0, y, t, noise, n):
         dev = x0.device
-        t_prev = self.timesteps.to(dev)[n]
+        t_prev = self.timesteps[n]
         x_t = self.diffusion.q_sample(x0, t, noise)
         autocast = torch.autocast(dev.type, torch.bfloat16, enabled=self.bf16 and dev.type == "cuda")
         with torch.no_grad(), autocast:

@@ -85,9 +85,15 @@ def classifier_grad(classifier, y, scale):
 def classifier_guided_eps(diffusion, model, cond_fn):
     """Dhariwal & Nichol, Algorithm 2 (Sec. 4.2): eps^(x_t) = eps_theta(x_t) - sqrt(1 - abar_t) s grad log p(y | x_t)
     (the paper's line omits s; its Sec. 4.3 and code scale the gradient), so x0_hat follows from eps^: what DDIM and
-    DPM-Solver++ see. For an eps-network."""
+    DPM-Solver++ see. The shift is on eps whatever the network predicts: an x0- or v-network's eps is the one its
+    x0_hat implies (Eq. 15), and eps^ goes back to the network's own parameterisation."""
     def fn(x, t):
-        return model(x, t) - extract(diffusion.sqrt_one_minus_alphas_cumprod, t, x) * cond_fn(x, t)
+        out, shift = model(x, t), extract(diffusion.sqrt_one_minus_alphas_cumprod, t, x) * cond_fn(x, t)
+        if diffusion.mean_type == "eps":
+            return out - shift
+        eps = diffusion.predict_noise_from_start(x, t, diffusion.predict_start(x, t, out)) - shift
+        pred_xstart = diffusion.predict_start_from_noise(x, t, eps)
+        return pred_xstart if diffusion.mean_type == "x0" else diffusion.predict_v(pred_xstart, t, eps)
     return fn
 
 

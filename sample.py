@@ -371,6 +371,9 @@ def sample(args):
                          "model is unconditional")
     if args.guidance and (args.class_ is None or num_classes is None):
         raise ValueError("--guidance needs --class and a class-conditional model")
+    if args.classifier and args.sampler == "consistency":
+        raise ValueError("--classifier: a consistency model's sampler (Song et al. 2023, Algorithm 1) takes no "
+                         "classifier guidance")
     stages, given = load_stages(args, net, meta, diffusion, device)
     if given is not None:  # every image given, unless --n asks for fewer
         args.n = min(n_asked or len(given), len(given))

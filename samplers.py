@@ -43,8 +43,11 @@ def alpha_sigma(diffusion, t, x=None):
     notation of the later papers), from the diffusion's float64-computed tables, at timestep index t: an int or a
     (B,) LongTensor, -1 meaning the data (alpha = 1, sigma = 0). With x, shaped to broadcast against it. Device
     tensors throughout: no host sync."""
-    if isinstance(t, int):
-        t = torch.tensor(t, device=diffusion.betas.device)
+    if isinstance(t, int):  # a host index: a view of the table, no copy to the device
+        if t >= 0:
+            return diffusion.sqrt_alphas_cumprod[t], diffusion.sqrt_one_minus_alphas_cumprod[t]
+        one = diffusion.sqrt_alphas_cumprod.new_ones(())
+        return one, one * 0
     index = t.clamp(min=0)
     alpha = torch.where(t >= 0, diffusion.sqrt_alphas_cumprod[index], 1.0)
     sigma = torch.where(t >= 0, diffusion.sqrt_one_minus_alphas_cumprod[index], 0.0)

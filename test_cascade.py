@@ -93,6 +93,19 @@ def test_a_cascade_stage_is_the_plain_sampler_on_the_conditioned_model():
     assert torch.equal(ours, plain)
 
 
+def test_a_cascade_stage_runs_its_network_in_bf16_when_asked():
+    """Stage(bf16=True), what sample.py --bf16 builds: the super-resolution network runs under bf16 autocast, as
+    every other network does through guidance.model_fn, and the sampler's math and output stay fp32."""
+    d = build_diffusion(TINY_DIFFUSION)
+    sr = randomized(SuperResolution(low_res=4, **TINY_NET))
+    seen = []
+    sr.unet.conv_in.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    with torch.no_grad():
+        out = upsample_stage(Stage(sr, d, 8, "ddim", 2, bf16=True), torch.rand(2, 3, 4, 4) * 2 - 1,
+                             torch.Generator().manual_seed(0))
+    assert seen == [torch.bfloat16] * 2 and out.dtype == torch.float32
+
+
 @pytest.fixture(scope="module")
 def cascade(tmp_path_factory):
     """A tiny base model on 8x8 shapes and a super-resolution model 8 -> 16 on 16x16 shapes, trained by train.py."""

@@ -317,6 +317,48 @@ def test_progressive_distillation_runs_resumes_and_samples_with_its_own_steps(te
     assert r.returncode == 0 and "DDIM eta 0.0, 2 steps" in r.stdout, r.stdout + r.stderr
 
 
+def test_a_progressive_run_resumed_in_its_first_round_keeps_how_it_samples(teacher, tmp_path):
+    """A one-round run (8 teacher steps to 4) stopped in its first round and resumed: every checkpoint says the
+    student samples with 4 DDIM steps, so sample.py RUN works and RUN as a teacher starts from 4 steps."""
+    common = distill_args("progressive", teacher, tmp_path / "a", "--teacher-steps", "8", "--student-steps", "4")
+    with pytest.raises(SystemExit) as stopped:
+        in_process([str(a) for a in common] + ["--steps", "4"], stop_after=2)
+    assert stopped.value.code == 0 and load_checkpoint(str(tmp_path / "a"))["sampling"] == {"sampler": "ddim", "steps": 4}
+    r = run_script("train.py", "--resume", tmp_path / "a")
+    assert r.returncode == 0, r.stderr
+    assert load_checkpoint(str(tmp_path / "a"))["sampling"] == {"sampler": "ddim", "steps": 4}
+    r = run_script("sample.py", tmp_path / "a", "-n", "2", "--device", "cpu", "--out", tmp_path / "s.png")
+    assert r.returncode == 0 and "DDIM eta 0.0, 4 steps" in r.stdout, r.stdout + r.stderr
+    r = run_script("train.py", *distill_args("progressive", tmp_path / "a", tmp_path / "b", "--student-steps", "2"),
+                   "--steps", "1")
+    assert r.returncode == 0 and "a student of 2 steps learns the teacher's 4" in r.stdout, r.stdout + r.stderr
+
+
+def test_a_progressive_run_resumed_with_another_steps_keeps_its_rounds(teacher, tmp_path):
+    """--steps 8 splits two rounds at update 4; stopped at update 5 (round 2, the teacher the round-1 student) and
+    resumed with --steps 16, the run stays in round 2 (its starts are the checkpoint's), ending with 2 steps."""
+    common = distill_args("progressive", teacher, tmp_path / "a", "--teacher-steps", "8", "--student-steps", "2")
+    with pytest.raises(SystemExit):
+        in_process([str(a) for a in common] + ["--steps", "8"], stop_after=5)
+    r = run_script("train.py", "--resume", tmp_path / "a", "--steps", "16")
+    assert r.returncode == 0, r.stderr
+    assert "round 1/2" not in r.stdout and "round 2/2: a student of 2 steps learns the teacher's 4 (steps 4-16)" in r.stdout
+    assert load_checkpoint(str(tmp_path / "a"))["sampling"] == {"sampler": "ddim", "steps": 2}
+
+
+def test_a_consistency_student_refuses_classifier_guidance(teacher, tmp_path):
+    """Classifier guidance is not part of a consistency model's sampler (Algorithm 1): --classifier on a consistency
+    student is one clear line, not a run that says it is guided and is not."""
+    r = run_script("train.py", *distill_args("consistency", teacher, tmp_path / "cd", "--cd-n", "6"), "--steps", "2")
+    assert r.returncode == 0, r.stderr
+    r = run_script("train.py", *TRAIN_TINY, "--classifier", "--steps", "1", "--sample-every", "0", "--out",
+                   tmp_path / "clf")
+    assert r.returncode == 0, r.stderr
+    r = run_script("sample.py", tmp_path / "cd", "--classifier", tmp_path / "clf", "--class", "0", "--device", "cpu",
+                   "--out", tmp_path / "g.png")
+    assert "takes no classifier guidance" in assert_one_line_error(r)
+
+
 def test_consistency_distillation_runs_and_samples_in_one_or_two_steps(teacher, tmp_path):
     """train.py --distill consistency trains a student (target network an EMA with --cd-mu), whose checkpoint
     samples in one step by default and in two with --steps 2; an ancestral sampler on it is one clear line."""
@@ -405,6 +447,30 @@ def test_progressive_weightings_are_truncated_snr_and_snr_plus_one():
     snr = abar / (1 - abar)
     assert torch.allclose(ratio.double(), snr.clamp(min=1) / (snr + 1), rtol=1e-4)
     assert (snr > 1).any() and (snr < 1).any()  # both sides of the truncation drawn
+
+
+def test_distillation_steps_move_no_tensor_between_devices(monkeypatch):
+    """The distillation losses build their timestep tables on the diffusion's device once: a step (draw and loss, of
+    progressive and consistency distillation and of the conversion) asks for no copy between devices, each of which
+    would be a blocking host sync on a GPU."""
+    d_eps = GaussianDiffusion(make_beta_schedule("linear", 100, 1e-3, 0.2))
+    d_v = GaussianDiffusion(make_beta_schedule("linear", 100, 1e-3, 0.2), mean_type="v")
+    net = randomized(UNet(**TINY_NET))
+    losses = [distill.ProgressiveLoss(d_v, net, d_eps, steps=4), distill.TeacherRegression(d_v, net, d_eps),
+              distill.ConsistencyLoss(d_v, net, d_eps, net, n=6)]
+    moves = []
+    to = torch.Tensor.to
+    def spy(self, *args, **kwargs):
+        if any(isinstance(a, (str, torch.device)) for a in args) or "device" in kwargs:
+            moves.append(args or kwargs)
+        return to(self, *args, **kwargs)
+    monkeypatch.setattr(torch.Tensor, "to", spy)
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda self: moves.append("cpu") or to(self, "cpu"))
+    x0 = torch.rand(2, 3, 8, 8) * 2 - 1
+    with torch.no_grad():
+        for loss in losses:
+            loss(lambda x, t, y: net(x, t), x0, None, *loss.draw(x0, None))
+    assert moves == []
 
 
 def test_consistency_target_is_an_ema_of_the_student():

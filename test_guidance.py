@@ -13,8 +13,8 @@ from hypothesis import given, strategies as st
 import metrics
 import sample
 from checkpoint import build_diffusion
-from conftest import (FAST, HERE, TINY_DIFFUSION as DIFFUSION, TINY_NET as TINY, assert_one_line_error, randomized,
-                      read_npz, run_script, write_checkpoint)
+from conftest import (FAST, HERE, TINY_DIFFUSION as DIFFUSION, TINY_NET as TINY, assert_one_line_error, full,
+                      randomized, read_npz, run_script, schedules, write_checkpoint)
 from data import CIFAR10_CLASSES, make_shapes, parse_classes, to_uint8
 from ddpm import GaussianDiffusion, make_beta_schedule
 from guidance import (NoisyClassifier, classifier_free_guidance, classifier_grad, classifier_guidance,
@@ -200,6 +200,28 @@ def test_algorithm_2_shift_is_the_posterior_mean_shift():
     guided = ddim_sample(d, guided_model, x_t, t, 39, eta=1.0, noise=zero, clip_denoised=False)
     beta = d.betas[40]
     assert torch.allclose(guided - plain, beta / (1 - beta).sqrt() * s * grad(x_t, y), rtol=1e-8, atol=1e-12)
+
+
+@FAST
+@given(schedules(min_t=20, max_t=200), st.sampled_from(["x0", "v"]), st.floats(0.1, 5), st.integers(0, 2**31 - 1),
+       st.data())
+def test_classifier_guidance_shifts_eps_whatever_the_network_predicts(betas, mean_type, s, seed, data):
+    """Algorithm 2's shift belongs on eps: a network predicting x0 or v that makes the same predictions as an
+    eps-network (its output converted exactly, float64) is guided to the same DDIM step, at any noise level."""
+    d_eps, d_other = (GaussianDiffusion(betas, mean_type=m, dtype=torch.float64) for m in ("eps", mean_type))
+    classifier, _ = linear_classifier()
+    g = torch.Generator().manual_seed(seed)
+    x_t, y = torch.randn(2, 3, 8, 8, generator=g, dtype=torch.float64), torch.tensor([0, 2])
+    i = data.draw(st.integers(1, len(betas) - 1))
+    t = full(2, i)
+    eps_model = lambda x, tt: 0.3 * x + 0.1
+    def other_model(x, tt):  # the eps-network's prediction, in the other parameterisation
+        x0 = d_eps.predict_start_from_noise(x, tt, eps_model(x, tt))
+        return x0 if mean_type == "x0" else d_eps.predict_v(x0, tt, eps_model(x, tt))
+    cond_fn = classifier_grad(classifier, y, s)
+    want = ddim_sample(d_eps, classifier_guided_eps(d_eps, eps_model, cond_fn), x_t, t, i - 1, clip_denoised=False)
+    got = ddim_sample(d_other, classifier_guided_eps(d_other, other_model, cond_fn), x_t, t, i - 1, clip_denoised=False)
+    assert torch.allclose(got, want, rtol=1e-7, atol=1e-9)
 
 
 @FAST
