@@ -23,7 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from checkpoint import PAPER_DIFFUSION, build_diffusion
 from pretrained import convert_diffusers_state_dict
 from guidance import model_fn
-from runtime import USER_ERRORS, error_line, resolve_device, set_tf32
+from runtime import USER_ERRORS, ArgumentParser, error_line, resolve_device, set_tf32
 from training import FAST_PATHS, DiffusionLoss, make_optimizer, train_step
 from unet import AttnBlock, UNet
 
@@ -33,7 +33,7 @@ SMALL = dict(image_size=16, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolu
 
 def get_parser():
     on = FAST_PATHS.get  # fast paths default to what train.py does
-    p = argparse.ArgumentParser(description="Benchmark the DDPM training and sampling steps (defaults: the paper's "
+    p = ArgumentParser(description="Benchmark the DDPM training and sampling steps (defaults: the paper's "
                                 "CIFAR-10 net, train.py's fast paths).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a, flag = p.add_argument, argparse.BooleanOptionalAction

@@ -15,7 +15,7 @@ import torch
 from checkpoint import build_diffusion, load_model
 from data import to_uint8
 from guidance import model_fn
-from runtime import USER_ERRORS, error_line, resolve_device
+from runtime import USER_ERRORS, ArgumentParser, error_line, resolve_device
 from samplers import SPACINGS, ddim_sample_loop, sample_loop
 
 # (label, sampler, eta): the rows of the table
@@ -23,7 +23,7 @@ SAMPLERS = [("ddpm (ancestral)", "ddpm", None), ("ddim", "ddim", 0.0), ("dpm++ (
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="Quality against network evaluations for each sampler.",
+    p = ArgumentParser(description="Quality against network evaluations for each sampler.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("ckpt", help="train.py checkpoint or run folder")

@@ -9,6 +9,7 @@ import sys
 import zipfile
 import zlib
 
+import pytest
 import torch
 import torch.nn as nn
 from hypothesis import settings, strategies as st
@@ -47,6 +48,21 @@ def run_script(script, *args, timeout=120):
                           text=True, timeout=timeout, cwd=HERE, env=ENV)
 
 
+def torchrun(tmp_path, script, *args, timeout=180, procs=2):
+    """python -m torch.distributed.run --nproc_per_node=2 (gloo, CPU) on a script: a file of python to run in each
+    process (from the repository, so it can patch a module and call train.main or sample.main), or train.py or
+    sample.py themselves."""
+    if not script.endswith(".py"):
+        path = tmp_path / "script.py"
+        path.write_text(f"import sys\nsys.path.insert(0, {HERE!r})\n" + script)
+        script = str(path)
+    else:
+        script = os.path.join(HERE, script)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}", "--standalone",
+                           script, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=HERE,
+                          env=ENV)
+
+
 def in_process(argv, stop_after=None):
     """train.main(argv) in this process, on one thread, restoring the signal handlers it installs. stop_after=k:
     SIGTERM arrives during update k (raised from the EMA update, training.update_ema), as a pre-emption would: the
@@ -69,6 +85,16 @@ def in_process(argv, stop_after=None):
         torch.set_num_threads(threads)
         signal.signal(signal.SIGINT, handlers[0])
         signal.signal(signal.SIGTERM, handlers[1])
+
+
+def one_line_error(main, argv, capsys):
+    """main(argv) in this process on bad input: it exits non-zero with one 'error:' line (an argparse error on
+    stderr, or the SystemExit message). Returns the line."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    message = e.value.code if isinstance(e.value.code, str) else capsys.readouterr().err.strip()
+    assert e.value.code != 0 and len(message.splitlines()) == 1 and message.startswith("error:"), message
+    return message
 
 
 def assert_one_line_error(r):

@@ -8,7 +8,6 @@ and interpolation in latent space (Sec. 4.4, Figures 8-9).
   python evaluate.py out-shapes --interpolate shapes --index 3,7 --out interp.png
 A command line: nothing imports this file.
 """
-import argparse
 import time
 
 import torch
@@ -17,7 +16,7 @@ from checkpoint import PAPER_KIND, build_diffusion, load_model
 from data import atomic_write, from_uint8, load_eval_images, save_grid
 from ddpm import rate_distortion
 from guidance import model_fn
-from runtime import USER_ERRORS, Progress, StopSignal, error_line, resolve_device, set_tf32
+from runtime import USER_ERRORS, ArgumentParser, Progress, StopSignal, error_line, resolve_device, set_tf32
 
 # -----------------------------------------------------------------------------
 # Table 1's NLL column: Eq. (5) in bits/dim on held-out data; Sec. 4.3's rate-distortion
@@ -82,15 +81,22 @@ def source_images(spec, args, net, device):
     images = load_eval_images(spec, args.data_dir, s, c)
     if tuple(images.shape[1:]) != (s, s, c):
         raise ValueError(f"{spec}: images are {tuple(images.shape[1:])} (H,W,C), the model's {(s, s, c)}")
-    index = [int(v) for v in args.index.split(",")]
+    index = integers(args.index, "--index")
     if max(index) >= len(images) or min(index) < 0:
         raise ValueError(f"--index {args.index}: {spec} has {len(images)} images")
     return from_uint8(images[index].to(device))
 
 
+def integers(spec, flag):
+    try:
+        return [int(v) for v in spec.split(",")]
+    except ValueError:
+        raise ValueError(f"{flag} {spec}: give integers separated by commas") from None
+
+
 def paper_times(args, T):
     """--times as the paper counts them (t in 1..T), -> 0-based indices."""
-    times = [int(v) for v in args.times.split(",")]
+    times = integers(args.times, "--times")
     if not all(1 <= t <= T for t in times):
         raise ValueError(f"--times {args.times}: each t must be in 1..{T}")
     return times, [t - 1 for t in times]
@@ -141,7 +147,7 @@ def run_interpolation(args, net, diffusion, device, fn):
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="The paper's Sec. 4.3-4.4 on a train.py checkpoint or the released "
+    p = ArgumentParser(description="The paper's Sec. 4.3-4.4 on a train.py checkpoint or the released "
                                 "weights: the NLL bound and rate-distortion, shared latents, interpolation.")
     a = p.add_argument
     a("ckpt", help="train.py checkpoint or run folder, or the released weights (either layout)")

@@ -6,7 +6,6 @@ progressive coding (Sec. 4.3, Figure 5) and quality against network evaluations 
   python figures.py --model out-shapes --rd rd.csv --nfe samplers.csv --out assets
 Figures whose inputs are not given are skipped. A command line: nothing imports this file.
 """
-import argparse
 import csv
 import math
 import os
@@ -17,11 +16,11 @@ from checkpoint import build_diffusion, load_model
 from data import from_uint8, make_shapes
 from ddpm import GaussianDiffusion, make_beta_schedule
 from guidance import model_fn
-from runtime import USER_ERRORS, error_line
+from runtime import USER_ERRORS, ArgumentParser, error_line
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="Draw the figures in assets/ (needs matplotlib).")
+    p = ArgumentParser(description="Draw the figures in assets/ (needs matplotlib).")
     a = p.add_argument
     a("--out", default="assets", help="folder for the PNG files")
     a("--model", default="", help="a train.py checkpoint on the shapes (the CPU quick start): loss and bound over t")

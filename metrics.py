@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import from_uint8, load_file, make_shapes
-from runtime import USER_ERRORS, error_line
+from runtime import USER_ERRORS, ArgumentParser, error_line
 
 REFERENCE_SEED = 1    # the held-out images (train.py trains on seed 0)
 CLASSIFIER_SEED = 2   # the classifier's own training images
@@ -99,8 +99,7 @@ def main(argv=None):
     """python metrics.py SAMPLES.npz [...]: the quality number of each file of shapes samples (sample.py --npz),
     and, where the file holds labels (class-conditional or guided sampling), how often the classifier sees the
     asked-for class."""
-    import argparse
-    p = argparse.ArgumentParser(description="The shapes quality number (lower is better) of sample.py --npz files.")
+    p = ArgumentParser(description="The shapes quality number (lower is better) of sample.py --npz files.")
     p.add_argument("npz", nargs="+", help=".npz files of uint8 shapes samples (arr_0), labels in arr_1 if any")
     p.add_argument("--reference", type=int, default=2000, help="held-out real images to compare with")
     args = p.parse_args(argv)

@@ -3,6 +3,7 @@ What a long run needs, training or sampling: the device it runs on, its processe
 agree on a failure), the random state it resumes from, stopping cleanly on Ctrl-C or SIGTERM, and progress lines
 with an ETA. Errors are raised (ValueError, OSError, RuntimeError); the command lines turn them into one line.
 """
+import argparse
 import datetime
 import math
 import os
@@ -20,6 +21,13 @@ def error_line(e):
     """A USER_ERRORS exception as the command lines print it: 'error: ' and its first line."""
     text = str(e).strip()
     return "error: " + (text.splitlines()[0] if text else type(e).__name__)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, its errors one line as every other bad input's: 'error: ...' and exit code 2 (not the usage)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def resolve_device(name):

@@ -10,7 +10,6 @@ shared out over torchrun's processes. (The NLL bound and Sec. 4's experiments: e
   python sample.py out --class 0,1,2,3 --guidance 3                      # class-conditional, guided
 A command line: nothing imports this file.
 """
-import argparse
 import math
 import os
 import time
@@ -22,7 +21,7 @@ from checkpoint import build_diffusion, fingerprint, load_model
 from data import BatchFolder, class_grid, parse_classes, from_uint8, load_file, save_grid, to_uint8, write_npz
 from distill import consistency_sample
 from guidance import check_classifier, classifier_grad, classifier_guidance, model_fn
-from runtime import USER_ERRORS, Processes, Progress, StopSignal, close_distributed, error_line, set_tf32
+from runtime import USER_ERRORS, ArgumentParser, Processes, Progress, StopSignal, close_distributed, error_line, set_tf32
 from samplers import SAMPLERS, SPACINGS, is_full_chain, sample_loop
 
 # What a run's record leaves out: where the files go, and what does not change the samples.
@@ -40,7 +39,7 @@ def aug_level(value):
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="Sample from a DDPM checkpoint or the paper's released CIFAR-10 weights.")
+    p = ArgumentParser(description="Sample from a DDPM checkpoint or the paper's released CIFAR-10 weights.")
     a = p.add_argument
     a("ckpt", help="train.py checkpoint or run folder; or released weights: the TF-scope state dict "
       "(model-790000.ckpt) or the diffusers google/ddpm-cifar10-32 folder, .safetensors or .bin")
@@ -106,6 +105,8 @@ def check_args(args):
         raise ValueError("--guidance must be >= 0")
     if not args.consistency_last > 0:
         raise ValueError("--consistency-last must be a positive noise level")
+    if not 0 <= args.seed < 2 ** 32:
+        raise ValueError(f"--seed must be in 0..2^32-1, got {args.seed}")
     if args.resume and not args.npz:
         raise ValueError("--resume continues from the samples in --npz; give the --npz of the stopped run")
     for flag, path in (("--out", args.out), ("--npz", args.npz), ("--trajectory", args.trajectory)):
@@ -203,6 +204,10 @@ def load_stages(args, net, meta, diffusion, device):
     for k, (path, stage_net, diffusion_config, _) in enumerate(models):
         own = diffusion_config is None
         stage_diffusion = diffusion if own else build_diffusion(diffusion_config).to(device)
+        T = stage_diffusion.num_timesteps
+        if not -1 <= args.cond_aug < T or not all(0 < steps <= T for steps in args.upsample_steps):
+            raise ValueError(f"{path}: --cond-aug must be none or 0..{T - 1} and --upsample-steps 1..{T} for its "
+                             f"T = {T}, got {args.cond_aug} and {args.upsample_steps}")
         stages.append(Stage(stage_net.to(device), stage_diffusion, stage_net.config["image_size"],
                             args.sampler if own else pick(args.upsample_sampler, k, "ddpm"),
                             args.steps if own else pick(args.upsample_steps, k, stage_diffusion.num_timesteps),

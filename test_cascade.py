@@ -141,12 +141,15 @@ def test_super_resolution_training_and_the_cascade(cascade, tmp_path):
 
 def test_cascade_bad_combinations(cascade, tmp_path):
     """One clear line each: a super-resolution checkpoint as the base (no --low-res), stages whose sizes do not
-    chain, a base model as a stage, --low-res images of the wrong size."""
+    chain, a base model as a stage, --low-res images of the wrong size, an augmentation level or a stage's steps
+    outside its T."""
     write_npz(str(tmp_path / "low16.npz"), {"arr_0": make_shapes(2, 16, 3, seed=2)[0]})
     cases = [([cascade / "sr"], "is a super-resolution model"),
              ([cascade / "base", "--upsample", cascade / "sr", "--upsample", cascade / "sr"], "does not chain"),
              ([cascade / "base", "--upsample", cascade / "base"], "is not a super-resolution model"),
-             ([cascade / "sr", "--low-res", tmp_path / "low16.npz"], "does not chain")]
+             ([cascade / "sr", "--low-res", tmp_path / "low16.npz"], "does not chain"),
+             ([cascade / "base", "--upsample", cascade / "sr", "--cond-aug", "500"], "--cond-aug must be none or 0..49"),
+             ([cascade / "base", "--upsample", cascade / "sr", "--upsample-steps", "0"], "--upsample-steps 1..50")]
     for argv, expect in cases:
         r = run_script("sample.py", *argv, "--device", "cpu", "--out", tmp_path / "g.png")
         assert expect in assert_one_line_error(r), argv

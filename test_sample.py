@@ -6,13 +6,14 @@ import signal
 import struct
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
 import sample
 from checkpoint import build_diffusion
-from conftest import ENV, HERE, TINY_DIFFUSION as DIFFUSION, read_npz, run_script, write_checkpoint
+from conftest import ENV, HERE, TINY_DIFFUSION as DIFFUSION, one_line_error, read_npz, run_script, write_checkpoint
 from data import to_uint8, write_npz
 
 
@@ -132,7 +133,8 @@ def test_bad_files_one_line_subprocess(ckpt, tmp_path):
 
 @pytest.mark.parametrize("case", ["text_file", "truncated_safetensors", "state_dict_of_other_net", "empty_folder",
                                   "steps_above_T", "class_on_unconditional", "class_out_of_range", "guidance_no_class",
-                                  "zero_n", "out_folder_missing", "consistency_level_zero"])
+                                  "zero_n", "out_folder_missing", "consistency_level_zero", "seed_negative",
+                                  "eta_negative", "sampler_unknown", "steps_not_a_number", "resume_without_npz"])
 def test_bad_input_one_line(case, ckpt, tmp_path, capsys):
     """Each mistake ends in SystemExit with one 'error:' line (the __main__ guard only adds Ctrl-C handling)."""
     cond = str(tmp_path / "cond.pt")
@@ -146,11 +148,10 @@ def test_bad_input_one_line(case, ckpt, tmp_path, capsys):
             "steps_above_T": [ckpt, "--steps", "101"], "class_on_unconditional": [ckpt, "--class", "1"],
             "class_out_of_range": [cond, "--class", "1,4"], "guidance_no_class": [cond, "--guidance", "2"],
             "zero_n": [ckpt, "--n", "0"], "out_folder_missing": [ckpt, "--npz", str(tmp_path / "no" / "s.npz")],
-            "consistency_level_zero": [ckpt, "--consistency-last", "0"]}[case]
-    with pytest.raises(SystemExit) as e:
-        sample.main([*argv, "--device", "cpu", "--out", str(tmp_path / "g.png")])
-    msg = str(e.value.code)
-    assert msg.startswith("error:") and "\n" not in msg, msg
+            "consistency_level_zero": [ckpt, "--consistency-last", "0"], "seed_negative": [ckpt, "--seed", "-3"],
+            "eta_negative": [ckpt, "--eta", "-1"], "sampler_unknown": [ckpt, "--sampler", "euler"],
+            "steps_not_a_number": [ckpt, "--steps", "ten"], "resume_without_npz": [ckpt, "--resume"]}[case]
+    one_line_error(sample.main, [*argv, "--device", "cpu", "--out", str(tmp_path / "g.png")], capsys)
     assert not (tmp_path / "g.png").exists()
 
 # ---- many processes, interruption, resume
@@ -169,6 +170,38 @@ def test_two_processes_write_the_one_process_file(ckpt, tmp_path):
     assert two.returncode == 0, two.stdout + two.stderr
     assert (tmp_path / "one.npz").read_bytes() == (tmp_path / "two.npz").read_bytes()
     assert "2 x cpu" in two.stdout and two.stdout.count("wrote") == 2  # rank 0 alone reports and writes
+
+
+def test_torchrun_sampling_killed_keeps_its_finished_batches(ckpt, tmp_path):
+    """Under torchrun each finished batch reaches the disk as it finishes: a run killed outright (SIGKILL, as after a
+    pre-emption's grace period) keeps what its processes finished, --resume (here with one process) draws the rest,
+    and the file equals an uninterrupted one-process run's."""
+    common = [ckpt, "-n", "48", "--batch-size", "2", "--steps", "25", "--device", "cpu", "--seed", "5"]
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                          os.path.join(HERE, "sample.py"), *common, "--npz", str(tmp_path / "s.npz"),
+                          "--out", str(tmp_path / "s.png")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         cwd=HERE, env=ENV)
+    parts = tmp_path / "s.npz.parts"
+    while not parts.exists() or len([f for f in os.listdir(parts) if f.startswith("batch")]) < 4:
+        assert p.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    for pid in os.listdir("/proc"):  # the agent and its workers (which torchrun starts in sessions of their own)
+        try:
+            if pid.isdigit() and str(parts)[:-6].encode() in open(f"/proc/{pid}/cmdline", "rb").read():
+                os.kill(int(pid), signal.SIGKILL)
+        except OSError:
+            pass
+    p.wait()
+    kept = len([f for f in os.listdir(parts) if f.startswith("batch")])
+    assert 4 <= kept < 24 and not (tmp_path / "s.npz").exists()
+    r = run_script("sample.py", *common, "--npz", tmp_path / "s.npz", "--out", tmp_path / "s.png", "--resume",
+                   timeout=600)
+    assert r.returncode == 0 and "resuming: " in r.stdout, r.stdout + r.stderr
+    assert int(r.stdout.split("resuming: ")[1].split()[0]) >= 8
+    full = run_script("sample.py", *common, "--npz", tmp_path / "full.npz", "--out", tmp_path / "full.png",
+                      timeout=600)
+    assert full.returncode == 0
+    assert (tmp_path / "s.npz").read_bytes() == (tmp_path / "full.npz").read_bytes()
 
 
 def test_interrupted_sampling_keeps_its_batches_and_resumes(ckpt, tmp_path):
@@ -197,6 +230,25 @@ def test_interrupted_sampling_keeps_its_batches_and_resumes(ckpt, tmp_path):
                       timeout=600)
     assert full.returncode == 0
     assert (tmp_path / "s.npz").read_bytes() == (tmp_path / "full.npz").read_bytes()
+
+
+def test_resume_refuses_samples_of_another_run(ckpt, tmp_path, capsys):
+    """An .npz records what made it (the weights' fingerprint, sampler, steps, seed, ...): --resume on a file from
+    another seed, sampler or checkpoint is one line naming what differs, and the file is left as it was."""
+    npz = tmp_path / "s.npz"
+    run([ckpt, "-n", "4", "--batch-size", "2", "--steps", "3", "--npz", str(npz), "--out", str(tmp_path / "g.png")],
+        capsys)
+    before = npz.read_bytes()
+    other = str(tmp_path / "other.pt")
+    write_checkpoint(other, num_classes=None).train()  # the same architecture, other weights
+    torch.save(dict(torch.load(other), ema=torch.load(other)["model"]), other)
+    for argv, differs in ((["--seed", "1"], "seed"), (["--sampler", "dpm++"], "sampler"), ([], "model")):
+        path = other if differs == "model" else ckpt
+        message = one_line_error(sample.main, [path, "-n", "4", "--batch-size", "2", "--steps", "3", "--npz", str(npz),
+                                               "--resume", "--device", "cpu", "--out", str(tmp_path / "g.png"), *argv],
+                                 capsys)
+        assert "holds samples of another run" in message and differs in message, message
+    assert npz.read_bytes() == before
 
 
 def test_few_samples_for_fid_are_warned_about(ckpt, tmp_path, capsys):

@@ -5,10 +5,13 @@ checkpoint. Tiny configs throughout; run with `python -m pytest -q test_train.py
 import copy
 import errno
 import hashlib
+import io
 import os
+import pickle
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from types import SimpleNamespace
 
@@ -20,7 +23,7 @@ import train
 import training
 from checkpoint import build_diffusion, load_checkpoint
 from conftest import (ENV, HERE, TINY_NET, TRAIN_TINY as TINY, assert_one_line_error, decode_png, in_process,
-                      randomized, run_script)
+                      one_line_error, randomized, run_script, torchrun)
 from ddpm import GaussianDiffusion
 from unet import UNet
 
@@ -254,6 +257,53 @@ def test_torchrun_two_cpu_processes(tmp_path):
     assert r.returncode != 0 and "not divisible by the 2 processes" in r.stdout + r.stderr
 
 
+def test_torchrun_prepares_cifar10_once_and_fails_together(tmp_path):
+    """CIFAR-10 on first use under torchrun: one process downloads and unpacks it, the others wait, then load it (a
+    fake archive stands in for the download). A checkpoint that rank 0 cannot write (disk full) ends every rank at
+    once with rank 0's line, instead of the others waiting in a collective for a rank that is gone."""
+    buf, folder = io.BytesIO(), tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in [f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]:
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"data": __import__("numpy").zeros((8, 3072), "uint8"), b"labels": list(range(8))}, f)
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        tar.add(folder, arcname="cifar-10-batches-py")
+    (tmp_path / "fake.tar.gz").write_bytes(buf.getvalue())
+    script = f"""
+import hashlib, io, os, tarfile
+import checkpoint, data, train
+archive = open({str(tmp_path / "fake.tar.gz")!r}, "rb").read()
+data.CIFAR10_MD5 = hashlib.md5(archive).hexdigest()
+def fetch(url, timeout):
+    open({str(tmp_path / "log")!r}, "a").write("download rank " + os.environ["RANK"] + "\\n")
+    return io.BytesIO(archive)
+data.urllib.request.urlopen = fetch
+unpack = tarfile.open
+def counted(*a, **k):
+    open({str(tmp_path / "log")!r}, "a").write("unpack rank " + os.environ["RANK"] + "\\n")
+    return unpack(*a, **k)
+data.tarfile.open = counted
+if os.environ["RANK"] == "0" and os.environ.get("FULL"):
+    def full(path, write):
+        raise OSError("could not write " + path + ": No space left on device (any previous ckpt.pt is intact)")
+    checkpoint.atomic_write = full
+train.main(sys.argv[1:])
+"""
+    import shutil
+    shutil.rmtree(folder)
+    common = [*TINY, "--data", "cifar10", "--data-dir", tmp_path / "data", "--steps", "2", "--sample-every", "0"]
+    r = torchrun(tmp_path, script, *common, "--out", tmp_path / "run")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (tmp_path / "log").read_text().splitlines() == ["download rank 0", "unpack rank 0"]
+    ENV["FULL"] = "1"
+    try:
+        r = torchrun(tmp_path, script, *common, "--out", tmp_path / "full", timeout=120)
+    finally:
+        del ENV["FULL"]
+    lines = [line for line in (r.stdout + r.stderr).splitlines() if line.startswith("error:")]
+    assert r.returncode != 0 and len(lines) == 2 and len(set(lines)) == 1 and "No space left" in lines[0], r.stderr
+
+
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 0), (signal.SIGINT, 130)])
 def test_signal_checkpoints_and_resume_continues(tmp_path, sig, code):
     """SIGTERM (pre-emption) or Ctrl-C mid-run: the step finishes, a checkpoint is written, exit 0 or 130;
@@ -301,6 +351,8 @@ def bad_files(tmp_path):
     ("cuda without one", ["--device", "cuda"], "no CUDA device"),
     ("model flag conflicts", ["--ch", "64"], "conflicts with the checkpoint"),
     ("data don't fit the model", ["--data", "shapes", "--image-size", "16"], "conflicts with the checkpoint"),
+    ("another data set", ["--data", "cifar10"], "--data cifar10 conflicts with the checkpoint"),
+    ("a flag out of range", ["--ema-decay", "2"], "--ema-decay must be in [0, 1]"),
 ])
 def test_bad_input_one_line_checkpoint_untouched(good_run, tmp_path, case, argv, expect):
     """Each bad input, given while resuming a good run, ends with one 'error:' line on stderr, a non-zero
@@ -312,6 +364,37 @@ def test_bad_input_one_line_checkpoint_untouched(good_run, tmp_path, case, argv,
     r = run("--resume", str(good_run), "--steps", "6", *[a.format(tmp=tmp_path) for a in argv])
     assert expect in assert_one_line_error(r), case
     assert sha(good_run / "ckpt.pt") == before
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["--lr", "-1"], "--lr must be positive"), (["--ema-decay", "1.5"], "--ema-decay must be in [0, 1]"),
+    (["--p-uncond", "2"], "--p-uncond must be in [0, 1]"), (["--dropout", "1"], "--dropout must be in [0, 1)"),
+    (["--class-cond", "--classifier"], "a --classifier always learns the labels"),
+    (["--classifier", "--distill", "progressive"], "give one of them"),
+    (["--low-res", "4", "--cond-aug-max", "5000"], "--cond-aug-max 5000 must be in 0..T = 50"),
+    (["--low-res", "3"], "--low-res 3 must be below the data's size 8 and divide it"),
+    (["--steps", "abc"], "argument --steps: invalid int value"), (["--seed", "-1"], "--seed must be in"),
+    (["--cd-n", "1"], "--cd-n must be at least 2"), (["--warmup", "-5"], "--warmup must be >= 0"),
+    (["--sample-steps", "51"], "--sample-steps 51 is more than T = 50"), (["--ch", "48"], "multiple of 32"),
+    (["--attn", "3"], "attn_resolutions"), (["--grad-accum", "3"], "not divisible by --grad-accum 3"),
+    (["--batch-size", "20000"], "fewer than the batch of 20000"), (["--ch-mult", "1,0"], "positive integers"),
+    (["--schedule", "sigmoid"], "invalid choice"), (["--timesteps", "0"], "--timesteps must be positive"),
+])
+def test_bad_flags_are_one_line(argv, expect, tmp_path, capsys):
+    """Every flag's range is checked where it is parsed (or where the data or the network first need it): one
+    'error:' line, a non-zero exit, and no run folder left behind."""
+    message = one_line_error(train.main, [*TINY, *argv, "--out", str(tmp_path / "x")], capsys)
+    assert expect in message and not (tmp_path / "x").exists()
+
+
+def test_a_super_resolution_stage_defaults_to_v_and_a_quarter_of_t_for_augmentation(tmp_path):
+    """--low-res with T = 50 (the old fixed default 250 of --cond-aug-max was >= T): the augmentation levels default
+    to T / 4, and the stage predicts v, the parameterisation measured to keep its colours (docs/resolution.md)."""
+    r = run(*[a if a != "8" else "16" for a in TINY], "--low-res", "8", "--steps", "1", "--sample-every", "0",
+            "--out", str(tmp_path / "sr"))
+    assert r.returncode == 0, r.stderr
+    ckpt = load_checkpoint(str(tmp_path / "sr"))
+    assert ckpt["cond_aug_max"] == 12 and ckpt["diffusion_config"]["mean_type"] == "v"
 
 
 def test_fresh_run_refuses_to_overwrite_and_corrupt_resume(good_run, tmp_path):

@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import load_checkpoint, save_checkpoint
 from data import load_data, save_grid
-from runtime import (USER_ERRORS, Processes, StopSignal, close_distributed, error_line, format_eta, rng_state,
+from runtime import (USER_ERRORS, ArgumentParser, Processes, StopSignal, close_distributed, error_line, format_eta, rng_state,
                      set_rng_state, set_tf32)
 from training import (FAST_PATHS, Batches, build_run, get_lr, make_optimizer, match_layout, sample_images,
                       train_step)
@@ -31,7 +31,7 @@ MODEL_FLAGS = ("ch", "ch_mult", "num_res_blocks", "attn", "dropout", "class_cond
                "image_size", "classifier", "distill", "teacher", "student_steps", "teacher_steps", "cd_n", "low_res",
                "mean_type", "convert_steps")
 RUN_FLAGS = ("resume", "device", "compile", "bf16", "tf32", "fused_adam", "channels_last", "out")  # never from a ckpt
-FLIP_DATA = ("cifar10", "shapes")  # data whose classes survive a mirror image: flips on by default
+FLIP_DATA = BUILT_IN = {"cifar10", "shapes"}  # data whose classes survive a mirror image: flips on by default
 
 
 def int_list(s):
@@ -39,7 +39,7 @@ def int_list(s):
 
 
 def get_parser():
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description="Train a DDPM (Ho et al. 2020); defaults are the paper's CIFAR-10 run (Sec. 4, Appendix B).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         epilog="Short runs need a shorter warmup and a faster EMA than the 800k-step recipe, e.g. --warmup 100 "
@@ -85,12 +85,14 @@ def get_parser():
       "paper's best, needs downloaded VGG weights: not here)")
     a("--low-res", type=int, default=0, help="train a super-resolution model (a cascade's stage, Ho et al. 2021) from "
       "this size up to the data's own: conditioned on the images area-downsampled to it")
-    a("--cond-aug-max", type=int, default=250, help="with --low-res: Gaussian conditioning augmentation, the "
-      "condition noised to a level s drawn from none, 0, ..., this - 1 (timestep indices of the schedule)")
+    a("--cond-aug-max", type=int, default=None, help="with --low-res: Gaussian conditioning augmentation, the "
+      "condition noised to a level s drawn from none, 0, ..., this - 1 (timestep indices of the schedule); default "
+      "T / 4, 250 for the paper's T = 1000")
     a("--timesteps", type=int, default=1000, help="T; for T != 1000 the betas are scaled by 1000/T (Nichol & Dhariwal)")
     a("--schedule", default="linear", choices=["linear", "cosine"], help="beta schedule (linear: the paper's)")
-    a("--mean-type", default="eps", choices=["eps", "x0", "v"], help="what the network predicts: eps (the paper's), "
-      "x0 (its ablation) or v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho; its loss weighs x0 at every t)")
+    a("--mean-type", default=None, choices=["eps", "x0", "v"], help="what the network predicts: eps (the paper's "
+      "and the default), x0 (its ablation) or v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho; its loss weighs "
+      "x0 at every t, and it is the default for a --low-res stage: an eps stage drifted in colour, docs/resolution.md)")
     a("--batch-size", type=int, default=128, help="global batch size (split across torchrun processes)")
     a("--grad-accum", type=int, default=1, help="split each process's batch into this many micro-batches whose "
       "gradients add up to the batch's (less memory, the same step)")
@@ -137,15 +139,44 @@ def merge_resume_args(args, explicit, saved):
             setattr(args, k, v)
         elif getattr(args, k) != v:
             flag = f"--{k.replace('_', '-')} {getattr(args, k)}"
-            if k in MODEL_FLAGS:
+            if k in MODEL_FLAGS or k == "data" and args.data in BUILT_IN:  # another data set, not a moved folder
                 raise ValueError(f"{flag} conflicts with the checkpoint ({v}); drop the flag to resume")
             print(f"note: {flag} overrides the checkpoint's {v}")
 
 
 def check_args(args, world):
-    for k in ("batch_size", "steps", "log_every", "ckpt_every", "timesteps", "num_samples", "grad_accum"):
-        if getattr(args, k) <= 0:
-            raise ValueError(f"--{k.replace('_', '-')} must be positive")
+    """Every flag's range, before anything is loaded; and the defaults that follow other flags."""
+    flag = lambda k: "--" + k.replace("_", "-")
+    for k in ("batch_size", "steps", "log_every", "ckpt_every", "timesteps", "num_samples", "grad_accum", "ch",
+              "num_res_blocks", "image_size", "student_steps", "teacher_steps", "lr"):
+        if not getattr(args, k) > 0:
+            raise ValueError(f"{flag(k)} must be positive, got {getattr(args, k)}")
+    for k in ("warmup", "grad_clip", "sample_every", "sample_steps", "low_res"):
+        if getattr(args, k) < 0:
+            raise ValueError(f"{flag(k)} must be >= 0, got {getattr(args, k)}")
+    for k in ("ema_decay", "p_uncond", "cd_mu"):
+        if not 0 <= getattr(args, k) <= 1:
+            raise ValueError(f"{flag(k)} must be in [0, 1], got {getattr(args, k)}")
+    if not 0 <= args.dropout < 1:
+        raise ValueError(f"--dropout must be in [0, 1), got {args.dropout}")
+    if not 0 <= args.seed < 2 ** 32:
+        raise ValueError(f"--seed must be in 0..2^32-1, got {args.seed}")
+    if not args.ch_mult or min(args.ch_mult) <= 0 or (args.attn and min(args.attn) <= 0):
+        raise ValueError(f"--ch-mult and --attn take positive integers, got {args.ch_mult} and {args.attn}")
+    if args.cd_n < 2:
+        raise ValueError(f"--cd-n must be at least 2 (the ODE's ends), got {args.cd_n}")
+    if sum(map(bool, (args.classifier, args.distill, args.low_res))) > 1:
+        raise ValueError("--classifier, --distill and --low-res train different kinds of model: give one of them")
+    if args.class_cond and args.classifier:
+        raise ValueError("--class-cond is for a diffusion model; a --classifier always learns the labels: drop one")
+    if args.sample_steps > args.timesteps:
+        raise ValueError(f"--sample-steps {args.sample_steps} is more than T = {args.timesteps}")
+    if args.low_res:
+        args.cond_aug_max = args.timesteps // 4 if args.cond_aug_max is None else args.cond_aug_max
+        if not 0 <= args.cond_aug_max <= args.timesteps:
+            raise ValueError(f"--cond-aug-max {args.cond_aug_max} must be in 0..T = {args.timesteps} (timestep indices)")
+    if args.mean_type is None:  # the paper's eps, but v for a super-resolution stage (measured: docs/resolution.md)
+        args.mean_type = "v" if args.low_res else "eps"
     if args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
     if (args.batch_size // world) % args.grad_accum:
@@ -251,7 +282,6 @@ def train(args, ckpt, kind, flips):
     set_tf32(device, args.tf32)
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     images, labels, num_classes, class_names = training_data(args, procs, kind)
-    procs.on_master(lambda: os.makedirs(args.out, exist_ok=True))  # only now: bad data leave no empty folder behind
     run = build_run(kind, args, ckpt, images, num_classes, device)
     raw_model, objective = run.model, run.objective
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
@@ -272,8 +302,10 @@ def train(args, ckpt, kind, flips):
     no_sync = model.no_sync if world > 1 else None
     model = torch.compile(model) if args.compile and world > 1 else model
     losses = torch.compile(objective.__call__) if args.compile and world == 1 else objective
-    torch.manual_seed(args.seed + procs.rank)  # per process: each rank draws its own t, noise, flips and dropout
+    batches = Batches(images, labels, args.batch_size // world, args.seed + procs.rank, args.flip)
+    procs.on_master(lambda: os.makedirs(args.out, exist_ok=True))  # only now: bad input leaves no empty folder behind
     log = Log(args, master, device)
+    torch.manual_seed(args.seed + procs.rank)  # per process: each rank draws its own t, noise, flips and dropout
     if ckpt:
         saved = ckpt["rng"]["ranks"]
         if len(saved) == world:
@@ -281,7 +313,6 @@ def train(args, ckpt, kind, flips):
         else:
             torch.manual_seed(args.seed + procs.rank + 7919 * step)
             log(f"note: checkpoint from {len(saved)} process(es), now {world}: random streams reseeded")
-    batches = Batches(images, labels, args.batch_size // world, args.seed + procs.rank, args.flip)
 
     def save(step):
         states = [None] * world

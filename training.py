@@ -260,8 +260,10 @@ def _classifier_run(args, ckpt, images, num_classes, device):
 def _super_resolution_run(args, ckpt, images, num_classes, device):
     """A cascade's super-resolution stage from --low-res up to the data's size."""
     model_config, dc = _configs(args, ckpt, dict(_new_model_config(args, images, None), low_res=args.low_res))
-    if not 0 < model_config["low_res"] < images.shape[1]:
-        raise ValueError(f"--low-res {model_config['low_res']} must be below the data's size {images.shape[1]}")
+    low, size = model_config["low_res"], images.shape[1]
+    if not 0 < low < size or size % low:
+        raise ValueError(f"--low-res {low} must be below the data's size {size} and divide it (area downsampling "
+                         f"and nearest upsampling by a whole factor)")
     diffusion = build_diffusion(dc).to(device)
     max_aug = ckpt.get("cond_aug_max", args.cond_aug_max) if ckpt else args.cond_aug_max
     objective = SuperResolutionObjective(diffusion, model_config["low_res"], max_aug, args.bf16, args.sample_steps,
