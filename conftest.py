@@ -1,4 +1,6 @@
 """Settings and helpers shared by the test files (no test file imports another)."""
+import contextlib
+import importlib
 import io
 import math
 import os
@@ -42,10 +44,31 @@ TINY_DIFFUSION = dict(schedule="linear", num_timesteps=100, beta_start=1e-3, bet
                       var_type="fixedlarge")
 
 
-def run_script(script, *args, timeout=120):
-    """python SCRIPT ARGS in the repository, one thread, output captured."""
-    return subprocess.run([sys.executable, os.path.join(HERE, script), *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, cwd=HERE, env=ENV)
+def run_script(script, *args, timeout=120, real=False):
+    """python SCRIPT ARGS, as the command line runs: its main(argv) in this process, one thread, stdout and stderr
+    captured and an exit's message on stderr, as a CompletedProcess (a fresh interpreter would spend most of a
+    tiny run importing torch); real=True, or a script without a main: in a subprocess from the repository."""
+    name = script[:-3]
+    if real or name not in ("train", "sample", "evaluate", "metrics"):
+        return subprocess.run([sys.executable, os.path.join(HERE, script), *map(str, args)], capture_output=True,
+                              text=True, timeout=timeout, cwd=HERE, env=ENV)
+    main = importlib.import_module(name).main
+    handlers, threads = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)), torch.get_num_threads()
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    torch.set_num_threads(1)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main([str(a) for a in args])
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 1
+                if isinstance(e.code, str):
+                    print(e.code, file=sys.stderr)
+    finally:
+        torch.set_num_threads(threads)
+        signal.signal(signal.SIGINT, handlers[0])
+        signal.signal(signal.SIGTERM, handlers[1])
+    return subprocess.CompletedProcess([script, *map(str, args)], code, out.getvalue(), err.getvalue())
 
 
 def torchrun(tmp_path, script, *args, timeout=180, procs=2):
@@ -207,13 +230,14 @@ def gaussian_logpdf(x, mean, var):
 
 
 def oracle(betas, x0, mean_type):
-    """A network that knows x_0: returns the exact noise (x_t - sqrt(abar_t) x_0)/sqrt(1-abar_t)
-    (computed in float64 from the betas) or x_0 itself."""
+    """A network that knows x_0: returns the exact noise (x_t - sqrt(abar_t) x_0)/sqrt(1-abar_t), x_0 itself, or
+    v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0 (computed in float64 from the betas)."""
     abar = torch.cumprod(1 - betas, 0)
 
     def model(x_t, t):
         if mean_type == "x0":
             return x0.to(x_t.dtype)
         a = abar[t].view(-1, *([1] * (x_t.dim() - 1)))
-        return ((x_t.double() - a.sqrt() * x0) / (1 - a).sqrt()).to(x_t.dtype)
+        eps = (x_t.double() - a.sqrt() * x0) / (1 - a).sqrt()
+        return (eps if mean_type == "eps" else a.sqrt() * eps - (1 - a).sqrt() * x0).to(x_t.dtype)
     return model

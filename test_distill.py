@@ -261,6 +261,29 @@ def test_the_exact_consistency_function_has_zero_loss(s2):
     assert off.min() > 0 and off.mean() > 1e-7
 
 
+def test_multistep_consistency_sampling_is_algorithm_1_written_out():
+    """Consistency Models' Algorithm 1 written out with a random v-network: x = f(x_T, T); then for
+    each later noise level tau (falling geometrically from x_T's to `last`, each at the index of nearest level),
+    x^ = x + sqrt(tau^2 - t_min^2) z and x = f(alpha_tau x^, tau), every draw from the sampler's generator in that
+    order, the result clipped to [-1, 1]."""
+    d = GaussianDiffusion(make_beta_schedule("linear", 100, 1e-3, 0.2), mean_type="v", dtype=torch.float64)
+    net = randomized(UNet(**TINY_NET))
+    model = lambda x, t: net(x.float(), t)  # the sampler draws in float32; the diffusion's tables are float64
+    ours = distill.consistency_sample(d, model, (2, 3, 8, 8), steps=3, generator=torch.Generator().manual_seed(7),
+                                      last=0.5)
+    abar = d.alphas_cumprod.double()
+    level = ((1 - abar) / abar).sqrt()
+    top = level[99].item()
+    taus = [int((level.log() - math.log(top * (0.5 / top) ** (k / 2))).abs().argmin()) for k in (1, 2)]
+    g = torch.Generator().manual_seed(7)
+    x = distill.consistency_function(d, model, torch.randn(2, 3, 8, 8, generator=g), full(2, 99))
+    for i in taus:
+        z = torch.randn(2, 3, 8, 8, generator=g)
+        x_hat = x + (level[i] ** 2 - level[0] ** 2).sqrt() * z
+        x = distill.consistency_function(d, model, abar[i].sqrt() * x_hat, full(2, i))
+    assert torch.allclose(ours, x.clamp(-1, 1), rtol=1e-6, atol=1e-6)
+
+
 def test_cd_timesteps_follow_the_papers_discretisation():
     """Consistency Models Sec. 4: N noise levels spaced by rho = 7 between the chain's first and last, placed on the
     nearest indices: the first is index 0 (t_min), the last T - 1, strictly increasing."""

@@ -251,3 +251,17 @@ def test_bench_bad_input_is_one_line(argv, message):
     with pytest.raises(SystemExit) as e:
         bench.main(["--small"] + argv)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_gpu_check_dry_run(tmp_path):
+    """gpu_check.py, the one command that runs every CUDA path on a GPU, runs its rows on a CPU with a tiny net
+    (--dry-run): every kind of run, resume and sampling pass, and the checks that need CUDA say so."""
+    r = run_script("gpu_check.py", "--dry-run", "--device", "cpu", "--out", tmp_path / "runs", "--table",
+                   tmp_path / "table.md", timeout=600)
+    assert r.returncode == 0 and "FAILED" not in r.stdout, r.stdout + r.stderr
+    rows = (tmp_path / "table.md").read_text().splitlines()[2:]
+    assert len(rows) == 10 and all(row.count(" | ") == 2 for row in rows)
+    assert "sync audit: host syncs (CUDA only) | skipped" in r.stdout
+    message = run_script("gpu_check.py", "--device", "cpu")  # a real check needs CUDA: one line
+    assert message.returncode != 0 and message.stderr.strip().startswith("error: the GPU check runs on CUDA")
+

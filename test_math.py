@@ -270,9 +270,9 @@ def test_score_identity(betas, seed, data):
 
 
 @FAST
-@given(schedules(), st.sampled_from(["eps", "x0"]), st.booleans(), st.integers(0, 2**31 - 1), st.data())
+@given(schedules(), st.sampled_from(["eps", "x0", "v"]), st.booleans(), st.integers(0, 2**31 - 1), st.data())
 def test_oracle_network_gives_true_posterior_mean(betas, mean_type, clip, seed, data):
-    """An oracle network (true noise, or true x_0) makes p_mean_variance return the true
+    """An oracle network (true noise, true x_0, or true v) makes p_mean_variance return the true
     posterior mean mu~_t(x_t, x_0) of Eq. (7) and x0_hat = x_0, at every t (clipping is a no-op
     for data in [-1, 1])."""
     d = GaussianDiffusion(betas, mean_type=mean_type, dtype=torch.float64)

@@ -12,7 +12,7 @@ import torch
 import sample
 from checkpoint import PAPER_DIFFUSION, build_diffusion
 from conftest import randomized, read_npz
-from data import to_uint8
+from data import tensor_bytes, to_uint8
 from pretrained import convert_diffusers_state_dict, load_pretrained, read_safetensors
 from samplers import ddim_sample_loop
 from unet import UNet
@@ -134,7 +134,7 @@ def write_safetensors(path, state_dict):
     names = {torch.float32: "F32", torch.int64: "I64"}
     header, blobs, offset = {}, [], 0
     for k, v in state_dict.items():
-        blob = bytes(v.detach().clone().contiguous().untyped_storage())
+        blob = b"".join(tensor_bytes(v))  # the elements' bytes, as they lie in memory (little-endian)
         header[k] = {"dtype": names[v.dtype], "shape": list(v.shape), "data_offsets": [offset, offset + len(blob)]}
         blobs.append(blob)
         offset += len(blob)

@@ -190,6 +190,44 @@ def test_first_order_dpm_solver_pp_is_ddim(betas, steps, spacing, clip, seed):
 
 
 @FAST
+@given(schedules(min_t=30, max_t=300), st.integers(3, 12), st.sampled_from(SPACINGS), st.booleans(),
+       st.integers(0, 2**31 - 1))
+def test_dpm_solver_pp_2m_is_algorithm_2_written_out(betas, steps, spacing, clip, seed):
+    """DPM-Solver++(2M) against Lu et al.'s Algorithm 2 written out here in its own exponential form, in float64,
+    on every spacing (the quadratic one's steps are far from even in lambda, so r_i is far from 1): lambda_t =
+    log(alpha_t / sigma_t), h_i = lambda_{t_i} - lambda_{t_{i-1}}, r_i = h_{i-1} / h_i,
+    D_i = (1 + 1 / (2 r_i)) x_theta(t_{i-1}) - 1 / (2 r_i) x_theta(t_{i-2}) (x_theta itself at the first step),
+    x_{t_i} = (sigma_{t_i} / sigma_{t_{i-1}}) x_{t_{i-1}} - alpha_{t_i} (e^{-h_i} - 1) D_i, and x_theta at the last
+    step to the data; a network whose x_theta depends on x and t nonlinearly."""
+    d = GaussianDiffusion(betas, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    x_T, w = torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64), torch.randn(3, 2, 4, 4, generator=g).double()
+    model = lambda x, t: torch.tanh(w * x + t.view(-1, 1, 1, 1) / len(betas))
+    ours = dpm_solver_pp_sample_loop(d, model, x_T.shape, steps, spacing, noise=x_T.clone(), clip_denoised=clip)
+    abar = torch.cumprod(1 - betas, 0)
+    alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
+    lam = torch.log(alpha / sigma)
+    x, previous = x_T.clone(), []  # previous: (x_theta, lambda) of the steps so far
+    indices = spaced_timesteps(len(betas), steps, spacing)
+    for k, i in enumerate(indices):
+        eps = model(x, full(3, i))
+        x_theta = (x - sigma[i] * eps) / alpha[i]
+        x_theta = x_theta.clamp(-1, 1) if clip else x_theta
+        if k + 1 == len(indices):
+            x = x_theta
+            break
+        j = indices[k + 1]
+        h = lam[j] - lam[i]
+        D = x_theta
+        if previous:
+            r = (lam[i] - previous[-1][1]) / h
+            D = (1 + 1 / (2 * r)) * x_theta - 1 / (2 * r) * previous[-1][0]
+        x = sigma[j] / sigma[i] * x - alpha[j] * torch.expm1(-h) * D
+        previous.append((x_theta, lam[i]))
+    assert torch.allclose(ours, x, rtol=1e-6, atol=1e-8)
+
+
+@FAST
 @given(schedules(min_t=4, max_t=200), st.integers(1, 30), st.sampled_from([1, 2]), st.floats(-1, 1),
        st.integers(0, 2**31 - 1))
 def test_every_order_is_exact_for_a_point_mass(betas, steps, order, m, seed):

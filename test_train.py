@@ -453,10 +453,10 @@ def test_nan_loss_stops_without_saving(good_run, tmp_path, monkeypatch):
 def test_class_conditional_runs_drop_labels_at_p_uncond(flags, p):
     """The run train.py builds drops labels to the null class at --p-uncond (classifier-free guidance's training)
     when --class-cond is on, and never otherwise."""
-    args, _ = train.get_args(["--data", "shapes", "--ch", "32", "--ch-mult", "1", "--num-res-blocks", "1", "--attn",
-                              "", "--timesteps", "100", *flags])
+    args, _, kind, _ = train.parse(["--data", "shapes", "--ch", "32", "--ch-mult", "1", "--num-res-blocks", "1",
+                                    "--attn", "", "--timesteps", "100", "--out", "", *flags])
     images = data.make_shapes(8, 8, 3)[0]
-    run = training.build_run("diffusion", args, None, images, 4, torch.device("cpu"))
+    run = training.build_run(kind, args, None, images, 4, torch.device("cpu"))
     assert run.objective.p_uncond == p
 
 
