@@ -17,6 +17,7 @@ from data import to_uint8
 from guidance import model_fn
 from runtime import USER_ERRORS, ArgumentParser, error_line, resolve_device
 from samplers import SPACINGS, ddim_sample_loop, sample_loop
+from unet import image_hw
 
 # (label, sampler, eta): the rows of the table
 SAMPLERS = [("ddpm (ancestral)", "ddpm", None), ("ddim", "ddim", 0.0), ("dpm++ (2M)", "dpm++", 0.0)]
@@ -58,15 +59,15 @@ def bench(args):
     net, diffusion_config, meta, desc = load_model(args.ckpt)
     net.to(device)
     diffusion = build_diffusion(diffusion_config).to(device)
-    T, c, s = diffusion.num_timesteps, net.config["in_channels"], net.config["image_size"]
+    T, c, (h, w) = diffusion.num_timesteps, net.config["in_channels"], image_hw(net.config["image_size"])
     if max(nfes) > T or min(nfes) < 1:
         raise ValueError(f"--nfe values must be in 1..{T}")
     shapes = meta["args"].get("data") == "shapes" and not net.config.get("num_classes")
     if shapes:
         from metrics import shapes_distance
     fn = model_fn(net)
-    x_T = torch.randn(args.n, c, s, s, generator=torch.Generator().manual_seed(args.seed)).to(device)
-    print(f"{desc}: {args.n} samples {s}x{s}x{c} per row, {args.spacing} spacing, {device}")
+    x_T = torch.randn(args.n, c, h, w, generator=torch.Generator().manual_seed(args.seed)).to(device)
+    print(f"{desc}: {args.n} samples {h}x{w}x{c} per row, {args.spacing} spacing, {device}")
 
     def timed(draw):
         t0 = time.perf_counter()

@@ -12,7 +12,7 @@ from cascade import SuperResolution
 from data import CIFAR10_CLASSES, SHAPES_CLASSES, atomic_write, first_line, tensor_bytes
 from ddpm import GaussianDiffusion, make_beta_schedule
 from guidance import NoisyClassifier
-from pretrained import load_pretrained
+from pretrained import identify, load_pretrained
 from unet import UNet
 
 FORMAT = "ddpm-checkpoint-v1"
@@ -91,7 +91,7 @@ def load_model(path, use_ema=True):
             net = load_pretrained(path)
         except (ValueError, OSError) as e:
             raise ValueError(f"cannot load {path} as released weights: {str(e).splitlines()[0]}") from None
-        return net, PAPER_DIFFUSION, released, f"released weights {path} (diffusers layout, EMA)"
+        return net, PAPER_DIFFUSION, released, f"released weights {path} (diffusers layout, {identify(path, net)})"
     try:
         ckpt = load_checkpoint(path)
     except NotACheckpoint:
@@ -101,7 +101,7 @@ def load_model(path, use_ema=True):
         except (ValueError, OSError) as e:
             raise ValueError(f"{path} is neither a train.py checkpoint nor released DDPM weights "
                              f"({str(e).splitlines()[0]})") from None
-        return net, PAPER_DIFFUSION, released, f"released weights {path} (TF-scope state dict, EMA)"
+        return net, PAPER_DIFFUSION, released, f"released weights {path} (TF-scope state dict, {identify(path, net)})"
     weights = "ema" if use_ema and ckpt.get("ema") else "model"
     kind = ckpt.get("kind", PAPER_KIND)  # checkpoints from before the later papers' kinds
     try:

@@ -111,6 +111,11 @@ def save_grid(path, images, nrow=None, pad=2):
     atomic_write(path, lambda f: f.write(data))
 
 
+def class_counts(n, k):
+    """n samples spread evenly over k classes: the counts differ by at most one."""
+    return [n // k + (i < n % k) for i in range(k)]
+
+
 def class_grid(images, counts=None, most=256):
     """uint8 (N, H, W, C) -> (images in [-1, 1] for save_grid, its row length): at most `most` of them, or, with the
     counts of the classes the images run through in blocks, one row per class (short rows padded with black)."""
@@ -124,6 +129,29 @@ def class_grid(images, counts=None, most=256):
         rows.append(torch.cat([block, -torch.ones(per_row - len(block), *x.shape[1:])]))
         start += count
     return torch.cat(rows), per_row
+
+
+def trajectory_strip(path, num_calls, points=10):
+    """(record, save): record(k, x_t, pred_xstart) at the sampler's k-th step keeps the first 4 samples at `points`
+    evenly spaced steps, the last included; save() writes them to path, two rows per sample, x_t and the predicted
+    x0, time running left to right (the paper's Figure 6)."""
+    keep, frames = {round(k * (num_calls - 1) / max(points - 1, 1)) for k in range(min(points, num_calls))}, []
+    def record(k, x, pred_xstart):
+        if k in keep:
+            frames.append((x[:4].float().cpu(), pred_xstart[:4].float().cpu()))
+    def save():
+        rows = [torch.stack([f[j][s] for f in frames]) for s in range(len(frames[0][0])) for j in (0, 1)]
+        save_grid(path, torch.cat(rows), nrow=len(frames))
+        return f"wrote {path}: x_t (odd rows) and predicted x0 (even rows) at {len(frames)} steps"
+    return record, save
+
+
+def write_pngs(folder, images, first, labels=None, names=None):
+    """uint8 (N, H, W, C) -> one PNG each in folder, named by index from `first` (and the class, where there are
+    labels: its name where there are names), each written atomically."""
+    for k, image in enumerate(images):
+        label = "" if labels is None else f"_{names[labels[k]] if names else int(labels[k])}"
+        atomic_write(os.path.join(folder, f"{first + k:06d}{label}.png"), lambda f: f.write(png_bytes(image)))
 
 
 def npy_header(t):
@@ -376,9 +404,10 @@ def read_npy(f):
     return x.view(shape)
 
 
-def load_file(path):
+def load_file(path, shape=None):
     """A user's images: .npy, .npz (arr_0 images, arr_1 labels if present) or .pt (a uint8 tensor, a tuple
-    (images, labels), or a dict with "images" and "labels"). Layout N,H,W,C (N,H,W and N,C,H,W accepted)."""
+    (images, labels), or a dict with "images" and "labels"). Layout N,H,W,C (N,H,W and N,C,H,W accepted); square
+    images, or shape = (H, W) when the images are asked to be of that shape."""
     ext = os.path.splitext(path)[1].lower()
     if ext not in (".npy", ".npz", ".pt", ".pth"):
         raise ValueError(f"--data {path}: unsupported file type {ext or '(none)'} (use .npy, .npz or .pt)")
@@ -407,8 +436,10 @@ def load_file(path):
         images = images[..., None]
     if images.dim() == 4 and images.shape[-1] not in (1, 3) and images.shape[1] in (1, 3):
         images = images.permute(0, 2, 3, 1)  # N,C,H,W (torch's layout) -> N,H,W,C
-    if images.dim() != 4 or images.shape[0] == 0 or images.shape[1] != images.shape[2] or images.shape[3] not in (1, 3):
-        raise ValueError(f"{path}: images must be N x H x W x C with H = W and C = 1 or 3, "
+    if images.dim() != 4 or images.shape[0] == 0 or images.shape[3] not in (1, 3) or \
+            (images.shape[1] != images.shape[2] if shape is None else tuple(images.shape[1:3]) != tuple(shape)):
+        need = "H = W" if shape is None else f"H, W = {shape[0]}, {shape[1]} (--image-size)"
+        raise ValueError(f"{path}: images must be N x H x W x C with {need} and C = 1 or 3, "
                          f"got shape {tuple(images.shape)}")
     if labels is not None and (not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point
                                or labels.shape != images.shape[:1] or labels.min() < 0):
@@ -530,20 +561,22 @@ def read_image(path):
 
 
 def center_crop_resize(img, size):
-    """uint8 (H, W, C) -> the centred square, resized to size x size: bicubic with antialiasing (PIL's BICUBIC),
-    in both directions; uint8 (size, size, C)."""
+    """uint8 (H, W, C) -> the largest centred crop of the aspect ratio of size (an int: square; or (height, width)),
+    resized to it: bicubic with antialiasing (PIL's BICUBIC), in both directions; uint8 (height, width, C)."""
+    height, width = (size, size) if isinstance(size, int) else size
     h, w, _ = img.shape
-    side = min(h, w)
-    top, left = (h - side) // 2, (w - side) // 2
-    x = img[top:top + side, left:left + side].permute(2, 0, 1)[None].float()
-    if side != size:
-        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    crop_h, crop_w = min(h, w * height // width), min(w, h * width // height)
+    top, left = (h - crop_h) // 2, (w - crop_w) // 2
+    x = img[top:top + crop_h, left:left + crop_w].permute(2, 0, 1)[None].float()
+    if (crop_h, crop_w) != (height, width):
+        x = torch.nn.functional.interpolate(x, size=(height, width), mode="bicubic", antialias=True,
+                                            align_corners=False)
     return x[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8)
 
 
 def load_folder(path, image_size):
-    """Every image file under a folder, centre-cropped and resized to image_size: uint8 (N, H, W, C), C = 1 if all
-    are grey, else 3; labels from the first-level subfolders (sorted names, as torchvision's ImageFolder) when the
+    """Every image file under a folder, centre-cropped to image_size's aspect ratio (an int: square; or (height,
+    width)) and resized to it: uint8 (N, H, W, C), C = 1 if all are grey, else 3; labels from the first-level subfolders (sorted names, as torchvision's ImageFolder) when the
     images sit in subfolders, else None; and the class names."""
     files = sorted(os.path.join(root, f) for root, _, names in os.walk(path) for f in names
                    if f.lower().endswith(IMAGE_SUFFIXES))
@@ -565,26 +598,76 @@ def load_folder(path, image_size):
 
 def load_data(spec, data_dir, image_size):
     """The training set named by train.py's --data: uint8 images (N, H, W, C), int64 labels (N,) or None, and the
-    class names (None where the data have none)."""
+    class names (None where the data have none). image_size: an int (the built-in shapes' size, a folder's images
+    cropped square; files keep their own square size) or (height, width) (what every image must be, or is cropped
+    and resized to)."""
+    shape = None if isinstance(image_size, int) else tuple(image_size)
+    if shape is not None and spec in ("cifar10", "shapes") and shape[0] != shape[1]:
+        raise ValueError(f"--image-size {shape[0]},{shape[1]}: {spec} images are square")
     if spec == "cifar10":
         return (*load_cifar10(data_dir), CIFAR10_CLASSES)
     if spec == "shapes":
-        return (*make_shapes(SHAPES_N, image_size, 3, seed=0), SHAPES_CLASSES)
+        return (*make_shapes(SHAPES_N, image_size if shape is None else shape[0], 3, seed=0), SHAPES_CLASSES)
     if os.path.isdir(spec):
         return load_folder(spec, image_size)
     if os.path.exists(spec):
-        return (*load_file(spec), None)
+        return (*load_file(spec, shape), None)
     raise FileNotFoundError(f"--data {spec}: not cifar10, shapes, a folder of images, or an existing "
                             f".npy/.npz/.pt file")
 
 
+MASKS = ("left-half", "right-half", "centre-square")  # the named masks, by the region they fill in
+
+
+def load_mask(spec, height, width):
+    """An inpainting mask as float (M, 1, H, W), 1 = keep, 0 = fill in: a PNG (white = keep, black = fill), an .npy
+    or .npz (arr_0) of masks shaped (H, W), (M, H, W) or (M, H, W, 1) with values 0 and 1 (or 255), or the name of
+    the region to fill in (MASKS). ValueError for anything that is not two-valued, the wrong size, or all one."""
+    mask = torch.ones(1, 1, height, width)
+    if spec == "left-half":
+        mask[..., :width // 2] = 0
+    elif spec == "right-half":
+        mask[..., width // 2:] = 0
+    elif spec == "centre-square":
+        mask[..., height // 4:height - height // 4, width // 4:width - width // 4] = 0
+    elif not os.path.isfile(spec):
+        raise FileNotFoundError(f"--mask {spec}: no such file, and not one of {', '.join(MASKS)}")
+    else:
+        try:
+            if spec.lower().endswith(".png"):
+                m = read_png(spec)
+                if not (m == m[..., :1]).all():
+                    raise ValueError("a mask is black and white; this PNG has colours")
+                m = m[None, ..., 0]
+            elif spec.lower().endswith(".npz"):
+                m = read_npz(spec)[0]["arr_0"]
+            else:
+                with open(spec, "rb") as f:
+                    m = read_npy(f)
+        except (ValueError, OSError, KeyError, zlib.error) as e:
+            raise ValueError(f"--mask {spec}: {first_line(e)}") from None
+        m = m.squeeze(-1) if m.dim() == 4 and m.shape[-1] == 1 else m
+        mask = (m if m.dim() == 3 else m[None]).unsqueeze(1)
+        top = 255 if mask.dtype == torch.uint8 and mask.max() > 1 else 1
+        if mask.dim() != 4 or mask.shape[-2:] != (height, width):
+            raise ValueError(f"--mask {spec}: masks of shape {tuple(m.shape)}, for {height}x{width} images")
+        if not ((mask == 0) | (mask == top)).all():
+            raise ValueError(f"--mask {spec}: a mask is black (fill in) and white (keep), nothing in between")
+        mask = (mask > 0).float()
+    if (mask == 0).all() or (mask == 1).all():
+        raise ValueError(f"--mask {spec}: the mask " + ("keeps nothing (all black): that is sampling, not inpainting"
+                                                        if (mask == 0).all() else "keeps everything: nothing to fill in"))
+    return mask
+
+
 def load_eval_images(spec, data_dir, image_size, channels):
     """uint8 (N,H,W,C): 'cifar10' is CIFAR-10's 10,000 test images (test_batch), 'shapes' 1,000 held-out built-in
-    images (seed 1; train.py trains on seed 0), else a user's .npy/.npz/.pt."""
+    images (seed 1; train.py trains on seed 0), else a user's .npy/.npz/.pt. image_size: the model's (height, width)."""
+    height, width = image_size
     if spec == "shapes":
-        return make_shapes(1000, image_size, channels, seed=1)[0]
+        return make_shapes(1000, height, channels, seed=1)[0]
     if spec != "cifar10":
-        return load_file(spec)[0]
+        return load_file(spec, None if height == width else (height, width))[0]
     test_batch = os.path.join(data_dir, "cifar-10-batches-py", "test_batch")
     if not os.path.exists(test_batch):
         load_cifar10(data_dir)  # finds, or downloads, and extracts the archive

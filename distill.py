@@ -102,15 +102,18 @@ class ProgressiveDistillation:
     """Algorithm 2's outer loop as train.py runs it: round r trains a student of rounds[r] steps from update
     starts[r] on. At a round's first update the student becomes the teacher (a v-network, read through the
     student's own diffusion) and the EMA restarts from it, so a round's samples owe nothing to the round before's
-    step count. The rounds and their starts are fixed when the run begins and kept in the checkpoint, so a resume
-    with another --steps continues the same round."""
+    step count; as in the reference implementation (google-research/diffusion_distillation), the learning rate is
+    annealed linearly to 0 within each round (anneal) and Adam's state starts afresh each round (reset_adam). The
+    rounds and their starts are fixed when the run begins and kept in the checkpoint, so a resume with another
+    --steps continues the same round."""
     metric = None
 
     def __init__(self, diffusion, teacher, teacher_diffusion, teacher_diffusion_config, rounds, starts, round=0,
-                 total_updates=None, weighting="snr-trunc", bf16=False):
+                 total_updates=None, weighting="snr-trunc", bf16=False, anneal=True, reset_adam=True):
         self.diffusion, self.teacher, self.teacher_diffusion = diffusion, teacher, teacher_diffusion
         self.teacher_diffusion_config, self.rounds, self.starts, self.round = teacher_diffusion_config, rounds, starts, round
         self.total_updates, self.weighting, self.bf16 = total_updates, weighting, bf16
+        self.anneal, self.reset_adam = anneal, reset_adam
         self.loss, self.announced = self._round_loss(), False
 
     def _round_loss(self):
@@ -130,6 +133,8 @@ class ProgressiveDistillation:
             self.teacher.load_state_dict(model.state_dict())
             self.teacher_diffusion, self.teacher_diffusion_config = self.diffusion, None  # the student's own
             ema.load_state_dict(model.state_dict())
+            if self.reset_adam:  # each round a fresh optimizer, as the reference's each new training state
+                optimizer.state.clear()
             self.loss = self._round_loss()
         elif self.announced:
             return None
@@ -140,6 +145,14 @@ class ProgressiveDistillation:
 
     def after_update(self, model):
         pass
+
+    def learning_rate(self, step, lr):
+        """The rate of update step + 1, from the run's (lr, after its warmup): annealed linearly to 0 within each
+        round, as the reference does (a round's last updates fine-tune what its first ones learned), or lr itself."""
+        if not self.anneal:
+            return lr
+        end = self.starts[self.round + 1] if self.round + 1 < len(self.rounds) else self.total_updates
+        return lr * (end - step) / (end - self.starts[self.round])
 
     def state(self, diffusion_config):
         """What a checkpoint keeps: the round's teacher, the rounds, and how the student samples now."""
@@ -356,6 +369,9 @@ class ConsistencyDistillation:
         if self.loss is self.distill:
             self.distill.after_update(model)
 
+    def learning_rate(self, step, lr):
+        return lr
+
     def state(self, diffusion_config):
         return dict(teacher=self.teacher.state_dict(), teacher_config=self.teacher.config,
                     teacher_diffusion_config=self.teacher_diffusion_config, target=self.target.state_dict(),
@@ -377,10 +393,12 @@ def consistency_levels(diffusion, steps, last=0.821):
 
 
 @torch.no_grad()
-def consistency_sample(diffusion, model, shape, steps=1, noise=None, generator=None, callback=None, last=0.821):
+def consistency_sample(diffusion, model, shape, steps=1, noise=None, generator=None, callback=None, last=0.821,
+                       clip_between=False):
     """Algorithm 1 (multistep consistency sampling): x <- f(x_T, T); then for each later time tau,
     x^ = x + sqrt(tau^2 - t_min^2) z and x <- f(x^, tau) (in Consistency Models' coordinates, tau a noise level; each
     x^ is handed to the network as alpha_tau x^). One step is f(x_T, T) alone; `last`: see consistency_levels.
+    clip_between: each f clipped to [-1, 1] before noise is added back, as the reference code's denoiser does.
     Returns x_0 in [-1, 1] coordinates, clipped."""
     device = diffusion.betas.device
     indices = consistency_levels(diffusion, steps, last)
@@ -394,6 +412,7 @@ def consistency_sample(diffusion, model, shape, steps=1, noise=None, generator=N
             alpha, _ = alpha_sigma(diffusion, i)
             x_t = (x + (noise_level(diffusion, i) ** 2 - level_min ** 2).sqrt() * z) * alpha
         x = consistency_function(diffusion, model, x_t, t)
+        x = x.clamp(-1, 1) if clip_between else x
         if callback is not None:
             callback(i, x_t, x)
     return x.clamp(-1, 1)

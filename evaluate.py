@@ -17,6 +17,7 @@ from data import atomic_write, from_uint8, load_eval_images, save_grid
 from ddpm import rate_distortion
 from guidance import model_fn
 from runtime import USER_ERRORS, ArgumentParser, Progress, StopSignal, error_line, resolve_device, set_tf32
+from unet import image_hw
 
 # -----------------------------------------------------------------------------
 # Table 1's NLL column: Eq. (5) in bits/dim on held-out data; Sec. 4.3's rate-distortion
@@ -24,10 +25,10 @@ from runtime import USER_ERRORS, ArgumentParser, Progress, StopSignal, error_lin
 
 @torch.no_grad()
 def run_nll(args, net, diffusion, device, num_classes):
-    c, s = net.config["in_channels"], net.config["image_size"]
-    images = load_eval_images(args.nll, args.data_dir, s, c)[:args.n]
-    if tuple(images.shape[1:]) != (s, s, c):
-        raise ValueError(f"--nll {args.nll}: images are {tuple(images.shape[1:])} (H,W,C), the model's {(s, s, c)}")
+    c, (h, w) = net.config["in_channels"], image_hw(net.config["image_size"])
+    images = load_eval_images(args.nll, args.data_dir, (h, w), c)[:args.n]
+    if tuple(images.shape[1:]) != (h, w, c):
+        raise ValueError(f"--nll {args.nll}: images are {tuple(images.shape[1:])} (H,W,C), the model's {(h, w, c)}")
     if num_classes is not None:
         print(f"note: class-conditional model: the bound is of the unconditional model (null label {num_classes})")
     T = diffusion.num_timesteps
@@ -77,10 +78,10 @@ def run_nll(args, net, diffusion, device, num_classes):
 def source_images(spec, args, net, device):
     """--shared-latents / --interpolate: the --index images of cifar10 (test split), shapes (held out) or a file,
     in [-1, 1], (N, C, H, W)."""
-    c, s = net.config["in_channels"], net.config["image_size"]
-    images = load_eval_images(spec, args.data_dir, s, c)
-    if tuple(images.shape[1:]) != (s, s, c):
-        raise ValueError(f"{spec}: images are {tuple(images.shape[1:])} (H,W,C), the model's {(s, s, c)}")
+    c, (h, w) = net.config["in_channels"], image_hw(net.config["image_size"])
+    images = load_eval_images(spec, args.data_dir, (h, w), c)
+    if tuple(images.shape[1:]) != (h, w, c):
+        raise ValueError(f"{spec}: images are {tuple(images.shape[1:])} (H,W,C), the model's {(h, w, c)}")
     index = integers(args.index, "--index")
     if max(index) >= len(images) or min(index) < 0:
         raise ValueError(f"--index {args.index}: {spec} has {len(images)} images")

@@ -3,7 +3,7 @@ The figures in assets/ (README and docs/), drawn with matplotlib (an optional ex
 the forward process erasing a distribution (Eq. 4), the variance over t and the schedules, the posterior mean's
 coefficients (Eq. 7), a trained model's loss and bound terms over t (Eqs. 5, 14), the rate-distortion curve of
 progressive coding (Sec. 4.3, Figure 5) and quality against network evaluations for each sampler.
-  python figures.py --model out-shapes --rd rd.csv --nfe samplers.csv --out assets
+  python figures.py --model out-shapes --rd rd.csv --nfe samplers.csv --edits out-shapes --out assets
 Figures whose inputs are not given are skipped. A command line: nothing imports this file.
 """
 import csv
@@ -27,6 +27,9 @@ def get_parser():
     a("--rd", default="", help="the CSV of sample.py --nll ... --csv: the rate-distortion curve")
     a("--nfe", default="", help="the CSV of bench_samplers.py --csv: quality and RMSE against NFE")
     a("--n", type=int, default=64, help="held-out images for the loss and bound curves")
+    a("--edits", default="", help="a train.py checkpoint on the shapes: the inpainting figure (input, mask, three "
+      "completions) and SDEdit across strengths 0, 0.25, 0.5, 0.75, 1")
+    a("--log", default="", help="a run's metrics.csv (train.py writes it beside log.txt): the loss curves")
     a("--grids", default="", help="LABEL=FILE.npz,... (sample.py --npz files): one row of samples from each, titled "
       "with its label and the shapes quality number of the whole file, into --grids-name")
     a("--grids-name", default="grids.png", help="the file --grids draws")
@@ -145,6 +148,52 @@ def nfe_curves(plt, out, path):
     save(fig, out, "samplers.png")
 
 
+@torch.no_grad()
+def edits(plt, out, ckpt, rows=4, steps=100):
+    """Inpainting (RePaint's replacement) and SDEdit on held-out shapes with a trained model: for each image, the
+    image, the mask (white = keep), three completions of its left half from three seeds; then the same images edited
+    at strengths 0, 0.25, 0.5, 0.75 and 1 (ancestral, `steps` steps of the whole chain)."""
+    from editing import edit_loop, edit_start
+    from data import load_mask, to_uint8
+    net, config, _, desc = load_model(ckpt)
+    d, fn, s = build_diffusion(config), model_fn(net), net.config["image_size"]
+    x0 = from_uint8(make_shapes(rows, s, net.config["in_channels"], seed=1)[0])
+    mask = load_mask("left-half", s, s)
+    fill = lambda seed, start, m: edit_loop(d, fn, x0, m, start, round(steps * (start + 1) / d.num_timesteps),
+                                            generator=torch.Generator().manual_seed(seed))
+    panels = [("image", x0), ("mask", mask.expand_as(x0) * 2 - 1)] + [
+        (f"completion {k + 1}", fill(k, d.num_timesteps - 1, mask)) for k in range(3)]
+    strengths = (0.0, 0.25, 0.5, 0.75, 1.0)
+    panels += [(f"SDEdit {S}", fill(0, edit_start(d.num_timesteps, S), None)) for S in strengths]
+    fig, axes = plt.subplots(rows, len(panels), figsize=(len(panels) * 1.1, rows * 1.2), squeeze=False)
+    for col, (title, x) in enumerate(panels):
+        for row in range(rows):
+            axes[row, col].imshow(to_uint8(x[row:row + 1])[0].squeeze(-1).numpy(), interpolation="nearest",
+                                  cmap="gray" if x.shape[1] == 1 else None)
+            axes[row, col].axis("off")
+        axes[0, col].set_title(title, fontsize=7)
+    fig.suptitle(f"inpainting the left half (RePaint's replacement) and SDEdit, {desc}", fontsize=8)
+    save(fig, out, "edits.png")
+
+
+def loss_curves(plt, out, path):
+    """A run's metrics.csv: the loss (and each timestep quartile's, q0 nearest the data), the gradient norm and the
+    learning rate against the step."""
+    rows = list(csv.DictReader(open(path)))
+    step = [int(float(r["step"])) for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    axes[0].semilogy(step, [float(r["loss"]) for r in rows], "k", label="loss")
+    for q in range(4):
+        axes[0].semilogy(step, [float(r[f"loss_q{q}"]) for r in rows], lw=0.8, label=f"q{q}")
+    axes[0].set(title="loss (by timestep quartile)", xlabel="step")
+    axes[0].legend(fontsize=7)
+    axes[1].plot(step, [float(r["grad_norm"]) for r in rows])
+    axes[1].set(title="gradient norm (before clipping)", xlabel="step")
+    axes[2].plot(step, [float(r["lr"]) for r in rows])
+    axes[2].set(title="learning rate", xlabel="step")
+    save(fig, out, "loss_curves.png")
+
+
 def save(fig, out, name):
     fig.tight_layout()
     path = os.path.join(out, name)
@@ -187,6 +236,10 @@ def draw(args):
         nfe_curves(plt, args.out, args.nfe)
     if args.grids:
         sample_rows(plt, args.out, args.grids, args.grids_name, args.per_row)
+    if args.log:
+        loss_curves(plt, args.out, args.log)
+    if args.edits:
+        edits(plt, args.out, args.edits)
 
 
 def main(argv=None):

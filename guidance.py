@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ddpm import extract
-from unet import Normalize, UNet
+from unet import Normalize, UNet, image_hw
 
 
 class NoisyClassifier(nn.Module):
@@ -62,9 +62,10 @@ def check_classifier(name, classifier, classifier_diffusion, net, diffusion):
                          f"model's is T = {diffusion.num_timesteps} with other betas or T: train it with the model's "
                          f"--timesteps and --schedule")
     a, b = classifier.config, net.config
-    if (a["image_size"], a["in_channels"]) != (b["image_size"], b["in_channels"]):
-        raise ValueError(f"--classifier {name} sees {a['image_size']}x{a['image_size']}x{a['in_channels']} images, the "
-                         f"model draws {b['image_size']}x{b['image_size']}x{b['in_channels']}")
+    seen, drawn = (image_hw(c["image_size"]) + (c["in_channels"],) for c in (a, b))
+    if seen != drawn:
+        raise ValueError(f"--classifier {name} sees {'x'.join(map(str, seen))} images, the model draws "
+                         f"{'x'.join(map(str, drawn))}")
     if b.get("num_classes") is not None and b["num_classes"] != a["num_classes"]:
         raise ValueError(f"--classifier {name} has {a['num_classes']} classes, the model {b['num_classes']}")
 

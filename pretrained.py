@@ -4,14 +4,40 @@ PyTorch port of model-790000.ckpt, and diffusers' google/ddpm-cifar10-32 (UNet2D
 .safetensors or .bin file), the safetensors format read without the safetensors package. Imports only torch, the
 standard library and unet.py, so it can be copied with unet.py alone.
 """
+import ctypes
+import hashlib
 import json
+import os
 import re
 import struct
 from pathlib import Path
 
 import torch
 
-from unet import UNet
+from unet import UNet, image_hw
+
+
+# The released files this project has read, by MD5, as their publisher lists them (pesser/pytorch_diffusion, the
+# PyTorch port of the paper's TF checkpoints; where to download them: docs/sampling.md).
+RELEASED_MD5 = {
+    "1fa350b952534ae442b1d5235cce5cd3": "ema_diffusion_cifar10_model/model-790000.ckpt, the EMA weights the paper "
+                                        "evaluates",
+    "82ed3067fd1002f5cf4c339fb80c4669": "diffusion_cifar10_model/model-790000.ckpt, the raw weights (not the EMA)",
+}
+PAPER_PARAMETERS = 35_746_307  # the CIFAR-10 network (Appendix B)
+
+
+def identify(path, net):
+    """What a weights file is, for the line that says what was loaded: a released file known by its MD5, or the
+    paper's CIFAR-10 network by its parameter count (in a file of another MD5), or another network."""
+    path = Path(path)
+    md5 = hashlib.md5(path.read_bytes()).hexdigest() if path.is_file() and path.suffix in (".ckpt", ".pt", ".pth") \
+        else None
+    if md5 in RELEASED_MD5:
+        return f"MD5 {md5}: {RELEASED_MD5[md5]}"
+    count = sum(p.numel() for p in net.parameters())
+    return ("the paper's CIFAR-10 network" if count == PAPER_PARAMETERS else f"a {count:,}-parameter U-Net") + (
+        f", MD5 {md5} (not a released file's)" if md5 else "")
 
 
 def load_pretrained(path):
@@ -76,7 +102,8 @@ def convert_diffusers_state_dict(sd):
                (".resnets.", ".block."), (".attentions.", ".attn."), (".downsamplers.0.", ".downsample."),
                (".upsamplers.0.", ".upsample."), (".time_emb_proj.", ".temb_proj."),
                (".conv_shortcut.", ".nin_shortcut."), (".group_norm.", ".norm."), (".to_out.0.", ".proj_out."),
-               (".proj_attn.", ".proj_out.")]  # the last one: diffusers' old attention names
+               (".proj_attn.", ".proj_out."),  # diffusers' old attention names
+               ("class_embedding.", "label_emb.")]  # num_class_embeds = K + 1: the K classes and the null label
     out = {}
     for key, value in sd.items():
         new = re.sub(r"^down_blocks\.", "down.", key)
@@ -97,7 +124,7 @@ _DIFFUSERS_NEEDED = {
     "center_input_sample": (False, False), "time_embedding_type": ("positional", "positional"),
     "time_embedding_dim": (None, None), "mid_block_scale_factor": (1, 1), "add_attention": (True, True),
     "resnet_time_scale_shift": ("default", "default"), "class_embed_type": (None, None),
-    "num_class_embeds": (None, None), "attn_norm_num_groups": (None, None), "downsample_type": ("conv", "conv"),
+    "attn_norm_num_groups": (None, None), "downsample_type": ("conv", "conv"),
     "upsample_type": ("conv", "conv"), "mid_block_type": ("UNetMidBlock2D", "UNetMidBlock2D"),
 }
 
@@ -119,10 +146,12 @@ def _config_from_diffusers(cfg, where):
         raise ValueError(f"{where}: block types {down} / {up} or channels {channels} are not the paper's")
     size = cfg.get("sample_size") or 32
     size = size[0] if isinstance(size, (list, tuple)) else size
+    classes = cfg.get("num_class_embeds")
     return dict(image_size=size, in_channels=cfg.get("in_channels", 3), out_channels=cfg.get("out_channels", 3),
                 ch=channels[0], ch_mult=[c // channels[0] for c in channels],
                 num_res_blocks=cfg.get("layers_per_block", 2),
-                attn_resolutions=[size // 2 ** i for i, t in enumerate(down) if t == "AttnDownBlock2D"])
+                attn_resolutions=[size // 2 ** i for i, t in enumerate(down) if t == "AttnDownBlock2D"],
+                dropout=cfg.get("dropout", 0.0), num_classes=None if classes is None else classes - 1)
 
 
 def _infer_config(sd):
@@ -182,3 +211,85 @@ def _read_weights(path):
         raise ValueError(f"{path}: not DDPM U-Net weights (neither TF-scope keys like temb.dense.0.weight "
                          f"nor diffusers UNet2DModel keys); first key: {next(iter(sd))}")
     return sd, config
+
+# -----------------------------------------------------------------------------
+# writing: a model of this project as a diffusers folder
+
+
+def write_safetensors(path, tensors, metadata=None):
+    """A .safetensors file without the safetensors package: 8-byte little-endian header length, the JSON header
+    ({name: dtype, shape, data_offsets}, and __metadata__ strings), the tensors' little-endian bytes; written to a
+    temporary file and renamed, so a failure leaves no half file."""
+    codes = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+             torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8"}
+    header, blobs, offset = ({"__metadata__": metadata} if metadata else {}), [], 0
+    for name, t in tensors.items():
+        t = t.detach().cpu().contiguous()
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": codes[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        blobs.append(ctypes.string_at(t.data_ptr(), size))
+        offset += size
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned, as the format recommends
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(head)) + head + b"".join(blobs))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def to_diffusers_state_dict(sd):
+    """The inverse of convert_diffusers_state_dict: TF-scope names to diffusers UNet2DModel's (up blocks numbered
+    from the lowest resolution, attention projections as Linear layers)."""
+    levels = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("down."))
+    renames = [("temb.dense.0.", "time_embedding.linear_1."), ("temb.dense.1.", "time_embedding.linear_2."),
+               ("norm_out.", "conv_norm_out."), ("mid.block_1.", "mid_block.resnets.0."),
+               ("mid.attn_1.", "mid_block.attentions.0."), ("mid.block_2.", "mid_block.resnets.1."),
+               (".block.", ".resnets."), (".attn.", ".attentions."), (".downsample.", ".downsamplers.0."),
+               (".upsample.", ".upsamplers.0."), (".temb_proj.", ".time_emb_proj."),
+               (".nin_shortcut.", ".conv_shortcut."), ("label_emb.", "class_embedding.")]
+    out = {}
+    for key, value in sd.items():
+        new = re.sub(r"^down\.", "down_blocks.", key)
+        new = re.sub(r"^up\.(\d+)\.", lambda m: f"up_blocks.{levels - 1 - int(m.group(1))}.", new)
+        for old, rep in renames:
+            new = new.replace(old, rep)
+        if ".attentions." in new:
+            new = re.sub(r"\.norm\.", ".group_norm.", new)
+            new = re.sub(r"\.(q|k|v)\.(weight|bias)$", r".to_\1.\2", new).replace(".proj_out.", ".to_out.0.")
+            value = value[:, :, 0, 0] if value.dim() == 4 else value  # 1x1 conv (out, in, 1, 1) -> Linear (out, in)
+        out[new] = value
+    return out
+
+
+def diffusers_config(config):
+    """diffusers UNet2DModel's config.json for a UNet of this project (its config): the paper's network in
+    diffusers' terms (_DIFFUSERS_NEEDED; up blocks listed lowest resolution first)."""
+    side = min(image_hw(config["image_size"]))  # attention at a level whose shorter side is an attn resolution
+    down = ["AttnDownBlock2D" if side // 2 ** i in config["attn_resolutions"] else "DownBlock2D"
+            for i in range(len(config["ch_mult"]))]
+    classes = config.get("num_classes")
+    return dict({k: needed for k, (needed, _) in _DIFFUSERS_NEEDED.items()}, _class_name="UNet2DModel",
+                sample_size=config["image_size"], in_channels=config["in_channels"],
+                out_channels=config["out_channels"], block_out_channels=[config["ch"] * m for m in config["ch_mult"]],
+                layers_per_block=config["num_res_blocks"], down_block_types=down,
+                up_block_types=[t.replace("Down", "Up") for t in reversed(down)], dropout=config["dropout"],
+                num_class_embeds=None if classes is None else classes + 1)
+
+
+def write_diffusers(folder, net, scheduler):
+    """A folder that diffusers' UNet2DModel.from_pretrained and DDPMPipeline.from_pretrained load (flat: both read
+    the root), and that load_pretrained reads back: config.json, diffusion_pytorch_model.safetensors (written here,
+    without the safetensors package), scheduler_config.json (the scheduler's settings, given) and model_index.json."""
+    os.makedirs(folder, exist_ok=True)
+    files = {"config.json": diffusers_config(net.config), "scheduler_config.json": scheduler,
+             "model_index.json": {"_class_name": "DDPMPipeline", "scheduler": ["diffusers", "DDPMScheduler"],
+                                  "unet": ["diffusers", "UNet2DModel"]}}
+    for name, content in files.items():
+        with open(os.path.join(folder, name), "w") as f:
+            json.dump(content, f, indent=2)
+    write_safetensors(os.path.join(folder, "diffusion_pytorch_model.safetensors"),
+                      to_diffusers_state_dict(net.state_dict()), {"format": "pt"})

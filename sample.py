@@ -18,14 +18,19 @@ import torch
 
 from cascade import Stage, carry_up, check_chain
 from checkpoint import build_diffusion, fingerprint, load_model
-from data import BatchFolder, class_grid, parse_classes, from_uint8, load_file, save_grid, to_uint8, write_npz
+from data import (MASKS, BatchFolder, class_counts, class_grid, from_uint8, load_data, load_file, load_mask, parse_classes, save_grid,
+                  to_uint8, trajectory_strip, write_npz, write_pngs)
 from distill import consistency_sample
+from editing import edit_loop, edit_start, full_chain
 from guidance import check_classifier, classifier_grad, classifier_guidance, model_fn
-from runtime import USER_ERRORS, ArgumentParser, Processes, Progress, StopSignal, close_distributed, error_line, set_tf32
-from samplers import SAMPLERS, SPACINGS, is_full_chain, sample_loop
+from runtime import (USER_ERRORS, ArgumentParser, Processes, Progress, StopSignal, close_distributed, error_line,
+                     set_tf32)
+from samplers import SAMPLERS, SPACINGS, choose_sampler, describe_sampler, is_full_chain, sample_loop
+from unet import image_hw
 
 # What a run's record leaves out: where the files go, and what does not change the samples.
-NOT_RECORDED = ("ckpt", "out", "npz", "resume", "trajectory", "device", "compile", "upsample", "classifier", "low_res")
+NOT_RECORDED = ("ckpt", "out", "npz", "resume", "trajectory", "device", "compile", "upsample", "classifier", "low_res",
+                "png_dir", "edit", "mask")
 GRID_MAX = 256  # the PNG shows at most this many samples; --npz keeps all of them
 FID_MIN = 10_000  # fewer samples than this make an FID that is not comparable with published ones
 
@@ -33,39 +38,29 @@ FID_MIN = 10_000  # fewer samples than this make an FID that is not comparable w
 # command line
 
 
-def aug_level(value):
-    """--cond-aug: a timestep index, or none (-1)."""
-    return -1 if value == "none" else int(value)
-
-
 def get_parser():
     p = ArgumentParser(description="Sample from a DDPM checkpoint or the paper's released CIFAR-10 weights.")
     a = p.add_argument
     a("ckpt", help="train.py checkpoint or run folder; or released weights: the TF-scope state dict "
       "(model-790000.ckpt) or the diffusers google/ddpm-cifar10-32 folder, .safetensors or .bin")
-    a("-n", "--n", "--num-samples", dest="n", type=int, default=None, help="samples to draw (default 64). Under "
-      "torchrun write -n or --num-samples: torchrun's own parser rejects --n as ambiguous")
+    a("-n", "--n", "--num-samples", dest="n", type=int, default=None, help="samples to draw (default 64); under "
+      "torchrun write -n or --num-samples (torchrun's parser rejects --n as ambiguous)")
     a("--batch-size", type=int, default=128, help="images per batch (default 128)")
-    a("--sampler", default=None, choices=SAMPLERS + ("consistency",), help="ddpm: Algorithm 2 (with fewer steps: "
+    a("--sampler", default=None, choices=SAMPLERS + ("consistency",), help="ddpm: Algorithm 2 (fewer steps: "
       "ancestral on the spaced chain); ddim (Song et al. 2021); dpm++: DPM-Solver++(2M) (Lu et al. 2022); "
-      "consistency: a consistency model's own. Default: a distilled student's own, else ddpm for --steps T, ddim for "
-      "fewer")
+      "consistency: a consistency model's own. Default: a student's own, else ddpm for --steps T, ddim for fewer")
     a("--steps", type=int, default=None, help="network evaluations (default T)")
-    a("--consistency-last", type=float, default=0.821, help="multistep consistency sampling: the noise level "
-      "(sigma / alpha) the last step adds back, the ones before falling geometrically to it from x_T's; 0.821 is "
-      "Song et al.'s searched CIFAR-10 value for 2 steps")
+    a("--consistency-last", type=float, default=0.821, help="multistep consistency sampling: the noise level the "
+      "last step adds back, the ones before falling geometrically to it (Song et al.'s CIFAR-10 value for 2 steps)")
     a("--spacing", default="trailing", choices=SPACINGS, help="which timesteps --steps K < T visits: trailing "
-      "(default) starts at T-1 for every K; uniform and quadratic are the DDIM paper's (its CIFAR-10 FIDs: "
-      "--sampler ddim --spacing quadratic --eta 0 --no-clip)")
-    a("--eta", type=float, default=None, help="ddim: noise, 0 deterministic (default), 1 ancestral-like. Given alone "
-      "it selects ddim")
-    a("--no-clip", action="store_true", help="do not clip the predicted x0 to [-1, 1] (the literal Algorithm 2; "
-      "the original code clips)")
+      "(default) starts at T-1 for every K; uniform and quadratic are the DDIM paper's")
+    a("--eta", type=float, default=None, help="ddim: noise, 0 deterministic (default), 1 ancestral-like; alone it "
+      "selects ddim")
+    a("--no-clip", action="store_true", help="do not clip the predicted x0 to [-1, 1] (the literal Algorithm 2)")
     a("--no-ema", action="store_true", help="use the raw weights instead of their EMA (train.py checkpoints)")
-    a("--class", dest="class_", default=None, metavar="K[,K...]", help="class-conditional models: a class index "
-      "or name, or a comma-separated list (the samples spread evenly over it, one grid row per class)")
-    a("--guidance", type=float, default=0.0, help="classifier-free guidance w: eps = (1+w) eps(x,c) - w eps(x,null); "
-      "0 (default) is the plain conditional model")
+    a("--class", dest="class_", default=None, metavar="K[,K...]", help="class-conditional models: class indices or "
+      "names (the samples spread evenly over them, one grid row per class)")
+    a("--guidance", type=float, default=0.0, help="classifier-free guidance w: eps = (1+w) eps(x,c) - w eps(x,null)")
     a("--classifier", default="", help="classifier guidance (Dhariwal & Nichol 2021): a train.py --classifier "
       "checkpoint steering this model, unconditional or not, toward --class")
     a("--classifier-scale", type=float, default=1.0, help="with --classifier: the gradient scale s (0: no guidance)")
@@ -74,24 +69,31 @@ def get_parser():
     a("--upsample-sampler", action="append", default=[], choices=SAMPLERS, help="each --upsample stage's sampler, "
       "in order (one value: every stage; default ddpm)")
     a("--upsample-steps", action="append", default=[], type=int, help="each --upsample stage's steps (default T)")
-    a("--cond-aug", type=aug_level, default=-1, help="the super-resolution stages' conditioning augmentation: the "
-      "low-resolution image noised to this timestep index, or none (the default; docs/resolution.md)")
-    a("--low-res", default="", help="with a super-resolution checkpoint as the model: the .npy/.npz/.pt of "
-      "low-resolution uint8 images N,H,W,C to carry up")
-    a("--seed", type=int, default=0, help="random seed, default 0 (batch b uses seed * 1000003 + b)")
-    a("--out", default="samples.png", help="PNG grid of the samples (default samples.png in the current folder)")
-    a("--npz", default="", help="also write all samples as uint8 N,H,W,C under arr_0 (labels under arr_1), for FID")
-    a("--resume", action="store_true", help="continue a stopped run: keep the samples it finished and draw the rest "
-      "(the same command otherwise; the result is the uninterrupted run's)")
-    a("--trajectory", default="", help="PNG strip of the reverse process of the first batch's first samples: x_t "
-      "and predicted x0 at 10 steps (cf. the paper's Figure 6)")
+    a("--cond-aug", type=lambda v: -1 if v == "none" else int(v), default=-1, help="the stages' conditioning "
+      "augmentation: the low-resolution image noised to this timestep index, or none (the default)")
+    a("--low-res", default="", help="with a super-resolution checkpoint as the model: low-resolution images to carry "
+      "up (a .npy/.npz/.pt of uint8 N,H,W,C)")
+    a("--edit", default="", metavar="IMAGES", help="edit these images (a file or folder, as train.py's --data; -n "
+      "defaults to their number): SDEdit (Meng et al. 2022) with --strength, inpainting with --mask")
+    a("--strength", type=float, default=None, help="with --edit: noise the images to t = strength T and sample "
+      "from there; 0 returns them, 1 is a new sample (default 0.5, or 1 with --mask)")
+    a("--mask", default="", help="with --edit: inpaint (RePaint's replacement, Lugmayr et al. 2022): a PNG or .npz "
+      f"mask (white = keep, black = fill in), or a region to fill in: {', '.join(MASKS)}")
+    a("--resample", type=int, default=1, help="with --mask: RePaint's resampling, r passes over each stretch of "
+      "--jump steps (1: plain replacement)")
+    a("--jump", type=int, default=1, help="with --resample: the steps each RePaint jump goes back up the chain")
+    a("--seed", type=int, default=0, help="random seed (batch b uses seed * 1000003 + b)")
+    a("--out", default="samples.png", help="PNG grid of the samples")
+    a("--npz", default="", help="also every sample as uint8 N,H,W,C under arr_0 (labels under arr_1), for FID")
+    a("--png-dir", default="", help="also every sample as a PNG of its own in this folder, as its batch finishes")
+    a("--resume", action="store_true", help="continue a stopped run: keep the samples it finished, draw the rest")
+    a("--trajectory", default="", help="PNG strip of the reverse process of the first samples: x_t and predicted x0 "
+      "at 10 steps (cf. the paper's Figure 6)")
     a("--device", default="auto", help="auto (default), cpu, cuda or mps")
-    a("--compile", action="store_true", help="torch.compile the network; on CUDA with CUDA graphs (mode "
-      "reduce-overhead), so each of the T network calls is one graph launch. Compiling takes a minute or more")
-    a("--tf32", action="store_true", help="TF32 matmuls and convolutions on CUDA (faster; off by default, so the "
-      "network runs in true fp32 as the paper's numbers do)")
-    a("--bf16", action="store_true", help="bf16 autocast for the network on CUDA (faster; the diffusion math stays "
-      "fp32). Off by default: the paper's numbers are fp32")
+    a("--compile", action="store_true", help="torch.compile the network; on CUDA with CUDA graphs, one graph "
+      "launch per network call (compiling takes a minute or more)")
+    a("--tf32", action="store_true", help="TF32 on CUDA (off by default: true fp32, as the paper's numbers)")
+    a("--bf16", action="store_true", help="bf16 autocast for the network on CUDA (off by default: fp32)")
     return p
 
 
@@ -99,76 +101,27 @@ def check_args(args):
     for k in ("n", "batch_size", "steps"):
         if getattr(args, k) is not None and getattr(args, k) <= 0:
             raise ValueError(f"--{k.replace('_', '-')} must be positive")
-    if args.eta is not None and args.eta < 0:
-        raise ValueError("--eta must be >= 0")
-    if args.guidance < 0:
-        raise ValueError("--guidance must be >= 0")
-    if not args.consistency_last > 0:
-        raise ValueError("--consistency-last must be a positive noise level")
+    for flag, ok in (("--eta must be >= 0", (args.eta or 0) >= 0), ("--guidance must be >= 0", args.guidance >= 0),
+                     ("--consistency-last must be a positive noise level", args.consistency_last > 0),
+                     ("--resample and --jump must be at least 1", min(args.resample, args.jump) >= 1)):
+        if not ok:
+            raise ValueError(flag)
     if not 0 <= args.seed < 2 ** 32:
         raise ValueError(f"--seed must be in 0..2^32-1, got {args.seed}")
     if args.resume and not args.npz:
         raise ValueError("--resume continues from the samples in --npz; give the --npz of the stopped run")
+    if (args.mask or args.strength is not None or args.resample != 1) and not args.edit:
+        raise ValueError("--strength, --mask and --resample are for --edit IMAGES")
+    if args.png_dir:
+        os.makedirs(args.png_dir, exist_ok=True)
     for flag, path in (("--out", args.out), ("--npz", args.npz), ("--trajectory", args.trajectory)):
         if path and not os.path.isdir(os.path.dirname(path) or "."):  # find out now, not after hours of sampling
             raise ValueError(f"{flag} {path}: folder {os.path.dirname(path)} does not exist")
 
 
-def class_counts(n, k):
-    """n samples spread evenly over k classes: the counts differ by at most one."""
-    return [n // k + (i < n % k) for i in range(k)]
-
-
-def trajectory(path, num_calls, points=10):
-    """(record, save): record(k, x_t, pred_xstart) at the sampler's k-th step keeps the first 4 samples at `points`
-    evenly spaced steps, the last included; save() writes them to path, two rows per sample, x_t and the predicted
-    x0, time running left to right (the paper's Figure 6)."""
-    keep, frames = {round(k * (num_calls - 1) / max(points - 1, 1)) for k in range(min(points, num_calls))}, []
-    def record(k, x, pred_xstart):
-        if k in keep:
-            frames.append((x[:4].float().cpu(), pred_xstart[:4].float().cpu()))
-    def save():
-        rows = [torch.stack([f[j][s] for f in frames]) for s in range(len(frames[0][0])) for j in (0, 1)]
-        save_grid(path, torch.cat(rows), nrow=len(frames))
-        return f"wrote {path}: x_t (odd rows) and predicted x0 (even rows) at {len(frames)} steps"
-    return record, save
-
-
-def describe_sampler(args, diffusion):
-    T = diffusion.num_timesteps
-    if args.sampler == "consistency":
-        last = f", last noise level {args.consistency_last}" if args.steps > 1 else ""
-        return f"consistency model, {args.steps} step{'s' if args.steps > 1 else ''}{last} (Song et al. 2023, Algorithm 1)"
-    if is_full_chain(args.sampler, args.steps, args.spacing, T):
-        return f"Algorithm 2, {T} steps, {diffusion.var_type}"
-    name = {"ddpm": "ancestral (DDIM eta 1)", "ddim": f"DDIM eta {args.eta or 0.0}", "dpm++": "DPM-Solver++(2M)"}[
-        args.sampler]
-    return f"{name}, {args.steps} steps ({args.spacing} spacing)"
 
 # -----------------------------------------------------------------------------
 # what to draw: the model, its sampler, guidance, a cascade
-
-
-def choose_sampler(args, T, sampling):
-    """The sampler and steps: the flags, or a distilled student's own (its checkpoint's "sampling")."""
-    own = (sampling or {}).get("sampler")
-    if own == "consistency" and args.sampler not in (None, own):
-        raise ValueError(f"a consistency model samples with its own sampler (Song et al. 2023, Algorithm 1), not "
-                         f"--sampler {args.sampler}; --steps K gives K steps")
-    if args.sampler == "consistency" != own:
-        raise ValueError("--sampler consistency is for consistency models (train.py --distill consistency)")
-    if args.sampler is None and own:
-        args.sampler, args.steps = own, args.steps or (1 if own == "consistency" else sampling["steps"])
-    args.steps = args.steps or T
-    if args.steps > T:
-        raise ValueError(f"--steps {args.steps} is more than the model's T = {T}")
-    if args.sampler is None:  # as before --sampler existed: all T steps are Algorithm 2, fewer (or --eta) DDIM
-        args.sampler = "ddpm" if args.steps == T and args.eta is None else "ddim"
-    if args.sampler == "ddpm" and args.eta not in (None, 1.0):
-        raise ValueError("--sampler ddpm has no --eta (it is eta 1); use --sampler ddim")
-    if args.sampler == "dpm++" and args.eta not in (None, 0.0):
-        raise ValueError("--sampler dpm++ is deterministic (an ODE solver) and takes no --eta; for a stochastic "
-                         "sampler use --sampler ddpm (ancestral) or ddim --eta E")
 
 
 def load_classifier(args, diffusion, net, device):
@@ -197,7 +150,7 @@ def load_stages(args, net, meta, diffusion, device):
     for path, _, _, stage_meta in models:
         if stage_meta["kind"] != "sr":
             raise ValueError(f"--upsample {path} is not a super-resolution model (train.py --low-res)")
-    first = given.shape[1:] if given is not None else (net.config["image_size"],) * 2 + (net.config["in_channels"],)
+    first = given.shape[1:] if given is not None else (*image_hw(net.config["image_size"]), net.config["in_channels"])
     check_chain([(path, m) for path, m, _, _ in models], first)
     pick = lambda values, k, default: values[min(k, len(values) - 1)] if values else default
     stages = []
@@ -219,14 +172,16 @@ def load_stages(args, net, meta, diffusion, device):
 # drawing: batches, each seeded by its index, shared out over the processes, each written as it finishes
 
 
-def draw_samples(args, procs, net, diffusion, names, classifier=None, stages=(), given=None, record=None):
+def draw_samples(args, procs, net, diffusion, names, classifier=None, stages=(), given=None, record=None,
+                 edits=None):
     """Batches of samples from net, shared out over the processes by index; with a classifier, classifier guidance
     (scale args.classifier_scale) toward the --class labels, which then need not be the model's own. stages: a
     cascade's super-resolution models, each drawing from the output of the one before; given: low-resolution images
-    that stand in for the base model's samples (sample.py SR_CKPT --low-res IMAGES)."""
+    that stand in for the base model's samples (sample.py SR_CKPT --low-res IMAGES); edits: (images, mask or None)
+    to edit (--edit, --mask)."""
     device, master = procs.device, procs.master
     say = print if master else (lambda *a, **k: None)
-    c, s = net.config["in_channels"], (stages[-1].size if stages else net.config["image_size"])
+    c, (h, w) = net.config["in_channels"], image_hw(stages[-1].size if stages else net.config["image_size"])
     num_classes = net.config.get("num_classes")
     label_classes = classifier.num_classes if classifier is not None else num_classes
     classes = parse_classes(args.class_, label_classes, names) if args.class_ is not None else None
@@ -242,8 +197,9 @@ def draw_samples(args, procs, net, diffusion, names, classifier=None, stages=(),
         parts.check(args.npz)
     procs.on_master(lambda: parts.start(args.resume, args.npz))
     todo = [b for b in range(procs.rank, len(parts.sizes), procs.world) if not parts.done(b)]
-    first = f"the {args.n} given images" if given is not None else describe_sampler(args, diffusion)
-    say(f"sampling {args.n} images {s}x{s}x{c}: {first}, batch {args.batch_size}, seed {args.seed}, {procs.world} x "
+    first = f"the {args.n} given images" if given is not None else describe_sampler(
+        args.sampler, args.steps, args.eta, args.spacing, diffusion, args.consistency_last)
+    say(f"sampling {args.n} images {h}x{w}x{c}: {first}, batch {args.batch_size}, seed {args.seed}, {procs.world} x "
         f"{device}" + (f", classes {classes}" if classes else "")
         + (f", guidance {args.guidance}" if classes and num_classes else "")
         + (f", classifier scale {args.classifier_scale}" if classifier is not None else "")
@@ -254,7 +210,7 @@ def draw_samples(args, procs, net, diffusion, names, classifier=None, stages=(),
         say(f"resuming: {drawn_before} samples of {args.n} already drawn")
     steps = (0 if given is not None else args.steps) + sum(stage.steps for stage in stages)  # network calls a sample
     progress = Progress(total=(args.n - drawn_before) * steps)
-    strip = trajectory(args.trajectory, args.steps) if args.trajectory and 0 in todo else None
+    strip = trajectory_strip(args.trajectory, args.steps) if args.trajectory and 0 in todo else None
 
     def draw(b):
         """Batch b: its own seed, seed * 1_000_003 + b, so the same seed gives the same files on any number of
@@ -274,12 +230,18 @@ def draw_samples(args, procs, net, diffusion, names, classifier=None, stages=(),
         if given is not None:  # the low-resolution images, through the cascade's stages
             x = from_uint8(given[lo:hi].to(device))
         else:
-            x = sample_base(args, net, diffusion, classifier, y, classes, (hi - lo, c), g, callback)
+            edit = from_uint8(edits[0][lo:hi].to(device)) if edits else None
+            mask = edits[1][lo:hi] if edits and edits[1] is not None and len(edits[1]) > 1 else edits and edits[1]
+            x = sample_base(args, net, diffusion, classifier, y, classes, (hi - lo, c), g, callback, edit,
+                            None if mask is None else mask.to(device))
             if strip and b == 0:
                 say(strip[1]())
         count = x.numel()
         x, sq_error = carry_up(stages, x, g)  # and CDM's consistency of the output with its input
-        parts.write(b, {"arr_0": to_uint8(x), **({"arr_1": labels[lo:hi]} if labels is not None else {}),
+        images = to_uint8(x)
+        if args.png_dir:
+            write_pngs(args.png_dir, images, lo, None if labels is None else labels[lo:hi], names)
+        parts.write(b, {"arr_0": images, **({"arr_1": labels[lo:hi]} if labels is not None else {}),
                         "agreement": torch.tensor([sq_error, count], dtype=torch.float64)})
 
     done_images = lambda: parts.drawn() - drawn_before
@@ -304,22 +266,45 @@ def draw_samples(args, procs, net, diffusion, names, classifier=None, stages=(),
         raise SystemExit(stop.exit_code)
 
 
-def sample_base(args, net, diffusion, classifier, y, classes, shape, generator, callback):
+def sample_base(args, net, diffusion, classifier, y, classes, shape, generator, callback, edit=None, mask=None):
     """One batch from the model itself: its sampler (a student's own, or --sampler), with classifier-free guidance
-    (--guidance, a conditional model) or classifier guidance (--classifier) toward the labels y."""
+    (--guidance, a conditional model) or classifier guidance (--classifier) toward the labels y; or an edit of the
+    images `edit` (SDEdit, inpainting where mask is 0: editing.edit_loop)."""
     num_classes, device = net.config.get("num_classes"), y.device if y is not None else next(net.parameters()).device
     y_model = y if y is not None or num_classes is None else torch.full((shape[0],), num_classes, device=device)
     fn = model_fn(net, y_model if num_classes is not None else None, args.guidance if classes else 0.0, args.bf16)
-    shape = (*shape, net.config["image_size"], net.config["image_size"])
+    shape, T = (*shape, *image_hw(net.config["image_size"])), diffusion.num_timesteps
     if args.sampler == "consistency":
         return consistency_sample(diffusion, fn, shape, args.steps, generator=generator, callback=callback,
                                   last=args.consistency_last)
     cond_fn = classifier_grad(classifier, y, args.classifier_scale) if (
         classifier is not None and y is not None and args.classifier_scale != 0) else None  # s = 0: unguided
-    full = is_full_chain(args.sampler, args.steps, args.spacing, diffusion.num_timesteps)
-    fn, cond_fn = classifier_guidance(diffusion, fn, cond_fn, full)
+    if edit is not None:  # the steps of the whole chain that lie below t_0 = strength T
+        start = edit_start(T, args.strength)
+        steps = max(1, round(args.steps * (start + 1) / T))
+        fn, cond_fn = classifier_guidance(diffusion, fn, cond_fn, full_chain(args.sampler, start, steps, args.spacing))
+        return edit_loop(diffusion, fn, edit, mask, start, steps, args.sampler, args.eta, args.spacing, generator,
+                         not args.no_clip, cond_fn, args.jump, args.resample, callback)
+    fn, cond_fn = classifier_guidance(diffusion, fn, cond_fn, is_full_chain(args.sampler, args.steps, args.spacing, T))
     return sample_loop(diffusion, fn, shape, args.sampler, args.steps, args.eta, args.spacing, generator=generator,
                        clip_denoised=not args.no_clip, callback=callback, cond_fn=cond_fn)
+
+
+def load_edit(args, net, data_dir="./data"):
+    """--edit IMAGES (uint8 N, H, W, C, checked against the model) and --mask (M, 1, H, W; 1 = keep) or None."""
+    (h, w), c = image_hw(net.config["image_size"]), net.config["in_channels"]
+    images = load_data(args.edit, data_dir, net.config["image_size"] if h == w else (h, w))[0]
+    if tuple(images.shape[1:]) != (h, w, c):
+        raise ValueError(f"--edit {args.edit}: images are {tuple(images.shape[1:])} (H,W,C), the model's {(h, w, c)}")
+    if args.sampler not in ("ddpm", "ddim"):
+        why = {"dpm++": "it keeps the last step's x0_hat, which an edit makes stale"}.get(args.sampler, "its own map")
+        raise ValueError(f"--edit runs --sampler ddpm or ddim, whose state is x_t alone; not {args.sampler} ({why})")
+    args.strength = (1.0 if args.mask else 0.5) if args.strength is None else args.strength
+    edit_start(1, args.strength)  # checks the range
+    mask = load_mask(args.mask, h, w) if args.mask else None
+    if mask is not None and len(mask) not in (1, len(images)):
+        raise ValueError(f"--mask {args.mask}: {len(mask)} masks for {len(images)} images (give one, or one each)")
+    return images, mask
 
 
 def finish(args, parts, classes, stages, stopped):
@@ -364,7 +349,7 @@ def sample(args):
     if procs.master:
         print(f"loaded {desc}: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M params, T={T}")
     n_asked, args.n = args.n, args.n or 64
-    choose_sampler(args, T, meta["sampling"])
+    args.sampler, args.steps = choose_sampler(args.sampler, args.steps, args.eta, T, meta["sampling"])
     classifier, names = None, meta.get("class_names") or ()
     if args.classifier:
         classifier, classifier_names = load_classifier(args, diffusion, net, device)
@@ -380,14 +365,17 @@ def sample(args):
         raise ValueError("--classifier: a consistency model's sampler (Song et al. 2023, Algorithm 1) takes no "
                          "classifier guidance")
     stages, given = load_stages(args, net, meta, diffusion, device)
-    if given is not None:  # every image given, unless --n asks for fewer
-        args.n = min(n_asked or len(given), len(given))
+    edits = load_edit(args, net) if args.edit else None
+    if given is not None or edits:  # every image given, unless --n asks for fewer
+        available = len(given if given is not None else edits[0])
+        args.n = min(n_asked or available, available)
     record = dict({k: v for k, v in vars(args).items() if k not in NOT_RECORDED}, device=device.type,
                   model=fingerprint(net), stages=[fingerprint(stage.net) for stage in stages],
-                  classifier=classifier and fingerprint(classifier), given=given is not None and fingerprint(given))
+                  classifier=classifier and fingerprint(classifier), given=given is not None and fingerprint(given),
+                  edit=edits and fingerprint(edits[0]), mask=edits and edits[1] is not None and fingerprint(edits[1]))
     if args.compile:  # the batch shape is fixed, so one graph serves every step (a smaller last batch: one more)
         net = torch.compile(net, mode="reduce-overhead" if device.type == "cuda" else None)
-    draw_samples(args, procs, net, diffusion, names, classifier, stages, given, record)
+    draw_samples(args, procs, net, diffusion, names, classifier, stages, given, record, edits)
 
 
 def main(argv=None):

@@ -183,3 +183,40 @@ def sample_loop(diffusion, model, shape, sampler="ddpm", steps=None, eta=None, s
             raise ValueError("dpm++ is deterministic (an ODE solver): it takes no eta")
         return dpm_solver_pp_sample_loop(diffusion, model, shape, steps, spacing, **kw)
     raise ValueError(f"unknown sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
+
+
+def choose_sampler(sampler, steps, eta, num_timesteps, own=None):
+    """The sampler and steps a command asks for (None: the default), checked: a distilled student's own when it asks
+    for none (own: its checkpoint's "sampling"), else Algorithm 2 for all T steps and DDIM for fewer (or with an
+    eta). -> (sampler, steps)."""
+    mine = (own or {}).get("sampler")
+    if mine == "consistency" and sampler not in (None, mine):
+        raise ValueError(f"a consistency model samples with its own sampler (Song et al. 2023, Algorithm 1), not "
+                         f"--sampler {sampler}; --steps K gives K steps")
+    if sampler == "consistency" != mine:
+        raise ValueError("--sampler consistency is for consistency models (train.py --distill consistency)")
+    if sampler is None and mine:
+        sampler, steps = mine, steps or (1 if mine == "consistency" else own["steps"])
+    steps = steps or num_timesteps
+    if steps > num_timesteps:
+        raise ValueError(f"--steps {steps} is more than the model's T = {num_timesteps}")
+    if sampler is None:
+        sampler = "ddpm" if steps == num_timesteps and eta is None else "ddim"
+    if sampler == "ddpm" and eta not in (None, 1.0):
+        raise ValueError("--sampler ddpm has no --eta (it is eta 1); use --sampler ddim")
+    if sampler == "dpm++" and eta not in (None, 0.0):
+        raise ValueError("--sampler dpm++ is deterministic (an ODE solver) and takes no --eta; for a stochastic "
+                         "sampler use --sampler ddpm (ancestral) or ddim --eta E")
+    return sampler, steps
+
+
+def describe_sampler(sampler, steps, eta, spacing, diffusion, last=0.821):
+    """One line saying how samples are drawn."""
+    T = diffusion.num_timesteps
+    if sampler == "consistency":
+        tail = f", last noise level {last}" if steps > 1 else ""
+        return f"consistency model, {steps} step{'s' if steps > 1 else ''}{tail} (Song et al. 2023, Algorithm 1)"
+    if is_full_chain(sampler, steps, spacing, T):
+        return f"Algorithm 2, {T} steps, {diffusion.var_type}"
+    name = {"ddpm": "ancestral (DDIM eta 1)", "ddim": f"DDIM eta {eta or 0.0}", "dpm++": "DPM-Solver++(2M)"}[sampler]
+    return f"{name}, {steps} steps ({spacing} spacing)"

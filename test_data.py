@@ -250,3 +250,13 @@ def test_cifar10_batches_parsed_without_numpy(tmp_path, monkeypatch):
     assert not os.path.exists(tmp_path / "nothing" / "cifar-10-python.tar.gz.part")
 
 
+
+
+def test_crops_keep_the_asked_aspect_ratio():
+    """center_crop_resize to (height, width): the largest centred crop of that aspect ratio, resized; a file of
+    H x W images is read when H, W are asked for, and refused as not square otherwise."""
+    img = torch.arange(30 * 40 * 1, dtype=torch.float32).view(30, 40, 1).to(torch.uint8)
+    assert data.center_crop_resize(img, (30, 20)).shape == (30, 20, 1)
+    assert torch.equal(data.center_crop_resize(img, (30, 20)), img[:, 10:30])  # no resize: the crop itself
+    assert torch.equal(data.center_crop_resize(img, (15, 40)), img[7:22])
+    assert data.center_crop_resize(img, 12).shape == (12, 12, 1)

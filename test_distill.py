@@ -496,6 +496,45 @@ def test_distillation_steps_move_no_tensor_between_devices(monkeypatch):
     assert moves == []
 
 
+def test_students_train_without_dropout_unless_asked(teacher, tmp_path):
+    """The papers' students train with dropout 0 (the reference configs: "same as teacher but with 0 dropout"), the
+    teacher keeping its own; --student-dropout sets another. The consistency target network is built as the student
+    (so with mu = 0 it is the student itself, without a second dropout mask) and runs without gradient."""
+    import train
+    import training
+    from data import make_shapes
+    images = make_shapes(8, 8, 3)[0]
+    for kind, extra, want in (("progressive", [], 0.0), ("consistency", [], 0.0), ("progressive", ["--student-dropout",
+                                                                                                      "0.2"], 0.2)):
+        args, _, kind, _ = train.parse(distill_args(kind, str(teacher), "", *extra) + ["--dropout", "0.3"])
+        run = training.build_run(kind, args, None, images, None, torch.device("cpu"))
+        assert run.model_config["dropout"] == want and run.objective.teacher.config["dropout"] == 0.0  # the teacher's
+        if kind == "consistency":
+            target = run.objective.target
+            assert target.config == run.model_config and not any(p.requires_grad for p in target.parameters())
+
+
+def test_progressive_rounds_anneal_the_learning_rate_and_start_adam_afresh():
+    """Within each round the rate falls linearly to 0 (the reference's), and at a round's first update Adam's state
+    starts afresh and the EMA restarts from the student; --round-lr constant and --round-adam keep turn each off."""
+    d = GaussianDiffusion(make_beta_schedule("linear", 100, 1e-3, 0.2), mean_type="v")
+    net, ema = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    net.config = {}
+    make = lambda **kw: distill.ProgressiveDistillation(d, torch.nn.Linear(2, 2), d, {}, [4, 2], [0, 5], 0, 10, **kw)
+    pd = make()
+    assert [pd.learning_rate(s, 1.0) for s in range(5)] == pytest.approx([1.0, 0.8, 0.6, 0.4, 0.2])
+    optimizer = torch.optim.Adam(net.parameters())
+    net(torch.ones(1, 2)).sum().backward()
+    optimizer.step()
+    pd.begin(5, net, ema, optimizer)
+    assert pd.round == 1 and not optimizer.state and torch.equal(ema.weight, net.weight)
+    assert [pd.learning_rate(s, 1.0) for s in (5, 9)] == pytest.approx([1.0, 0.2])
+    pd = make(anneal=False, reset_adam=False)
+    optimizer.step()
+    pd.begin(5, net, ema, optimizer)
+    assert optimizer.state and pd.learning_rate(9, 1.0) == 1.0
+
+
 def test_consistency_target_is_an_ema_of_the_student():
     """Eq. (8): theta- <- mu theta- + (1 - mu) theta after each update; mu = 0 makes the target the student."""
     d = GaussianDiffusion(make_beta_schedule("linear", 100))

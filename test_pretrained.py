@@ -3,17 +3,22 @@ model-790000.ckpt's PyTorch port, and diffusers' google/ddpm-cifar10-32 as a fol
 config checked to be the paper's network) load strictly into unet.UNet and compute what they computed there; the
 safetensors reader against an independent writer; unreadable files as one clear error; and the released layouts
 sampled end to end through sample.py."""
+import hashlib
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
+import export
+import pretrained
 import sample
 from checkpoint import PAPER_DIFFUSION, build_diffusion
-from conftest import randomized, read_npz
+from conftest import TINY_DIFFUSION, TINY_NET, one_line_error, randomized, read_npz, write_checkpoint
 from data import tensor_bytes, to_uint8
-from pretrained import convert_diffusers_state_dict, load_pretrained, read_safetensors
+from guidance import NoisyClassifier
+from pretrained import (convert_diffusers_state_dict, diffusers_config, identify, load_pretrained, read_safetensors,
+                        to_diffusers_state_dict, write_safetensors)
 from samplers import ddim_sample_loop
 from unet import UNet
 
@@ -129,8 +134,9 @@ def test_diffusers_config_not_the_paper_is_refused(tmp_path):
             load_pretrained(tmp_path)
 
 
-def write_safetensors(path, state_dict):
-    """A minimal safetensors writer (the format: 8-byte little-endian header length, JSON header, raw data)."""
+def write_safetensors_by_hand(path, state_dict):
+    """A minimal safetensors writer written here from the format (8-byte little-endian header length, JSON header,
+    raw data), independent of pretrained.write_safetensors."""
     names = {torch.float32: "F32", torch.int64: "I64"}
     header, blobs, offset = {}, [], 0
     for k, v in state_dict.items():
@@ -146,11 +152,11 @@ def test_safetensors_reader_roundtrip(tmp_path):
     """read_safetensors returns exactly the tensors written; a TF-scope .safetensors file loads with from_pretrained."""
     net = randomized(UNet(**TINY))
     sd = dict(net.state_dict(), extra=torch.arange(5))
-    write_safetensors(tmp_path / "w.safetensors", sd)
+    write_safetensors_by_hand(tmp_path / "w.safetensors", sd)
     back = read_safetensors(tmp_path / "w.safetensors")
     assert list(back) == list(sd) and all(torch.equal(back[k], v) and back[k].dtype == v.dtype for k, v in sd.items())
     sd.pop("extra")
-    write_safetensors(tmp_path / "tf.safetensors", sd)
+    write_safetensors_by_hand(tmp_path / "tf.safetensors", sd)
     x, t = inputs(2, size=16)
     with torch.no_grad():
         torch.testing.assert_close(load_pretrained(tmp_path / "tf.safetensors")(x, t), net(x, t), atol=0, rtol=0)
@@ -164,7 +170,7 @@ def test_load_errors(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_pretrained(tmp_path)  # a folder without weights
     sd = UNet(**TINY).state_dict()
-    write_safetensors(tmp_path / "good.safetensors", sd)
+    write_safetensors_by_hand(tmp_path / "good.safetensors", sd)
     torch.save(sd, tmp_path / "good.pt")
     st, pt = (tmp_path / "good.safetensors").read_bytes(), (tmp_path / "good.pt").read_bytes()
     cases = {"trunc.safetensors": st[: len(st) // 2], "header.safetensors": st[:100], "tiny.safetensors": b"abc",
@@ -218,10 +224,80 @@ def test_released_diffusers_layout(tmp_path, capsys):
         assert (sample_released(path, tmp_path, capsys).int() - expected.int()).abs().max() <= 1
 
 
-def test_released_tf_scope_state_dict(tmp_path, capsys):
+def test_released_tf_scope_state_dict(tmp_path, capsys, monkeypatch):
     """A bare state dict with the TF-scope keys (the PyTorch port of model-790000.ckpt) implies the CIFAR-10 net and
-    the paper's diffusion; sample.py's samples are those of the net it holds."""
+    the paper's diffusion; sample.py's samples are those of the net it holds; the file is named by its MD5 where it is
+    a released one, else as the paper's network by its parameter count."""
     net = randomized(UNet())
     torch.save(net.state_dict(), tmp_path / "model-790000.ckpt")
     assert torch.equal(sample_released(tmp_path / "model-790000.ckpt", tmp_path, capsys),
                        expected_released(lambda x, t: net(x, t)))
+    assert "the paper's CIFAR-10 network, MD5" in identify(tmp_path / "model-790000.ckpt", net)
+    md5 = hashlib.md5((tmp_path / "model-790000.ckpt").read_bytes()).hexdigest()
+    monkeypatch.setitem(pretrained.RELEASED_MD5, md5, "the released file")  # as if it were the download
+    assert identify(tmp_path / "model-790000.ckpt", net) == f"MD5 {md5}: the released file"
+
+# ---- models of this project, out to diffusers
+
+
+def test_safetensors_writer_round_trips_and_the_package_reads_it(tmp_path):
+    """write_safetensors: read_safetensors gives back every tensor bit for bit (float32, int64, bf16, uint8), and so
+    does the safetensors package where it is installed (requirements-dev.txt)."""
+    tensors = {"a": torch.randn(3, 4), "b": torch.arange(5), "c": torch.randn(2, 2).bfloat16(),
+               "d": torch.tensor([0, 255], dtype=torch.uint8), "e": torch.zeros(0, 3)}
+    write_safetensors(tmp_path / "w.safetensors", tensors, {"format": "pt"})
+    back = read_safetensors(tmp_path / "w.safetensors")
+    assert list(back) == list(tensors) and all(torch.equal(back[k], v) for k, v in tensors.items())
+    st = pytest.importorskip("safetensors.torch")
+    assert all(torch.equal(st.load_file(tmp_path / "w.safetensors")[k], v) for k, v in tensors.items())
+
+
+def test_names_round_trip_to_diffusers_and_back():
+    """to_diffusers_state_dict is convert_diffusers_state_dict's inverse (class embedding included), and on the
+    paper's net it gives diffusers' own key names and shapes (where diffusers is installed)."""
+    net = randomized(UNet(**dict(TINY, num_classes=3)))
+    sd = net.state_dict()
+    back = convert_diffusers_state_dict(to_diffusers_state_dict(sd))
+    assert list(back) == list(sd) and all(torch.equal(back[k], v) for k, v in sd.items())
+    diffusers = pytest.importorskip("diffusers")
+    theirs = diffusers.UNet2DModel(**{k: v for k, v in diffusers_config(UNet().config).items() if k != "_class_name"})
+    ours = to_diffusers_state_dict(UNet().state_dict())
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+
+
+@pytest.mark.parametrize("num_classes", [None, 3])
+def test_export_to_diffusers(tmp_path, capsys, num_classes):
+    """export.py writes a folder that load_pretrained reads back to the same network; where diffusers is installed,
+    UNet2DModel.from_pretrained computes the same eps (with class labels for a class-conditional net), and for an
+    unconditional one DDPMPipeline draws the images sample.py draws with the same seed (to one level of 255)."""
+    write_checkpoint(str(tmp_path / "ckpt.pt"), num_classes=num_classes)
+    export.main([str(tmp_path / "ckpt.pt"), "--to-diffusers", str(tmp_path / "d")])
+    ours = randomized(UNet(**dict(TINY_NET, num_classes=num_classes)), seed=1)  # the checkpoint's EMA
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 90])
+    y = None if num_classes is None else torch.tensor([0, 3])
+    with torch.no_grad():
+        torch.testing.assert_close(load_pretrained(tmp_path / "d")(x, t, y), ours(x, t, y), atol=0, rtol=0)
+    diffusers = pytest.importorskip("diffusers")
+    theirs = diffusers.UNet2DModel.from_pretrained(tmp_path / "d").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x, t, class_labels=y).sample, ours(x, t, y), atol=1e-5, rtol=1e-5)
+    if num_classes is not None:
+        return
+    pipeline = diffusers.DDPMPipeline.from_pretrained(tmp_path / "d")
+    pipeline.set_progress_bar_config(disable=True)
+    images = pipeline(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=100,
+                      output_type="np").images
+    theirs = (torch.from_numpy(images) * 255).round().to(torch.uint8)
+    sample.main([str(tmp_path / "ckpt.pt"), "-n", "2", "--seed", "0", "--npz", str(tmp_path / "s.npz"), "--out",
+                 str(tmp_path / "s.png"), "--device", "cpu"])
+    assert (read_npz(tmp_path / "s.npz")["arr_0"].int() - theirs.int()).abs().max() <= 1
+
+
+def test_export_refuses_what_diffusers_cannot_hold(tmp_path, capsys):
+    """A classifier or a super-resolution stage is not a UNet2DModel with a DDPM scheduler: one line."""
+    classifier = NoisyClassifier(4, **TINY_NET)
+    torch.save({"model": classifier.state_dict(), "ema": classifier.state_dict(), "step": 1, "kind": "classifier",
+                "model_config": classifier.config, "diffusion_config": TINY_DIFFUSION, "args": {},
+                "format": "ddpm-checkpoint-v1"}, tmp_path / "clf.pt")
+    assert "is a classifier model" in one_line_error(export.main, [str(tmp_path / "clf.pt"), "--to-diffusers",
+                                                                  str(tmp_path / "d")], capsys)

@@ -23,7 +23,7 @@ import train
 import training
 from checkpoint import build_diffusion, load_checkpoint
 from conftest import (ENV, HERE, TINY_NET, TRAIN_TINY as TINY, assert_one_line_error, decode_png, in_process,
-                      one_line_error, randomized, run_script, torchrun)
+                      one_line_error, randomized, read_npz, run_script, torchrun)
 from ddpm import GaussianDiffusion
 from unet import UNet
 
@@ -237,6 +237,33 @@ def test_user_npz_grayscale_16x16_class_conditional(tmp_path):
     assert decode_png(tmp_path / "run" / "samples_0000003.png").shape[2] == 1
 
 
+def test_images_that_are_not_square(tmp_path, capsys):
+    """--image-size H,W: a file of 8x16 images trains an 8x16 network (image_size [8, 16] in the checkpoint), and
+    sample.py draws 8x16 samples into the .npz and the grid; without it, a file that is not square is refused."""
+    x = torch.cat([data.make_shapes(16, 8, 3, seed=3)[0]] * 2, dim=2)  # two shapes side by side: 8 x 16
+    data.write_npz(str(tmp_path / "wide.npz"), {"arr_0": x})
+    r = run(*TINY, "--data", tmp_path / "wide.npz", "--image-size", "8,16", "--steps", "2", "--sample-every", "2",
+            "--sample-steps", "2", "--out", tmp_path / "run")
+    assert r.returncode == 0, r.stderr
+    assert load_checkpoint(str(tmp_path / "run"))["model_config"]["image_size"] == [8, 16]
+    assert decode_png(tmp_path / "run" / "samples_0000002.png").shape == (2 + 2 * 10, 2 + 2 * 18, 3)
+    r = run_script("sample.py", tmp_path / "run", "-n", "3", "--steps", "2", "--device", "cpu", "--npz",
+                   tmp_path / "s.npz", "--out", tmp_path / "s.png")
+    assert r.returncode == 0 and read_npz(tmp_path / "s.npz")["arr_0"].shape == (3, 8, 16, 3), r.stderr
+    r = run(*TINY, "--data", tmp_path / "wide.npz", "--steps", "1", "--out", tmp_path / "square")
+    assert "H = W and C = 1 or 3" in assert_one_line_error(r)
+
+
+def test_metrics_csv_has_a_row_per_log_line(good_run):
+    """Each log line's numbers are a row of metrics.csv beside log.txt: step, loss, lr, grad norm, img/s and the
+    loss by timestep quartile, the same numbers the log prints."""
+    rows = (good_run / "metrics.csv").read_text().splitlines()
+    assert rows[0] == "step,loss,lr,grad_norm,img_per_s,loss_q0,loss_q1,loss_q2,loss_q3" and len(rows) == 3
+    step, loss = rows[2].split(",")[:2]
+    line = next(l for l in (good_run / "log.txt").read_text().splitlines() if l.startswith("step 4/4"))
+    assert step == "4" and f"loss {float(loss):.4f}" in line
+
+
 def test_torchrun_two_cpu_processes(tmp_path):
     """torchrun with 2 CPU processes (gloo): trains with the global batch split, one writer: one
     checkpoint holding both ranks' RNG states, one log line per interval."""
@@ -245,7 +272,7 @@ def test_torchrun_two_cpu_processes(tmp_path):
                         *TINY, "--steps", "4", "--log-every", "2", "--sample-every", "0", "--sample-steps", "2",
                         "--out", str(out)], capture_output=True, text=True, timeout=180, cwd=HERE, env=ENV)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert sorted(os.listdir(out)) == ["ckpt.pt", "log.txt"]
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "log.txt", "metrics.csv"]
     ckpt = load_checkpoint(str(out))
     assert ckpt["step"] == 4 and len(ckpt["rng"]["ranks"]) == 2
     assert not torch.equal(ckpt["rng"]["ranks"][0]["cpu"], ckpt["rng"]["ranks"][1]["cpu"])
@@ -379,6 +406,7 @@ def test_bad_input_one_line_checkpoint_untouched(good_run, tmp_path, case, argv,
     (["--attn", "3"], "attn_resolutions"), (["--grad-accum", "3"], "not divisible by --grad-accum 3"),
     (["--batch-size", "20000"], "fewer than the batch of 20000"), (["--ch-mult", "1,0"], "positive integers"),
     (["--schedule", "sigmoid"], "invalid choice"), (["--timesteps", "0"], "--timesteps must be positive"),
+    (["--student-dropout", "1"], "--student-dropout must be in [0, 1)"),
 ])
 def test_bad_flags_are_one_line(argv, expect, tmp_path, capsys):
     """Every flag's range is checked where it is parsed (or where the data or the network first need it): one
@@ -432,7 +460,7 @@ def test_full_disk_keeps_previous_checkpoint(good_run, tmp_path, monkeypatch, wh
         in_process(["--resume", str(run_dir), "--steps", "5", "--ckpt-every", "1", "--sample-every", "0"])
     monkeypatch.undo()
     assert sha(run_dir / "ckpt.pt") == before and load_checkpoint(str(run_dir))["step"] == 4
-    assert sorted(os.listdir(run_dir)) == ["ckpt.pt", "log.txt"]
+    assert sorted(os.listdir(run_dir)) == ["ckpt.pt", "log.txt", "metrics.csv"]
 
 
 def test_nan_loss_stops_without_saving(good_run, tmp_path, monkeypatch):

@@ -27,15 +27,24 @@ from training import (FAST_PATHS, Batches, build_run, get_lr, make_optimizer, ma
 # -----------------------------------------------------------------------------
 # command line
 
-MODEL_FLAGS = ("ch", "ch_mult", "num_res_blocks", "attn", "dropout", "class_cond", "timesteps", "schedule",
+MODEL_FLAGS = ("ch", "ch_mult", "num_res_blocks", "attn", "dropout", "student_dropout", "class_cond", "timesteps", "schedule",
                "image_size", "classifier", "distill", "teacher", "student_steps", "teacher_steps", "cd_n", "low_res",
                "mean_type", "convert_steps")
-RUN_FLAGS = ("resume", "device", "compile", "bf16", "tf32", "fused_adam", "channels_last", "out")  # never from a ckpt
+# flags that belong to this process, never taken from a checkpoint
+RUN_FLAGS = ("resume", "device", "compile", "bf16", "tf32", "fused_adam", "channels_last", "out", "tensorboard")
 FLIP_DATA = BUILT_IN = {"cifar10", "shapes"}  # data whose classes survive a mirror image: flips on by default
 
 
 def int_list(s):
     return [int(v) for v in s.split(",") if v.strip()]
+
+
+def size_arg(s):
+    """--image-size: S (square) or H,W."""
+    values = int_list(s)
+    if len(values) not in (1, 2):
+        raise ValueError(f"give S or H,W, got {s}")
+    return values[0] if len(values) == 1 or values[0] == values[1] else values
 
 
 def get_parser():
@@ -50,8 +59,9 @@ def get_parser():
       "(PNG read without extra packages, JPEG and others with Pillow; class subfolders give labels), or a "
       ".npy/.npz/.pt file of uint8 images N,H,W,C (npz: arr_0 images, arr_1 labels)")
     a("--data-dir", default="./data", help="where cifar10 is looked for (archive or extracted) and downloaded to")
-    a("--image-size", type=int, default=32, help="size of the built-in shapes, and of a folder's images (centre-"
-      "cropped, bicubic with antialiasing); files and cifar10 keep their own size")
+    a("--image-size", type=size_arg, default=32, help="size of the built-in shapes, and of a folder's images (centre-"
+      "cropped, bicubic with antialiasing); files and cifar10 keep their own size. H,W: images that are not square "
+      "(a folder's cropped to that aspect ratio and resized; a file's must be H x W)")
     a("--flip", action=on_off, default=None, help="random horizontal flips. Default: on for cifar10 (the paper's "
       "augmentation) and shapes, off for your own data (flips would teach mirrored digits and letters)")
     a("--ch", type=int, default=128, help="U-Net base channels (multiple of 32)")
@@ -72,6 +82,12 @@ def get_parser():
     a("--teacher-steps", type=int, default=32, help="progressive: the teacher's DDIM steps the first round starts "
       "from (a power of two times --student-steps, at most T; a progressive student as teacher: its own steps). "
       "Fewer rounds give each more of --steps: from 32, 3 rounds to 4 steps (docs/distillation.md)")
+    a("--student-dropout", type=float, default=0.0, help="distillation: the student's dropout (the papers' 0; the "
+      "teacher's was its own)")
+    a("--round-lr", default="anneal", choices=["anneal", "constant"], help="progressive: the learning rate within "
+      "each round, annealed linearly to 0 (the reference implementation's) or constant")
+    a("--round-adam", default="reset", choices=["reset", "keep"], help="progressive: Adam's state at each round's "
+      "start, reset (the reference's: a new optimizer each round) or kept")
     a("--pd-weighting", default="snr-trunc", choices=["snr-trunc", "snr+1"], help="progressive: the loss weight, "
       "max(SNR, 1) or SNR + 1 (Salimans & Ho Sec. 4)")
     a("--convert-steps", type=int, default=-1, help="consistency from an eps- or x0-teacher: the first updates "
@@ -112,7 +128,10 @@ def get_parser():
     a("--fused-adam", action=on_off, default=FAST_PATHS["fused_adam"], help="fused Adam kernel (CUDA and CPU)")
     a("--channels-last", action=on_off, default=FAST_PATHS["channels_last"],
       help="channels_last (NHWC) weights and batches; off: not yet measured on a GPU, no gain on a CPU")
-    a("--log-every", type=int, default=100, help="steps between log lines (and NaN checks)")
+    a("--log-every", type=int, default=100, help="steps between log lines (and NaN checks); each line's numbers "
+      "also go to a row of <out>/metrics.csv")
+    a("--tensorboard", action="store_true", help="also write the numbers for TensorBoard to <out>/tensorboard "
+      "(needs the tensorboard package; never needed otherwise)")
     a("--ckpt-every", type=int, default=5000, help="steps between checkpoints (also at the end, on Ctrl-C/SIGTERM)")
     a("--sample-every", type=int, default=20000, help="steps between sample grids, and one at the end (0: none)")
     a("--num-samples", type=int, default=64, help="images in a sample grid")
@@ -148,12 +167,14 @@ def check_args(args, world):
     """Every flag's range, before anything is loaded; and the defaults that follow other flags."""
     flag = lambda k: "--" + k.replace("_", "-")
     for k in ("batch_size", "steps", "log_every", "ckpt_every", "timesteps", "num_samples", "grad_accum", "ch",
-              "num_res_blocks", "image_size", "student_steps", "teacher_steps", "lr"):
+              "num_res_blocks", "student_steps", "teacher_steps", "lr"):
         if not getattr(args, k) > 0:
             raise ValueError(f"{flag(k)} must be positive, got {getattr(args, k)}")
     for k in ("warmup", "grad_clip", "sample_every", "sample_steps", "low_res"):
         if getattr(args, k) < 0:
             raise ValueError(f"{flag(k)} must be >= 0, got {getattr(args, k)}")
+    if not 0 <= args.student_dropout < 1:
+        raise ValueError(f"--student-dropout must be in [0, 1), got {args.student_dropout}")
     for k in ("ema_decay", "p_uncond", "cd_mu"):
         if not 0 <= getattr(args, k) <= 1:
             raise ValueError(f"{flag(k)} must be in [0, 1], got {getattr(args, k)}")
@@ -161,6 +182,8 @@ def check_args(args, world):
         raise ValueError(f"--dropout must be in [0, 1), got {args.dropout}")
     if not 0 <= args.seed < 2 ** 32:
         raise ValueError(f"--seed must be in 0..2^32-1, got {args.seed}")
+    if min(args.image_size if isinstance(args.image_size, list) else [args.image_size]) <= 0:
+        raise ValueError(f"--image-size must be positive, got {args.image_size}")
     if not args.ch_mult or min(args.ch_mult) <= 0 or (args.attn and min(args.attn) <= 0):
         raise ValueError(f"--ch-mult and --attn take positive integers, got {args.ch_mult} and {args.attn}")
     if args.cd_n < 2:
@@ -230,42 +253,59 @@ def training_data(args, procs, kind):
 
 
 class Log:
-    """The run's log: on rank 0, each line to the console and to <out>/log.txt; and the statistics of an interval
-    (the loss, the gradient norm, the loss and the objective's metric by timestep quartile) as device tensors,
-    read only at the log's sync points, so the GPU never waits for Python."""
+    """The run's log: on rank 0, each line to the console and to <out>/log.txt, and each interval's numbers as a row
+    of <out>/metrics.csv (and to TensorBoard with --tensorboard) for plotting (figures.py --log); the statistics of
+    an interval (the loss, the gradient norm, the loss and the objective's metric by timestep quartile) kept as
+    device tensors, read only at the log's sync points, so the GPU never waits for Python."""
 
-    def __init__(self, args, master, device):
+    def __init__(self, args, master, device, step):
         self.args, self.master, self.acc = args, master, torch.zeros(14, device=device)
-        self.time, self.step, self.count = time.time(), 0, 0
+        self.time, self.step, self.count, self.board = time.time(), step, 0, None
+        if master and args.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise RuntimeError("--tensorboard needs the tensorboard package (pip install tensorboard); "
+                                   "metrics.csv is written without it") from None
+            self.board = SummaryWriter(os.path.join(args.out, "tensorboard"))
 
-    def __call__(self, msg, console=True):
+    def __call__(self, msg, console=True, file="log.txt"):
         if not self.master or msg is None:
             return
         if console:
             print(msg, flush=True)
         try:
-            with open(os.path.join(self.args.out, "log.txt"), "a") as f:
+            with open(os.path.join(self.args.out, file), "a") as f:
                 f.write(msg + "\n")
         except OSError as e:
-            raise OSError(f"could not write {self.args.out}/log.txt: {e.strerror or e}") from None
+            raise OSError(f"could not write {self.args.out}/{file}: {e.strerror or e}") from None
 
     def add(self, loss, grad_norm):
         self.acc[0] += loss
         self.acc[1] += grad_norm
 
     def interval(self, step, lr, world, metric):
-        """The interval's line (and, every tenth and last, the quartiles); the statistics start again."""
+        """The interval's line (and, every tenth and last, the quartiles) and its row; the statistics start again."""
         if world > 1:
             dist.all_reduce(self.acc)
         v, n, args = self.acc.tolist(), (step - self.step) * world, self.args
         img_s = (step - self.step) * args.batch_size / (time.time() - self.time)
         self(f"step {step:>{len(str(args.steps))}d}/{args.steps} | loss {v[0] / n:.4f} | lr {lr:.2e} | "
              f"gnorm {v[1] / n:.2f} | {img_s:7.1f} img/s | eta {format_eta((args.steps - step) * args.batch_size / img_s)}")
+        quartiles = [v[2 + i] / max(v[6 + i], 1) for i in range(4)]
+        metrics = [v[10 + i] / max(v[6 + i], 1) for i in range(4)] if metric else []
         if self.count % 10 == 0 or step == args.steps:
-            self("  loss by t quartile: " + " | ".join(f"q{i} {v[2 + i] / max(v[6 + i], 1):.4f}" for i in range(4)))
+            self("  loss by t quartile: " + " | ".join(f"q{i} {q:.4f}" for i, q in enumerate(quartiles)))
             if metric:
-                self(f"  {metric} by t quartile: " + " | ".join(f"q{i} {v[10 + i] / max(v[6 + i], 1):.3f}"
-                                                               for i in range(4)))
+                self(f"  {metric} by t quartile: " + " | ".join(f"q{i} {m:.3f}" for i, m in enumerate(metrics)))
+        row = dict(step=step, loss=v[0] / n, lr=lr, grad_norm=v[1] / n, img_per_s=img_s,
+                   **{f"loss_q{i}": q for i, q in enumerate(quartiles)},
+                   **{f"{metric}_q{i}": m for i, m in enumerate(metrics)})
+        if self.master and not os.path.exists(os.path.join(args.out, "metrics.csv")):
+            self(",".join(row), console=False, file="metrics.csv")
+        self(",".join(f"{x:.6g}" for x in row.values()), console=False, file="metrics.csv")
+        for name, value in row.items() if self.board else ():
+            self.board.add_scalar(name, value, step)
         self.acc.zero_()
         self.time, self.step, self.count = time.time(), step, self.count + 1
 
@@ -304,7 +344,7 @@ def train(args, ckpt, kind, flips):
     losses = torch.compile(objective.__call__) if args.compile and world == 1 else objective
     batches = Batches(images, labels, args.batch_size // world, args.seed + procs.rank, args.flip)
     procs.on_master(lambda: os.makedirs(args.out, exist_ok=True))  # only now: bad input leaves no empty folder behind
-    log = Log(args, master, device)
+    log = Log(args, master, device, step)
     torch.manual_seed(args.seed + procs.rank)  # per process: each rank draws its own t, noise, flips and dropout
     if ckpt:
         saved = ckpt["rng"]["ranks"]
@@ -336,7 +376,7 @@ def train(args, ckpt, kind, flips):
     log("args: " + " ".join(f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()), console=False)
     while step < args.steps:
         log(objective.begin(step, raw_model, ema, optimizer))  # a round or phase that starts here, if any
-        lr = get_lr(step, args)
+        lr = objective.learning_rate(step, get_lr(step, args))
         for group in optimizer.param_groups:
             group["lr"] = lr
         x0, y = batches(step)

@@ -18,7 +18,7 @@ from data import from_uint8
 from distill import ConsistencyDistillation, ProgressiveDistillation, progressive_schedule
 from guidance import ClassifierLoss, model_fn
 from samplers import sample_loop
-from unet import UNet
+from unet import UNet, image_hw
 
 # train.py's fast paths and their defaults (bench.py times the same): channels_last and compile stay off until a
 # GPU measurement shows they pay (on a CPU neither does).
@@ -115,7 +115,7 @@ def sample_images(ema, draw, n, seed, rank=0, world=1, bf16=False):
     Every draw comes from the grid's own generator, and fork_rng restores the global random state anyway, so
     drawing a grid never changes the training run (resume stays exact)."""
     device = next(ema.parameters()).device
-    c, s = ema.config["in_channels"], ema.config["image_size"]
+    c, (h, w) = ema.config["in_channels"], image_hw(ema.config["image_size"])
     y, nrow = None, None
     if ema.num_classes:
         nrow = max(1, n // ema.num_classes)  # one row per class
@@ -126,7 +126,7 @@ def sample_images(ema, draw, n, seed, rank=0, world=1, bf16=False):
         y = y[torch.arange(rank * share, (rank + 1) * share, device=device) % n]  # the last shares wrap around
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         g = torch.Generator(device).manual_seed(seed * 1_000_003 + rank)
-        x = draw(model_fn(ema, y, bf16=bf16), (share, c, s, s), g)
+        x = draw(model_fn(ema, y, bf16=bf16), (share, c, h, w), g)
     if x is None:  # an objective without samples (a classifier): the same answer on every rank
         return None, None
     if world > 1:
@@ -146,6 +146,7 @@ class Objective:
     - begin(step, model, ema, optimizer) -> a line for the log, or None: called before update step + 1, where an
       objective that changes during a run changes (distill.py's rounds and phases);
     - after_update(model): after each update (a target network's EMA);
+    - learning_rate(step, lr) -> the rate of update step + 1, from the run's (warmed-up) lr;
     - state(diffusion_config) -> what the checkpoint keeps beyond the weights, to resume exactly and to sample;
     - sample(model, shape, generator) -> a grid's samples from a model function (guidance.model_fn), or None.
     This base is a loss that stays as it is all run, sampled as a diffusion model: Algorithm 2 over all T steps, or
@@ -159,6 +160,9 @@ class Objective:
 
     def after_update(self, model):
         pass
+
+    def learning_rate(self, step, lr):
+        return lr
 
     def state(self, diffusion_config):
         return {}
@@ -229,7 +233,8 @@ class Run:
 
 def _new_model_config(args, images, num_classes):
     """The network of a new run from the flags; its size and channels follow the data (N, H, W, C)."""
-    return dict(image_size=images.shape[1], in_channels=images.shape[3], ch=args.ch, ch_mult=args.ch_mult,
+    h, w = images.shape[1:3]
+    return dict(image_size=h if h == w else [h, w], in_channels=images.shape[3], ch=args.ch, ch_mult=args.ch_mult,
                 num_res_blocks=args.num_res_blocks, attn_resolutions=args.attn, dropout=args.dropout,
                 num_classes=num_classes)
 
@@ -261,6 +266,8 @@ def _super_resolution_run(args, ckpt, images, num_classes, device):
     """A cascade's super-resolution stage from --low-res up to the data's size."""
     model_config, dc = _configs(args, ckpt, dict(_new_model_config(args, images, None), low_res=args.low_res))
     low, size = model_config["low_res"], images.shape[1]
+    if images.shape[1] != images.shape[2]:
+        raise ValueError("--low-res: a super-resolution stage here is for square images")
     if not 0 < low < size or size % low:
         raise ValueError(f"--low-res {low} must be below the data's size {size} and divide it (area downsampling "
                          f"and nearest upsampling by a whole factor)")
@@ -285,10 +292,10 @@ def load_teacher(args, ckpt, images, device):
         sampling = meta["sampling"]  # a progressive student's own DDIM steps; None for a diffusion model
         if type(teacher) is not UNet or (sampling or {}).get("sampler", "ddim") != "ddim":
             raise ValueError(f"--teacher {args.teacher} is a {meta['kind']} checkpoint, not a diffusion model")
-    c, (size, channels) = teacher.config, (images.shape[1], images.shape[3])
-    if (c["image_size"], c["in_channels"]) != (size, channels):
-        raise ValueError(f"the data are {size}x{size} with {channels} channel(s), the teacher expects "
-                         f"{c['image_size']}x{c['image_size']} with {c['in_channels']}")
+    if image_hw(teacher.config["image_size"]) + (teacher.config["in_channels"],) != tuple(images.shape[1:]):
+        h, w = image_hw(teacher.config["image_size"])
+        raise ValueError(f"the data are {'x'.join(map(str, images.shape[1:3]))} with {images.shape[3]} channel(s), the "
+                         f"teacher expects {h}x{w} with {teacher.config['in_channels']}")
     return teacher.to(device).eval().requires_grad_(False), config, sampling
 
 
@@ -297,7 +304,8 @@ def _student(args, ckpt, images, device):
     teacher's architecture. -> (model config, diffusion config, diffusion, teacher, teacher diffusion (config),
     how the teacher samples)."""
     teacher, teacher_dc, sampling = load_teacher(args, ckpt, images, device)
-    model_config = ckpt["model_config"] if ckpt else teacher.config
+    # the teacher's architecture; its dropout only with --student-dropout (the papers' students train without it)
+    model_config = ckpt["model_config"] if ckpt else dict(teacher.config, dropout=args.student_dropout)
     dc = ckpt["diffusion_config"] if ckpt else dict(teacher_dc, mean_type="v")
     return model_config, dc, build_diffusion(dc).to(device), teacher, teacher_dc, sampling
 
@@ -319,7 +327,8 @@ def _progressive_run(args, ckpt, images, num_classes, device):
             raise ValueError(f"--student-steps: {e}") from None
         r = min(max(ckpt["step"] - 1, 0) // starts[1], len(rounds) - 1) if ckpt and len(starts) > 1 else 0
     objective = ProgressiveDistillation(diffusion, teacher, build_diffusion(teacher_dc).to(device), teacher_dc, rounds,
-                                        starts, r, args.steps, args.pd_weighting, args.bf16)
+                                        starts, r, args.steps, args.pd_weighting, args.bf16,
+                                        args.round_lr == "anneal", args.round_adam == "reset")
     return model_config, dc, diffusion, objective, teacher
 
 
@@ -356,10 +365,11 @@ def build_run(kind, args, ckpt, images, num_classes, device):
     model = build_model(kind, model_config)
     if len(built) > 4:  # a student starts as its teacher
         model.load_state_dict(built[4].state_dict())
-    c, (size, channels) = model_config, (images.shape[1], images.shape[3])
-    if (c["image_size"], c["in_channels"]) != (size, channels):
-        raise ValueError(f"the data are {size}x{size} with {channels} channel(s), the checkpoint's model expects "
-                         f"{c['image_size']}x{c['image_size']} with {c['in_channels']}")
+    c = model_config
+    if image_hw(c["image_size"]) + (c["in_channels"],) != tuple(images.shape[1:]):
+        h, w = image_hw(c["image_size"])
+        raise ValueError(f"the data are {'x'.join(map(str, images.shape[1:3]))} with {images.shape[3]} channel(s), the "
+                         f"checkpoint's model expects {h}x{w} with {c['in_channels']}")
     if num_classes is not None and c.get("num_classes") is not None and num_classes > c["num_classes"]:
         raise ValueError(f"the data have {num_classes} classes, the checkpoint's model {c['num_classes']}")
     return Run(model, model_config, dc, diffusion, objective)

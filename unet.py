@@ -19,6 +19,11 @@ CONFIGS = {
 CONFIGS["lsun256"] = dict(CONFIGS["celebahq256"])  # church, bedroom and cat: the same network
 
 
+def image_hw(size):
+    """A network's image_size as (height, width): an int for square images, [H, W] for others."""
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
 def timestep_embedding(t, dim):
     """Sinusoidal embedding of timesteps t (B,) -> (B, dim): [sin, cos] of t * 10000^(-i/(half-1)), i < half."""
     half = dim // 2
@@ -99,18 +104,21 @@ class Upsample(nn.Module):
 
 class UNet(nn.Module):
     """eps_theta(x_t, t[, y]). The defaults are the paper's CIFAR-10 net: 35,746,307 parameters, state_dict keys as
-    in the released weights. num_classes=K adds a class embedding (an extension) with label K meaning "no label"."""
+    in the released weights. num_classes=K adds a class embedding (an extension) with label K meaning "no label";
+    image_size=[H, W] makes a network for images that are not square (an extension too)."""
 
     def __init__(self, image_size=32, in_channels=3, out_channels=None, ch=128, ch_mult=(1, 2, 2, 2),
                  num_res_blocks=2, attn_resolutions=(16,), dropout=0.1, num_classes=None):
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
         ch_mult, attn_resolutions = [int(m) for m in ch_mult], [int(r) for r in attn_resolutions]
-        sizes = [image_size // 2 ** i for i in range(len(ch_mult))]  # feature map size at each level
+        height, width = image_hw(image_size)
+        # the feature maps' shorter side at each level: where attention goes (the paper's 16 is 16x16 for 32x32)
+        sizes = [min(height, width) // 2 ** i for i in range(len(ch_mult))]
         for ok, msg in [
             (len(ch_mult) > 0 and min(ch_mult) > 0, f"ch_mult must be non-empty positive integers, got {ch_mult}"),
             (ch > 0 and ch % 32 == 0, f"ch must be a positive multiple of 32 (GroupNorm uses 32 groups), got {ch}"),
-            (image_size > 0 and image_size % 2 ** (len(ch_mult) - 1) == 0,
+            (min(height, width) > 0 and height % 2 ** (len(ch_mult) - 1) == 0 == width % 2 ** (len(ch_mult) - 1),
              f"image_size {image_size} is not divisible by 2**(len(ch_mult)-1) = {2 ** (len(ch_mult) - 1)}"),
             (set(attn_resolutions) <= set(sizes),
              f"attn_resolutions {attn_resolutions} must be among the feature map sizes {sizes}"),
@@ -122,7 +130,7 @@ class UNet(nn.Module):
         ]:
             if not ok:
                 raise ValueError(msg)
-        self.config = dict(image_size=int(image_size), in_channels=int(in_channels),
+        self.config = dict(image_size=height if height == width else [height, width], in_channels=int(in_channels),
                            out_channels=int(out_channels), ch=int(ch), ch_mult=ch_mult,
                            num_res_blocks=int(num_res_blocks), attn_resolutions=attn_resolutions, dropout=float(dropout),
                            num_classes=None if num_classes is None else int(num_classes))

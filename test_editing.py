@@ -1,0 +1,140 @@
+"""Tests of editing.py (SDEdit, Meng et al. 2022; inpainting by replacement with RePaint's resampling, Lugmayr et al.
+2022): the noising step against q's moments (Monte Carlo), RePaint's jump back up the chain against the chain's own
+marginals, its schedule, strength 0 as the identity, SDEdit as the reverse process started from q(x_t0 | x_0), the
+known region kept exactly; then sample.py --edit / --mask / --png-dir end to end, and bad masks as one line each."""
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+import sample
+from checkpoint import build_diffusion
+from conftest import (SLOW, TINY_DIFFUSION, TINY_NET, decode_png, full, one_line_error, randomized, read_npz,
+                      schedules, write_checkpoint)
+from data import make_shapes, write_npz
+from ddpm import GaussianDiffusion
+from editing import edit_loop, edit_start, jump_back, noise_to, repaint_schedule
+from unet import UNet
+
+
+@SLOW
+@given(schedules(min_t=10, max_t=200), st.integers(0, 2**31 - 1), st.data())
+def test_the_noising_step_is_q_and_a_jump_back_keeps_the_chains_marginals(betas, seed, data):
+    """noise_to(x0, t) has q(x_t | x_0)'s moments, sqrt(abar_t) x_0 and 1 - abar_t (Eq. 4); and RePaint's jump from
+    t' up to t > t' applied to x_t' ~ q(x_t' | x_0) gives q(x_t | x_0) again (the chain's Markov property), which a
+    wrong jump (a step's beta for a stretch's, or the square root left out) does not. Monte Carlo, 6 standard
+    errors."""
+    d = GaussianDiffusion(betas, dtype=torch.float64)
+    t_lo = data.draw(st.integers(-1, len(betas) - 2))
+    t = data.draw(st.integers(t_lo + 1, len(betas) - 1))
+    g, n = torch.Generator().manual_seed(seed), 40_000
+    x0 = torch.rand(1, 3, dtype=torch.float64, generator=g) * 2 - 1
+    draw = lambda: torch.randn(n, 3, dtype=torch.float64, generator=g)
+    abar = d.alphas_cumprod[t]
+    for x in (noise_to(d, x0, t, draw()), jump_back(d, noise_to(d, x0, t_lo, draw()), t_lo, t, draw())):
+        se = (1 - abar).sqrt() / n ** 0.5
+        assert ((x.mean(0) - abar.sqrt() * x0[0]).abs() < 6 * se + 1e-9).all()
+        assert ((x.var(0) - (1 - abar)).abs() < 6 * (1 - abar) * (2 / n) ** 0.5 + 1e-9).all()
+
+
+def test_repaint_schedule():
+    """Appendix B's schedule: r = 1 is the plain chain; otherwise it starts at 0, ends at the data, moves one
+    position at a time, and every jump-th stretch is walked r times."""
+    assert repaint_schedule(5) == [(k, k + 1) for k in range(5)]
+    moves = repaint_schedule(10, jump=2, resample=3)
+    assert moves[0][0] == 0 and moves[-1][1] == 10
+    assert all(abs(a - b) == 1 for a, b in moves) and all(b == c for (_, b), (c, _) in zip(moves, moves[1:]))
+    down = sum(b > a for a, b in moves)
+    assert down - sum(b < a for a, b in moves) == 10 and down == 10 + 2 * 2 * 4  # 4 jump points, 2 extra passes
+
+
+def test_strength_zero_is_the_identity_and_strength_sets_t0():
+    """S = 0 returns the images as they are (no step, no noise); t_0 = round(S T) - 1, so S = 1 starts at T - 1."""
+    d = build_diffusion(TINY_DIFFUSION)
+    x0 = torch.rand(2, 3, 8, 8) * 2 - 1
+    assert edit_start(100, 0.0) == -1 and edit_start(100, 1.0) == 99 and edit_start(100, 0.5) == 49
+    assert torch.equal(edit_loop(d, lambda x, t: x, x0, start=edit_start(100, 0.0)), x0)
+    with pytest.raises(ValueError, match="--strength must be in"):
+        edit_start(100, 1.5)
+
+
+@pytest.mark.parametrize("strength", [0.3, 1.0])
+def test_sdedit_is_the_reverse_process_started_from_q(strength):
+    """SDEdit without a mask is Algorithm 2 from x_t0 = q_sample(x_0, t_0): the same draws (x_t0's noise first, then
+    each step's z) give the same samples as p_sample_loop started at t_0."""
+    d = build_diffusion(TINY_DIFFUSION)
+    net = randomized(UNet(**TINY_NET))
+    model = lambda x, t: net(x, t)
+    x0 = torch.rand(2, 3, 8, 8) * 2 - 1
+    start = edit_start(100, strength)
+    ours = edit_loop(d, model, x0, start=start, generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    x_t = d.q_sample(x0, full(2, start), torch.randn(x0.shape, generator=g))
+    with torch.no_grad():
+        theirs = d.p_sample_loop(model, x0.shape, x_t, g, start=start)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("sampler, steps, resample", [("ddpm", None, 1), ("ddim", 10, 1), ("ddpm", 20, 3)])
+def test_inpainting_keeps_the_known_region_exactly(sampler, steps, resample):
+    """With a mask the known region of the output is the input itself, bit for bit, for every sampler offered and
+    with RePaint's resampling; the unknown region is the model's (not the input)."""
+    d = build_diffusion(TINY_DIFFUSION)
+    net = randomized(UNet(**TINY_NET))
+    x0 = torch.rand(2, 3, 8, 8) * 2 - 1
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., :4] = 1
+    out = edit_loop(d, lambda x, t: net(x, t), x0, mask, steps=steps, sampler=sampler, resample=resample, jump=2,
+                    generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out[..., :4], x0[..., :4]) and not torch.allclose(out[..., 4:], x0[..., 4:])
+
+# ---- sample.py --edit
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A tiny checkpoint and six 8x8 shapes to edit."""
+    folder = tmp_path_factory.mktemp("edit")
+    write_checkpoint(str(folder / "ckpt.pt"))
+    images, labels = make_shapes(6, 8, 3, seed=4)
+    write_npz(str(folder / "in.npz"), {"arr_0": images, "arr_1": labels})
+    return folder, images
+
+
+def run(argv, capsys):
+    sample.main([*argv, "--device", "cpu"])
+    return capsys.readouterr().out
+
+
+def test_edit_and_inpaint_from_the_command_line(files, tmp_path, capsys):
+    """sample.py --edit IMAGES: -n defaults to their number; --strength 0 writes them back unchanged; --mask
+    left-half keeps the right half exactly; --png-dir writes one PNG per sample, named by index."""
+    folder, images = files
+    common = [str(folder / "ckpt.pt"), "--edit", str(folder / "in.npz"), "--steps", "10", "--out", str(tmp_path / "g.png")]
+    run([*common, "--strength", "0", "--npz", str(tmp_path / "same.npz")], capsys)
+    assert torch.equal(read_npz(tmp_path / "same.npz")["arr_0"], images)
+    out = run([*common, "--mask", "left-half", "--npz", str(tmp_path / "in.npz"), "--png-dir", str(tmp_path / "p")],
+              capsys)
+    got = read_npz(tmp_path / "in.npz")["arr_0"]
+    assert got.shape == images.shape and torch.equal(got[:, :, 4:], images[:, :, 4:]) and "DDIM eta 0.0, 10 steps" in out
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == [f"{k:06d}.png" for k in range(6)]
+    assert torch.equal(decode_png(tmp_path / "p" / "000002.png"), got[2])
+
+
+@pytest.mark.parametrize("case, expect", [
+    ("wrong_size", "masks of shape"), ("not_binary", "nothing in between"), ("all_black", "keeps nothing"),
+    ("all_white", "keeps everything"), ("unknown_name", "no such file, and not one of"),
+    ("mask_without_edit", "are for --edit"), ("dpm_solver", "not dpm++"), ("strength_above_one", "--strength must")])
+def test_bad_masks_and_edits_are_one_line(case, expect, files, tmp_path, capsys):
+    folder, _ = files
+    masks = {"wrong_size": torch.ones(1, 6, 6, dtype=torch.uint8), "not_binary": torch.full((1, 8, 8), 7).byte(),
+             "all_black": torch.zeros(1, 8, 8, dtype=torch.uint8), "all_white": torch.ones(1, 8, 8, dtype=torch.uint8)}
+    for name, m in masks.items():
+        write_npz(str(tmp_path / f"{name}.npz"), {"arr_0": m})
+    mask = {"unknown_name": "top-half"}.get(case, str(tmp_path / f"{case}.npz") if case in masks else "left-half")
+    argv = [str(folder / "ckpt.pt"), "--edit", str(folder / "in.npz"), "--mask", mask, "--out", str(tmp_path / "g.png"),
+            "--device", "cpu"]
+    argv = {"mask_without_edit": [str(folder / "ckpt.pt"), "--mask", "left-half", "--device", "cpu"],
+            "dpm_solver": [*argv, "--sampler", "dpm++", "--steps", "5"],
+            "strength_above_one": [*argv, "--strength", "1.5"]}.get(case, argv)
+    assert expect in one_line_error(sample.main, argv, capsys)
+    assert not (tmp_path / "g.png").exists()

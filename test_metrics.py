@@ -1,0 +1,28 @@
+"""Tests of metrics.py, the built-in shapes' quality number: two sets of real shapes are close and noise is far;
+its command line says what the number is (for the built-in shapes only) and shows the feature classifier training."""
+import torch
+
+import metrics
+from conftest import run_script
+from data import make_shapes, write_npz
+
+
+def test_real_shapes_score_near_zero_and_noise_far():
+    """The Frechet distance in the classifier's features: held-out shapes against another draw of shapes is small,
+    uniform noise is far, and the classifier sees the shapes' own classes."""
+    real, labels = make_shapes(500, 8, 3, seed=5)
+    noise = torch.randint(0, 256, (500, 8, 8, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    assert metrics.shapes_distance(real, 500) < 10 < 100 < metrics.shapes_distance(noise, 500)
+    assert (metrics.classify(real) == labels).float().mean() > 0.9
+
+
+def test_the_command_line_says_what_the_number_is(tmp_path):
+    """python metrics.py FILE: one line saying the number is for the built-in shapes only (not the FID), progress
+    while its classifier trains, then the number and how often the asked-for class is seen."""
+    images, labels = make_shapes(64, 12, 1, seed=6)  # a size no other test trains the classifier for
+    write_npz(str(tmp_path / "s.npz"), {"arr_0": images, "arr_1": labels})
+    r = run_script("metrics.py", tmp_path / "s.npz")
+    assert r.returncode == 0, r.stderr
+    assert "defined for the built-in shapes only" in r.stdout and "not the FID" in r.stdout
+    assert "training the feature classifier for 12x12x1 shapes: step 600/600" in r.stdout
+    assert f"{tmp_path / 's.npz'}: 64 samples | quality " in r.stdout and "asked-for class seen" in r.stdout
