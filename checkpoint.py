@@ -8,10 +8,12 @@ import os
 
 import torch
 
+from autoencoder import Autoencoder
 from cascade import SuperResolution
 from data import CIFAR10_CLASSES, SHAPES_CLASSES, atomic_write, first_line, tensor_bytes
 from ddpm import GaussianDiffusion, make_beta_schedule
 from guidance import NoisyClassifier
+from highres import shifted_cosine_betas
 from pretrained import identify, load_pretrained
 from unet import UNet
 
@@ -25,6 +27,7 @@ MODELS = {
     "sr": SuperResolution,          # a super-resolution stage of a cascade (cascade.py)
     "progressive": UNet,            # a progressively distilled v-student (distill.py)
     "consistency": UNet,            # a consistency-distilled v-student (distill.py)
+    "autoencoder": Autoencoder,     # latent diffusion's first stage (autoencoder.py)
 }
 
 
@@ -41,9 +44,12 @@ PAPER_DIFFUSION = diffusion_config()
 
 
 def build_diffusion(config):
-    """GaussianDiffusion from a checkpoint's "diffusion_config" (missing entries: the paper's)."""
+    """GaussianDiffusion from a checkpoint's "diffusion_config" (missing entries: the paper's); a logsnr_shift is
+    simple diffusion's shifted cosine schedule (highres.py)."""
     c = {**PAPER_DIFFUSION, **config}
     betas = make_beta_schedule(c["schedule"], c["num_timesteps"], c["beta_start"], c["beta_end"])
+    if c.get("logsnr_shift"):
+        betas = shifted_cosine_betas(c["num_timesteps"], c["logsnr_shift"])
     return GaussianDiffusion(betas, mean_type=c["mean_type"], var_type=c["var_type"])
 
 
@@ -85,7 +91,7 @@ def load_model(path, use_ema=True):
     diffusers_layout = path.endswith((".safetensors", ".bin")) or (
         os.path.isdir(path) and not os.path.exists(os.path.join(path, "ckpt.pt")) and
         any(os.path.exists(os.path.join(path, f)) for f in ("config.json", "unet")))
-    released = dict(args={}, class_names=None, kind=PAPER_KIND, sampling=None)
+    released = dict(args={}, class_names=None, kind=PAPER_KIND, sampling=None, first_stage=None)
     if diffusers_layout:
         try:
             net = load_pretrained(path)
@@ -113,7 +119,14 @@ def load_model(path, use_ema=True):
     # checkpoints from before class names were stored: the built-in data sets' names
     names = ckpt.get("class_names") or {"cifar10": CIFAR10_CLASSES, "shapes": SHAPES_CLASSES}.get(args.get("data"))
     desc = f"{path} ({kind} step {ckpt.get('step', '?')}, {weights} weights)"
-    meta = dict(args=args, class_names=names, kind=kind, sampling=ckpt.get("sampling"))
+    meta = dict(args=args, class_names=names, kind=kind, sampling=ckpt.get("sampling"), first_stage=None)
+    if "first_stage_config" in ckpt:  # a latent diffusion model: its autoencoder and scale factor are in the file
+        if "first_stage" not in ckpt:
+            raise ValueError(f"{path}: a latent diffusion model whose autoencoder weights are missing from the file")
+        ae = Autoencoder(**ckpt["first_stage_config"])
+        ae.load_state_dict(ckpt["first_stage"])
+        meta["first_stage"] = (ae.eval(), ckpt["scale_factor"])
+        desc += f", latents of a {ae.config['image_size'] // ae.latent_size}x autoencoder"
     return net.eval(), ckpt["diffusion_config"], meta, desc
 
 

@@ -191,9 +191,9 @@ def evaluate(args):
     set_tf32(device, args.tf32)
     args.bf16 = args.bf16 and device.type == "cuda"
     net, diffusion_config, meta, desc = load_model(args.ckpt, use_ema=not args.no_ema)
-    if meta["kind"] != PAPER_KIND:
-        raise ValueError(f"{args.ckpt} is a {meta['kind']} model; the bound and Sec. 4's experiments are for a "
-                         f"diffusion model's own reverse process")
+    if meta["kind"] != PAPER_KIND or meta["first_stage"]:
+        raise ValueError(f"{args.ckpt} is a {'latent ' if meta['first_stage'] else ''}{meta['kind']} model; the bound "
+                         f"and Sec. 4's experiments are for a diffusion model's own reverse process on pixels")
     net.to(device)
     diffusion = build_diffusion(diffusion_config).to(device)
     num_classes = net.config.get("num_classes")

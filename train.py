@@ -27,7 +27,8 @@ from training import (FAST_PATHS, Batches, build_run, get_lr, make_optimizer, ma
 # -----------------------------------------------------------------------------
 # command line
 
-MODEL_FLAGS = ("ch", "ch_mult", "num_res_blocks", "attn", "dropout", "student_dropout", "class_cond", "timesteps", "schedule",
+MODEL_FLAGS = ("ch", "ch_mult", "num_res_blocks", "attn", "dropout", "student_dropout", "class_cond", "timesteps",
+               "schedule", "autoencoder", "downsample", "latent_channels", "latent", "shift_base", "multiscale",
                "image_size", "classifier", "distill", "teacher", "student_steps", "teacher_steps", "cd_n", "low_res",
                "mean_type", "convert_steps")
 # flags that belong to this process, never taken from a checkpoint
@@ -104,8 +105,19 @@ def get_parser():
     a("--cond-aug-max", type=int, default=None, help="with --low-res: Gaussian conditioning augmentation, the "
       "condition noised to a level s drawn from none, 0, ..., this - 1 (timestep indices of the schedule); default "
       "T / 4, 250 for the paper's T = 1000")
+    a("--autoencoder", action="store_true", help="train latent diffusion's first stage (Rombach et al. 2022): a "
+      "KL-regularised autoencoder with --downsample and --latent-channels (autoencoder.py)")
+    a("--downsample", type=int, default=4, help="with --autoencoder: the downsampling factor f (a power of two)")
+    a("--latent-channels", type=int, default=4, help="with --autoencoder: the latent's channels")
+    a("--latent", default="", metavar="AE_RUN", help="train the diffusion model (or classifier) on the latents of "
+      "this --autoencoder run, scaled to unit variance; the checkpoint keeps the autoencoder")
     a("--timesteps", type=int, default=1000, help="T; for T != 1000 the betas are scaled by 1000/T (Nichol & Dhariwal)")
     a("--schedule", default="linear", choices=["linear", "cosine"], help="beta schedule (linear: the paper's)")
+    a("--shift-base", type=int, default=0, help="with --schedule cosine: shift its log-SNR by 2 log(base / d) for the "
+      "network's resolution d, as if the schedule had been made for base x base images (simple diffusion, "
+      "Hoogeboom et al. 2023); kept in the checkpoint")
+    a("--multiscale", type=int, default=0, metavar="BASE", help="simple diffusion's multiscale loss: the eps error "
+      "also on the images average-pooled to BASE, 2 BASE, ..., each weighted 1/resolution (0: L_simple)")
     a("--mean-type", default=None, choices=["eps", "x0", "v"], help="what the network predicts: eps (the paper's "
       "and the default), x0 (its ablation) or v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho; its loss weighs "
       "x0 at every t, and it is the default for a --low-res stage: an eps stage drifted in colour, docs/resolution.md)")
@@ -188,8 +200,17 @@ def check_args(args, world):
         raise ValueError(f"--ch-mult and --attn take positive integers, got {args.ch_mult} and {args.attn}")
     if args.cd_n < 2:
         raise ValueError(f"--cd-n must be at least 2 (the ODE's ends), got {args.cd_n}")
-    if sum(map(bool, (args.classifier, args.distill, args.low_res))) > 1:
-        raise ValueError("--classifier, --distill and --low-res train different kinds of model: give one of them")
+    if sum(map(bool, (args.classifier, args.distill, args.low_res, args.autoencoder))) > 1:
+        raise ValueError("--classifier, --distill, --low-res and --autoencoder train different kinds of model: give "
+                         "one of them")
+    if args.latent and (args.autoencoder or args.low_res or args.distill):
+        raise ValueError("--latent is for a diffusion model or a classifier (a student learns its teacher's latents)")
+    if args.shift_base and args.schedule != "cosine":
+        raise ValueError("--shift-base shifts the cosine schedule (simple diffusion): add --schedule cosine")
+    if args.downsample < 1 or args.downsample & (args.downsample - 1) or args.latent_channels < 1 or \
+            args.shift_base < 0 or args.multiscale < 0:
+        raise ValueError("--downsample must be a power of two, --latent-channels positive, --shift-base and "
+                         "--multiscale >= 0")
     if args.class_cond and args.classifier:
         raise ValueError("--class-cond is for a diffusion model; a --classifier always learns the labels: drop one")
     if args.sample_steps > args.timesteps:
@@ -220,7 +241,7 @@ def parse(argv):
     if not args.resume and os.path.exists(os.path.join(args.out, "ckpt.pt")):
         raise ValueError(f"{os.path.join(args.out, 'ckpt.pt')} exists; continue it with --resume {args.out} or pick "
                          f"another --out")
-    kind = ckpt.get("kind", "diffusion") if ckpt else (
+    kind = ckpt.get("kind", "diffusion") if ckpt else "autoencoder" if args.autoencoder else (
         "classifier" if args.classifier else args.distill or ("sr" if args.low_res else "diffusion"))
     return args, ckpt, kind, flip_note(args)
 
@@ -294,10 +315,11 @@ class Log:
              f"gnorm {v[1] / n:.2f} | {img_s:7.1f} img/s | eta {format_eta((args.steps - step) * args.batch_size / img_s)}")
         quartiles = [v[2 + i] / max(v[6 + i], 1) for i in range(4)]
         metrics = [v[10 + i] / max(v[6 + i], 1) for i in range(4)] if metric else []
-        if self.count % 10 == 0 or step == args.steps:
-            self("  loss by t quartile: " + " | ".join(f"q{i} {q:.4f}" for i, q in enumerate(quartiles)))
+        if self.count % 10 == 0 or step == args.steps:  # the quartiles seen (an autoencoder has no t: q0 alone)
+            seen = [i for i in range(4) if v[6 + i]]
+            self("  loss by t quartile: " + " | ".join(f"q{i} {quartiles[i]:.4f}" for i in seen))
             if metric:
-                self(f"  {metric} by t quartile: " + " | ".join(f"q{i} {m:.3f}" for i, m in enumerate(metrics)))
+                self(f"  {metric} by t quartile: " + " | ".join(f"q{i} {metrics[i]:.3f}" for i in seen))
         row = dict(step=step, loss=v[0] / n, lr=lr, grad_norm=v[1] / n, img_per_s=img_s,
                    **{f"loss_q{i}": q for i, q in enumerate(quartiles)},
                    **{f"{metric}_q{i}": m for i, m in enumerate(metrics)})
@@ -309,6 +331,15 @@ class Log:
         self.acc.zero_()
         self.time, self.step, self.count = time.time(), step, self.count + 1
 
+
+def run_line(args, resumed_at, images, world, device, model, diffusion):
+    """The log's first line: what is trained on what, where."""
+    n_params = sum(p.numel() for p in model.parameters())
+    return (f"{'resuming at step ' + str(resumed_at) if resumed_at is not None else 'training'}: {args.data} "
+            f"{images.shape[0] * world} images {'x'.join(map(str, images.shape[1:]))}, {n_params / 1e6:.2f}M params, "
+            f"batch {args.batch_size} on {world} x {device}" + (f" in {args.grad_accum} micro-batches" if
+                                                                args.grad_accum > 1 else "")
+            + (f", T={diffusion.num_timesteps}" if diffusion is not None else ""))
 
 # -----------------------------------------------------------------------------
 # the run
@@ -342,7 +373,9 @@ def train(args, ckpt, kind, flips):
     no_sync = model.no_sync if world > 1 else None
     model = torch.compile(model) if args.compile and world > 1 else model
     losses = torch.compile(objective.__call__) if args.compile and world == 1 else objective
-    batches = Batches(images, labels, args.batch_size // world, args.seed + procs.rank, args.flip)
+    stage = run.first_stage  # a latent diffusion run: batches as latents, grids decoded
+    batches = Batches(images, labels, args.batch_size // world, args.seed + procs.rank, args.flip,
+                      stage and stage.encode)
     procs.on_master(lambda: os.makedirs(args.out, exist_ok=True))  # only now: bad input leaves no empty folder behind
     log = Log(args, master, device, step)
     torch.manual_seed(args.seed + procs.rank)  # per process: each rank draws its own t, noise, flips and dropout
@@ -355,23 +388,17 @@ def train(args, ckpt, kind, flips):
             log(f"note: checkpoint from {len(saved)} process(es), now {world}: random streams reseeded")
 
     def save(step):
-        states = [None] * world
+        states = [rng_state(device)] * world  # every rank's own random state: gathered under torchrun
         if world > 1:
             dist.all_gather_object(states, rng_state(device))
-        else:
-            states = [rng_state(device)]
         procs.on_master(lambda: save_checkpoint(ckpt_path, {
             "model": raw_model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
             "step": step, "model_config": run.model_config, "diffusion_config": run.diffusion_config, "kind": kind,
             "args": vars(args), "class_names": class_names, "rng": {"ranks": states},
-            **objective.state(run.diffusion_config)}))
+            **objective.state(run.diffusion_config), **(stage.state() if stage else {})}))
 
     stop = StopSignal()  # Ctrl-C / SIGTERM: finish the step, save, exit
-    n_params = sum(p.numel() for p in raw_model.parameters())
-    log(f"{'resuming at step ' + str(step) if ckpt else 'training'}: {args.data} {images.shape[0] * world} images "
-        f"{images.shape[1]}x{images.shape[2]}x{images.shape[3]}, {n_params / 1e6:.2f}M params, batch "
-        f"{args.batch_size} on {world} x {device}" + (f" in {args.grad_accum} micro-batches" if args.grad_accum > 1
-                                                      else "") + f", T={run.diffusion.num_timesteps}")
+    log(run_line(args, step if ckpt else None, images, world, device, raw_model, run.diffusion))
     log(flips)
     log("args: " + " ".join(f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()), console=False)
     while step < args.steps:
@@ -406,7 +433,7 @@ def train(args, ckpt, kind, flips):
             save(step)
         if do_sample and not stopping:
             x, nrow = sample_images(ema, objective.sample, args.num_samples, args.seed, procs.rank, world,
-                                    args.bf16 and device.type == "cuda")
+                                    args.bf16 and device.type == "cuda", stage and stage.decode)
             if x is not None:
                 procs.on_master(lambda: save_grid(os.path.join(args.out, f"samples_{step:07d}.png"), x, nrow))
         log.time += time.time() - t_work  # checkpoints and samples do not count against img/s

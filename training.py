@@ -12,11 +12,13 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from autoencoder import Autoencoder, AutoencoderLoss, latent_scale
 from cascade import SuperResolutionLoss, downsample, upsample
-from checkpoint import build_diffusion, build_model, diffusion_config, load_model
+from checkpoint import build_diffusion, build_model, diffusion_config, load_checkpoint, load_model
 from data import from_uint8
 from distill import ConsistencyDistillation, ProgressiveDistillation, progressive_schedule
 from guidance import ClassifierLoss, model_fn
+from highres import MultiscaleLoss, shift_for
 from samplers import sample_loop
 from unet import UNet, image_hw
 
@@ -29,11 +31,13 @@ class Batches:
     """Random batches from uint8 images (N, H, W, C) on their device (for CIFAR-10 on a GPU: 150 MB, gathered by
     index, so the loader never stalls), scaled to [-1, 1] (N, C, H, W). Each epoch is a fresh permutation from a
     generator seeded with (seed, epoch), so the batch at a step depends on the step alone: resuming needs no
-    sampler state."""
-    def __init__(self, images, labels, batch_size, seed, flip):
+    sampler state. encode: a latent diffusion run's first stage (FirstStage.encode), the batch handed on as
+    latents."""
+    def __init__(self, images, labels, batch_size, seed, flip, encode=None):
         if images.shape[0] < batch_size:
             raise ValueError(f"{images.shape[0]} images per process, fewer than the batch of {batch_size}")
         self.images, self.labels, self.batch_size, self.seed, self.flip = images, labels, batch_size, seed, flip
+        self.encode = encode
         self.per_epoch, self.epoch, self.perm = images.shape[0] // batch_size, None, None
 
     def __call__(self, step):
@@ -45,6 +49,7 @@ class Batches:
         x = from_uint8(self.images[idx])  # [0, 255] -> [-1, 1], as in the paper
         if self.flip:  # random horizontal flips (paper Sec. 4), on the device
             x = torch.where(torch.rand(x.shape[0], 1, 1, 1, device=x.device) < 0.5, x.flip(3), x)
+        x = x if self.encode is None else self.encode(x)
         return x, (self.labels[idx] if self.labels is not None else None)
 
 
@@ -94,7 +99,7 @@ def train_step(model, ema, optimizer, objective, x0, y, args, stats=None, losses
             (value.sum() / B).backward()
         total = total + value.detach().sum()
         if stats is not None:  # loss by timestep quartile, as improved-diffusion logs it
-            q = draws[0][part] * 4 // objective.diffusion.num_timesteps
+            q = draws[0][part] * 4 // (objective.diffusion.num_timesteps if objective.diffusion is not None else 4)
             stats[0].index_add_(0, q, value.detach().float())
             stats[1].index_add_(0, q, torch.ones_like(value, dtype=torch.float32))
             if metric is not None:
@@ -107,13 +112,14 @@ def train_step(model, ema, optimizer, objective, x0, y, args, stats=None, losses
     return total / B, grad_norm
 
 @torch.no_grad()
-def sample_images(ema, draw, n, seed, rank=0, world=1, bf16=False):
+def sample_images(ema, draw, n, seed, rank=0, world=1, bf16=False, decode=None):
     """n EMA samples for a grid (or None), drawn by draw(model function, shape, generator), the same noise every time (so grids
     show one set improving), with labels spread over the classes for a class-conditional model.
     Under torchrun every rank draws its share and rank 0 gathers them (so no rank idles in a collective while
     one samples, which on a long grid could trip NCCL's watchdog); the noise then depends on the rank count.
     Every draw comes from the grid's own generator, and fork_rng restores the global random state anyway, so
-    drawing a grid never changes the training run (resume stays exact)."""
+    drawing a grid never changes the training run (resume stays exact). decode: a latent run's first stage, which
+    turns the samples into images."""
     device = next(ema.parameters()).device
     c, (h, w) = ema.config["in_channels"], image_hw(ema.config["image_size"])
     y, nrow = None, None
@@ -129,6 +135,7 @@ def sample_images(ema, draw, n, seed, rank=0, world=1, bf16=False):
         x = draw(model_fn(ema, y, bf16=bf16), (share, c, h, w), g)
     if x is None:  # an objective without samples (a classifier): the same answer on every rank
         return None, None
+    x = x if decode is None else decode(x)
     if world > 1:
         shares = [torch.empty_like(x) for _ in range(world)]
         dist.all_gather(shares, x)
@@ -177,9 +184,9 @@ class DiffusionLoss(Objective):
     null class num_classes with probability p_uncond. draw() takes all of a batch's random numbers at once (t, eps,
     which labels drop), so a batch split into micro-batches sees the same ones."""
 
-    def __init__(self, diffusion, num_classes=None, p_uncond=0.0, bf16=False, sample_steps=0):
+    def __init__(self, diffusion, num_classes=None, p_uncond=0.0, bf16=False, sample_steps=0, loss=None):
         self.diffusion, self.num_classes, self.p_uncond, self.bf16 = diffusion, num_classes, p_uncond, bf16
-        self.sample_steps = sample_steps
+        self.sample_steps, self.loss = sample_steps, loss or diffusion.training_losses  # or highres.MultiscaleLoss
 
     def draw(self, x0, y):
         t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), device=x0.device)  # line 3 (0-based)
@@ -192,7 +199,7 @@ class DiffusionLoss(Objective):
             y = torch.where(drop, torch.full_like(y, self.num_classes), y)
         # Deviation from the paper (fp32 on TPU): bf16 autocast on CUDA; weights, optimizer and loss stay fp32
         with torch.autocast(x0.device.type, torch.bfloat16, enabled=self.bf16 and x0.device.type == "cuda"):
-            return self.diffusion.training_losses(lambda x, t: model(x, t, y), x0, t, noise), None  # line 5
+            return self.loss(lambda x, t: model(x, t, y), x0, t, noise), None  # line 5
 
 
 class ClassifierObjective(ClassifierLoss, Objective):
@@ -221,14 +228,80 @@ class SuperResolutionObjective(SuperResolutionLoss, Objective):
         return super().sample(lambda x, t: model(x, t, cond=cond, aug_level=aug_level), shape, generator)
 
 
+class AutoencoderObjective(AutoencoderLoss, Objective):
+    """A latent diffusion model's first stage (autoencoder.AutoencoderLoss): its grids are reconstructions of the
+    process's first training images."""
+
+    def __init__(self, grid_images):
+        super().__init__()
+        self.grid_images = grid_images
+
+    def sample(self, model, shape, generator):
+        return model(from_uint8(self.grid_images[:shape[0]]), None)
+
+
+class FirstStage:
+    """Latent diffusion's first stage as a run uses it (Rombach et al. 2022, Sec. 3.2, Appendix G): a trained
+    autoencoder, frozen, and the scale factor that gives its latents unit variance. encode: images in [-1, 1] to
+    z = scale z~, z~ ~ q_E(z | x) (a fresh draw each time, from the global random state, so resume stays exact);
+    decode: z to D(z / scale)."""
+
+    def __init__(self, autoencoder, scale):
+        self.autoencoder, self.scale = autoencoder.eval().requires_grad_(False), scale
+
+    @torch.no_grad()
+    def encode(self, x):
+        q = self.autoencoder.encode(x)
+        return q.sample(torch.randn_like(q.mean)) * self.scale
+
+    @torch.no_grad()
+    def decode(self, z):
+        return self.autoencoder.decode(z / self.scale)
+
+    def state(self):
+        ae = self.autoencoder
+        return dict(first_stage=ae.state_dict(), first_stage_config=ae.config, scale_factor=self.scale)
+
+
+def first_stage(args, ckpt, images, device):
+    """A run's first stage, or None for a run on pixels: the checkpoint's own, or --latent's (a train.py
+    --autoencoder run, checked against the data; its scale factor measured on the first 1024 images), or a latent
+    teacher's (a student learns its teacher's latents)."""
+    source = ckpt if ckpt and "first_stage" in ckpt else None
+    if source is None and not ckpt and args.distill and args.teacher:
+        try:
+            teacher = load_checkpoint(args.teacher)
+        except (ValueError, OSError):  # released weights, or no file: load_teacher says which
+            teacher = {}
+        source = teacher if "first_stage" in teacher else None
+    if source is not None:
+        ae = Autoencoder(**source["first_stage_config"])
+        ae.load_state_dict(source["first_stage"])
+        return FirstStage(ae.to(device), source["scale_factor"])
+    if ckpt or not args.latent:
+        return None
+    ae, _, meta, _ = load_model(args.latent)
+    if not isinstance(ae, Autoencoder):
+        raise ValueError(f"--latent {args.latent} is a {meta['kind']} checkpoint, not an autoencoder (train.py "
+                         f"--autoencoder)")
+    c = ae.config
+    if (c["image_size"], c["image_size"], c["in_channels"]) != tuple(images.shape[1:]):
+        raise ValueError(f"--latent {args.latent} encodes {c['image_size']}x{c['image_size']}x{c['in_channels']} "
+                         f"images; the data are {'x'.join(map(str, images.shape[1:]))}")
+    ae = ae.to(device)
+    scale = latent_scale(ae, from_uint8(images[:1024]), torch.Generator(device).manual_seed(args.seed))
+    return FirstStage(ae, scale)
+
+
 @dataclass
 class Run:
     """What a run trains, as build_run sets it up from the flags or a checkpoint."""
     model: nn.Module        # the network to train, on the CPU (train.py moves it, adds its EMA, optimizer, DDP)
     model_config: dict
     diffusion_config: dict
-    diffusion: nn.Module    # a GaussianDiffusion, on the device
+    diffusion: nn.Module    # a GaussianDiffusion, on the device (None for an autoencoder)
     objective: Objective
+    first_stage: FirstStage = None  # a latent diffusion run's autoencoder
 
 
 def _new_model_config(args, images, num_classes):
@@ -240,19 +313,36 @@ def _new_model_config(args, images, num_classes):
 
 
 def _configs(args, ckpt, model_config):
-    """(model config, diffusion config): the checkpoint's when resuming, else the new ones from the flags."""
+    """(model config, diffusion config): the checkpoint's when resuming, else the new ones from the flags, the
+    schedule shifted for the network's resolution with --shift-base (highres.py)."""
     if ckpt:
         return ckpt["model_config"], ckpt["diffusion_config"]
-    return model_config, diffusion_config(args.schedule, args.timesteps, args.mean_type)
+    dc = diffusion_config(args.schedule, args.timesteps, args.mean_type)
+    if args.shift_base:
+        dc.update(shift_base=args.shift_base, logsnr_shift=shift_for(args.shift_base, min(image_hw(
+            model_config["image_size"]))))
+    return model_config, dc
 
 
 def _diffusion_run(args, ckpt, images, num_classes, device):
-    """DDPM, Algorithm 1: a U-Net, class-conditional with --class-cond."""
+    """DDPM, Algorithm 1: a U-Net, class-conditional with --class-cond; with --multiscale, simple diffusion's loss."""
     model_config, dc = _configs(args, ckpt, _new_model_config(args, images, num_classes if args.class_cond else None))
     diffusion = build_diffusion(dc).to(device)
     objective = DiffusionLoss(diffusion, num_classes, args.p_uncond if args.class_cond else 0.0, args.bf16,
-                              args.sample_steps)
+                              args.sample_steps, MultiscaleLoss(diffusion, args.multiscale) if args.multiscale else None)
     return model_config, dc, diffusion, objective
+
+
+def _autoencoder_run(args, ckpt, images, num_classes, device):
+    """Latent diffusion's first stage (autoencoder.py): a KL-regularised autoencoder with a downsampling factor
+    --downsample and --latent-channels, on the data's images."""
+    levels = round(math.log2(args.downsample)) + 1  # a factor f = 2^(levels - 1)
+    model_config = ckpt["model_config"] if ckpt else dict(
+        image_size=images.shape[1], in_channels=images.shape[3], latent_channels=args.latent_channels, ch=args.ch,
+        ch_mult=[1] + [2] * (levels - 1), num_res_blocks=args.num_res_blocks)
+    if images.shape[1] != images.shape[2]:
+        raise ValueError("--autoencoder: the first stage here is for square images")
+    return model_config, {}, None, AutoencoderObjective(images)
 
 
 def _classifier_run(args, ckpt, images, num_classes, device):
@@ -353,12 +443,16 @@ def _consistency_run(args, ckpt, images, num_classes, device):
 
 
 BUILDERS = {"diffusion": _diffusion_run, "classifier": _classifier_run, "sr": _super_resolution_run,
-            "progressive": _progressive_run, "consistency": _consistency_run}
+            "progressive": _progressive_run, "consistency": _consistency_run, "autoencoder": _autoencoder_run}
 
 
 def build_run(kind, args, ckpt, images, num_classes, device):
     """The model a run of this kind trains (new, or as the checkpoint describes it), its diffusion and its
     objective. images: the process's training images, uint8 (N, H, W, C) on the device."""
+    stage = first_stage(args, ckpt, images, device)
+    if stage is not None:  # the model learns latents: their shape stands in for the images' from here on
+        c, size = stage.autoencoder.config, stage.autoencoder.latent_size
+        images = torch.zeros(0, size, size, c["latent_channels"], dtype=torch.uint8, device=device)
     torch.manual_seed(args.seed)  # a new model's initial weights
     built = BUILDERS[kind](args, ckpt, images, num_classes, device)
     model_config, dc, diffusion, objective = built[:4]
@@ -366,10 +460,10 @@ def build_run(kind, args, ckpt, images, num_classes, device):
     if len(built) > 4:  # a student starts as its teacher
         model.load_state_dict(built[4].state_dict())
     c = model_config
-    if image_hw(c["image_size"]) + (c["in_channels"],) != tuple(images.shape[1:]):
+    if image_hw(c["image_size"]) + (c.get("in_channels", c.get("latent_channels")),) != tuple(images.shape[1:]):
         h, w = image_hw(c["image_size"])
         raise ValueError(f"the data are {'x'.join(map(str, images.shape[1:3]))} with {images.shape[3]} channel(s), the "
                          f"checkpoint's model expects {h}x{w} with {c['in_channels']}")
     if num_classes is not None and c.get("num_classes") is not None and num_classes > c["num_classes"]:
         raise ValueError(f"the data have {num_classes} classes, the checkpoint's model {c['num_classes']}")
-    return Run(model, model_config, dc, diffusion, objective)
+    return Run(model, model_config, dc, diffusion, objective, stage)

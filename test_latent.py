@@ -1,0 +1,167 @@
+"""Tests of the routes to high resolution beside the cascade: latent diffusion's first stage (autoencoder.py: its KL
+against the closed form and Monte Carlo, the scale factor's unit variance) and a latent model end to end (train.py
+--autoencoder, --latent, a student of a latent teacher, sample.py with every sampler); simple diffusion's shifted
+schedule (its log-SNR moved by exactly 2 log(base / d)) and multiscale loss (highres.py); bad input one line each."""
+import math
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+from autoencoder import Autoencoder, DiagonalGaussian, latent_scale
+from checkpoint import build_diffusion, load_checkpoint
+from conftest import FAST, TRAIN_TINY, assert_one_line_error, one_line_error, randomized, read_npz, run_script
+from data import from_uint8, make_shapes
+from ddpm import GaussianDiffusion, make_beta_schedule
+from highres import MultiscaleLoss, logsnr, shift_for, shifted_cosine_betas
+
+# ---- the first stage
+
+
+@FAST
+@given(st.floats(-3, 3), st.floats(-4, 2), st.integers(0, 2**31 - 1))
+def test_kl_is_the_closed_form_and_its_monte_carlo_estimate(mean, logvar, seed):
+    """KL(q || N(0, I)) = 0.5 sum(mean^2 + var - 1 - log var), summed over the latent: torch.distributions' closed
+    form, and E_q[log q(z) - log p(z)] over 200,000 draws (6 standard errors)."""
+    g = torch.Generator().manual_seed(seed)
+    m = mean + 0.3 * torch.randn(1, 2, 2, 2, generator=g, dtype=torch.float64)
+    lv = logvar + 0.3 * torch.randn(1, 2, 2, 2, generator=g, dtype=torch.float64)
+    q = DiagonalGaussian(torch.cat([m, lv], dim=1))
+    closed = torch.distributions.kl_divergence(torch.distributions.Normal(m, (0.5 * lv).exp()),
+                                               torch.distributions.Normal(0.0, 1.0)).sum()
+    assert torch.allclose(q.kl()[0], closed, rtol=1e-10)
+    z = q.sample(torch.randn(200_000, 2, 2, 2, generator=g, dtype=torch.float64))
+    log_ratio = (torch.distributions.Normal(m, (0.5 * lv).exp()).log_prob(z)
+                 - torch.distributions.Normal(0.0, 1.0).log_prob(z)).flatten(1).sum(1)
+    assert abs(log_ratio.mean() - closed) < 6 * log_ratio.std() / 200_000 ** 0.5 + 1e-6
+
+
+def test_the_scale_factor_gives_latents_of_unit_variance():
+    """latent_scale is 1 / std of the latents of the given images: scaled, a fresh draw of them has std 1 (the
+    diffusion model's data variance), whatever the autoencoder's own latent scale."""
+    ae = randomized(Autoencoder(image_size=8, latent_channels=2, ch=32, ch_mult=(1, 2), num_res_blocks=1))
+    with torch.no_grad():  # latents far from unit variance, so the factor has something to do
+        ae.encoder[-1].weight[:2].mul_(5)
+    x = from_uint8(make_shapes(512, 8, 3, seed=3)[0])
+    scale = latent_scale(ae, x, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        q = ae.encode(x)
+        z = q.sample(torch.randn(q.mean.shape, generator=torch.Generator().manual_seed(1))) * scale
+    assert z.shape == (512, 2, 4, 4) and abs(z.std().item() - 1) < 0.02 and abs(scale - 1) > 0.05
+
+
+# ---- simple diffusion
+
+
+@FAST
+@given(st.integers(10, 1000), st.sampled_from([8, 16, 32, 64]), st.sampled_from([8, 16, 32, 64, 128, 256]))
+def test_the_shifted_schedule_moves_log_snr_by_2_log_base_over_d(T, base, d):
+    """Eq. (5): the shifted cosine schedule's log-SNR is the cosine's plus 2 log(base / d) at every t where neither
+    beta is clipped at 0.999, and the shift is 0 (the cosine itself) at d = base."""
+    cosine, shifted = make_beta_schedule("cosine", T), shifted_cosine_betas(T, shift_for(base, d))
+    free = (torch.cumprod(1 - shifted, 0) > 1e-6) & (shifted < 0.999) & (cosine < 0.999)
+    free &= torch.cummin(free.flip(0).long(), 0).values.flip(0).bool()  # before any clipped step
+    diff = (logsnr(shifted) - logsnr(cosine))[free]
+    assert torch.allclose(diff, torch.full_like(diff, 2 * math.log(base / d)), atol=1e-6)
+    if base == d:
+        assert torch.allclose(shifted, cosine, atol=1e-12)
+
+
+def test_multiscale_loss_is_the_pooled_eps_error_weighted_one_over_resolution():
+    """Sec. 3.2: zero for a network whose eps_hat is the true eps; otherwise sum over s = base, 2 base, ..., d of
+    (1/s) times the mean squared error of the eps errors average-pooled to s x s (by hand here, for d = 16, base 4)."""
+    d = GaussianDiffusion(make_beta_schedule("linear", 50, 1e-3, 0.2), dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = (torch.randn(2, 3, 16, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    t = torch.tensor([5, 40])
+    loss = MultiscaleLoss(d, 4)
+    exact = lambda x, tt: d.predict_noise_from_start(x, tt, x0)
+    assert torch.allclose(loss(exact, x0, t, noise), torch.zeros(2, dtype=torch.float64), atol=1e-9)
+    off = torch.randn(2, 3, 16, 16, generator=g, dtype=torch.float64)
+    error = -off  # eps - eps_hat
+    pool = lambda x, s: x.unfold(2, 16 // s, 16 // s).unfold(3, 16 // s, 16 // s).mean((-1, -2))
+    by_hand = sum((pool(error, s) ** 2).flatten(1).mean(1) / s for s in (4, 8)) + (error ** 2).flatten(1).mean(1) / 16
+    assert torch.allclose(loss(lambda x, tt: exact(x, tt) + off, x0, t, noise), by_hand)
+
+# ---- latent diffusion, end to end
+
+
+LATENT_TINY = ["--ch", "32", "--ch-mult", "1", "--num-res-blocks", "1", "--attn", "", "--timesteps", "50",
+               "--batch-size", "8", "--warmup", "2", "--ema-decay", "0.9", "--device", "cpu", "--sample-every", "0"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A tiny autoencoder (8x8 shapes to 4x4x2 latents) and a tiny latent diffusion model on its latents."""
+    out = tmp_path_factory.mktemp("latent")
+    r = run_script("train.py", *TRAIN_TINY, "--autoencoder", "--downsample", "2", "--latent-channels", "2",
+                   "--steps", "3", "--sample-every", "3", "--out", out / "ae")
+    assert r.returncode == 0, r.stderr
+    r = run_script("train.py", "--data", "shapes", "--image-size", "8", *LATENT_TINY, "--latent", out / "ae",
+                   "--steps", "3", "--sample-every", "3", "--sample-steps", "3", "--out", out / "ldm")
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_a_latent_model_trains_records_its_first_stage_and_samples_with_every_sampler(runs, tmp_path):
+    """train.py --latent AE: the checkpoint holds the autoencoder and the scale factor; sample.py draws 4x4x2
+    latents with Algorithm 2, DDIM and DPM-Solver++, decodes them, and writes 8x8x3 images (uint8, the .npz and the
+    grid); its training grids are decoded too."""
+    ae, ldm = load_checkpoint(str(runs / "ae")), load_checkpoint(str(runs / "ldm"))
+    assert ae["kind"] == "autoencoder" and ldm["kind"] == "diffusion" and ldm["model_config"]["image_size"] == 4
+    assert ldm["first_stage_config"] == ae["model_config"] and ldm["scale_factor"] > 0
+    assert all(torch.equal(ldm["first_stage"][k], ae["ema"][k]) for k in ae["ema"])
+    assert (runs / "ae" / "samples_0000003.png").exists() and (runs / "ldm" / "samples_0000003.png").exists()
+    for sampler, steps in (("ddpm", 50), ("ddim", 5), ("dpm++", 5)):
+        r = run_script("sample.py", runs / "ldm", "-n", "3", "--sampler", sampler, "--steps", steps, "--device", "cpu",
+                       "--npz", tmp_path / f"{sampler}.npz", "--out", tmp_path / f"{sampler}.png")
+        assert r.returncode == 0 and "latents of a 2x autoencoder" in r.stdout, r.stdout + r.stderr
+        images = read_npz(tmp_path / f"{sampler}.npz")["arr_0"]
+        assert images.shape == (3, 8, 8, 3) and images.dtype == torch.uint8 and images.float().std() > 0
+
+
+def test_a_student_of_a_latent_teacher_learns_its_latents(runs, tmp_path):
+    """Progressive distillation from a latent teacher: the student's checkpoint keeps the teacher's first stage, and
+    sample.py decodes the student's 2-step samples to images."""
+    r = run_script("train.py", "--distill", "progressive", "--teacher", runs / "ldm", "--teacher-steps", "4",
+                   "--student-steps", "2", "--data", "shapes", "--image-size", "8", *LATENT_TINY, "--steps", "2",
+                   "--out", tmp_path / "pd")
+    assert r.returncode == 0, r.stderr
+    assert load_checkpoint(str(tmp_path / "pd"))["scale_factor"] == load_checkpoint(str(runs / "ldm"))["scale_factor"]
+    r = run_script("sample.py", tmp_path / "pd", "-n", "2", "--device", "cpu", "--npz", tmp_path / "s.npz", "--out",
+                   tmp_path / "s.png")
+    assert r.returncode == 0 and read_npz(tmp_path / "s.npz")["arr_0"].shape == (2, 8, 8, 3), r.stdout + r.stderr
+
+
+def test_a_shifted_schedule_is_kept_in_the_checkpoint(tmp_path):
+    """--schedule cosine --shift-base 8 on 16x16 data: the checkpoint's diffusion is the cosine shifted by
+    2 log(8 / 16), which sample.py builds without being told."""
+    tiny16 = [a if a != "8" else "16" for a in TRAIN_TINY]
+    r = run_script("train.py", *tiny16, "--schedule", "cosine", "--shift-base", "8", "--steps", "1", "--sample-every",
+                   "0", "--out", tmp_path / "run")
+    assert r.returncode == 0, r.stderr
+    config = load_checkpoint(str(tmp_path / "run"))["diffusion_config"]
+    assert config["shift_base"] == 8 and config["logsnr_shift"] == pytest.approx(2 * math.log(0.5))
+    assert torch.allclose(build_diffusion(config).betas, shifted_cosine_betas(50, 2 * math.log(0.5)).float())
+    assert run_script("sample.py", tmp_path / "run", "-n", "2", "--steps", "3", "--device", "cpu", "--out",
+                      tmp_path / "s.png").returncode == 0
+
+
+def test_bad_latent_input_is_one_line(runs, tmp_path, capsys):
+    """A diffusion checkpoint given as the autoencoder, an autoencoder for other images than the data, latents too
+    small for the network's attention, an LDM whose autoencoder weights are gone, sampling an autoencoder, and a
+    shift without the cosine schedule: one clear line each."""
+    import train
+    base = ["--data", "shapes", "--image-size", "8", *LATENT_TINY, "--steps", "1", "--out", str(tmp_path / "x")]
+    cases = [(["--latent", str(runs / "ldm")], "is a diffusion checkpoint, not an autoencoder"),
+             (["--latent", str(runs / "ae"), "--image-size", "16"], "encodes 8x8x3 images; the data are 16x16x3"),
+             (["--latent", str(runs / "ae"), "--attn", "8"], "attn_resolutions"),
+             (["--shift-base", "8"], "add --schedule cosine")]
+    for extra, expect in cases:
+        assert expect in one_line_error(train.main, [*base, *extra], capsys), extra
+    stripped = dict(load_checkpoint(str(runs / "ldm")))
+    del stripped["first_stage"]
+    torch.save(stripped, tmp_path / "stripped.pt")
+    for path, expect in ((tmp_path / "stripped.pt", "autoencoder weights are missing"), (runs / "ae", "draws no samples")):
+        r = run_script("sample.py", path, "-n", "1", "--device", "cpu", "--out", tmp_path / "g.png")
+        assert expect in assert_one_line_error(r)
