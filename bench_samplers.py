@@ -1,10 +1,11 @@
 """
-Sample quality against network evaluations (NFE), for every sampler, on one checkpoint: from the same x_T, each
-sampler's distance to the 1000-step ODE solution (RMSE in pixel levels, 0..255), the quality number of metrics.py
-(built-in shapes models), and img/s; the references are the T-step ODE (DDIM, eta 0) and Algorithm 2 over all T
-steps. --compare adds diffusers' DPMSolverMultistepScheduler (DPM-Solver++ 2M, its defaults) driving the same
-network, what a user would otherwise pick.
-  python bench_samplers.py out-shapes --compare        # docs/samplers.md's table (CPU quick-start model)
+Sample quality against network evaluations (NFE), for every sampler, on one checkpoint and its distilled students:
+from the same x_T, each sampler's distance to the T-step ODE solution (RMSE in pixel levels, 0..255), the quality
+number of metrics.py (built-in shapes models), its ratio to Algorithm 2's over all T steps (the reference), and
+img/s. A progressive student runs at its own steps, a consistency student at each NFE up to 8 (Algorithm 1's
+multistep sampling). --compare adds diffusers' DPMSolverMultistepScheduler (DPM-Solver++ 2M, its defaults) driving
+the same network, what a user would otherwise pick.
+  python bench_samplers.py out-shapes --students out-pd,out-cd --csv samplers.csv   # docs/distillation.md's table
 """
 import argparse
 import csv
@@ -14,6 +15,7 @@ import torch
 
 from checkpoint import build_diffusion, load_model
 from data import to_uint8
+from distill import consistency_sample
 from guidance import model_fn
 from runtime import USER_ERRORS, ArgumentParser, error_line, resolve_device
 from samplers import SPACINGS, ddim_sample_loop, sample_loop
@@ -21,6 +23,7 @@ from unet import image_hw
 
 # (label, sampler, eta): the rows of the table
 SAMPLERS = [("ddpm (ancestral)", "ddpm", None), ("ddim", "ddim", 0.0), ("dpm++ (2M)", "dpm++", 0.0)]
+CONSISTENCY_NFE = 8  # a consistency student's multistep sampling is measured up to this many steps
 
 
 def get_parser():
@@ -29,7 +32,8 @@ def get_parser():
     a = p.add_argument
     a("ckpt", help="train.py checkpoint or run folder")
     a("--n", type=int, default=256, help="samples per sampler and NFE (one batch)")
-    a("--nfe", default="5,10,20,50,100", help="network evaluations to measure, comma-separated")
+    a("--nfe", default="1,2,4,8,16,32,64,100,1000", help="network evaluations to measure, comma-separated")
+    a("--students", default="", help="checkpoints distilled from this one (train.py --distill), comma-separated")
     a("--spacing", default="trailing", choices=SPACINGS, help="timesteps the samplers visit")
     a("--seed", type=int, default=0, help="seed of x_T and of the samplers' noise")
     a("--device", default="auto", help="auto, cpu, cuda or mps")
@@ -79,24 +83,44 @@ def bench(args):
     rows = []
 
     def row(name, nfe, x, speed):
+        quality = shapes_distance(to_uint8(x)) if shapes else float("nan")
+        reference = rows[0]["quality"] if rows else quality  # rows[0]: Algorithm 2 over all T steps
         r = dict(sampler=name, nfe=nfe, img_per_s=speed, rmse=((x - ode) * 127.5).square().mean().sqrt().item(),
-                 quality=shapes_distance(to_uint8(x)) if shapes else float("nan"))
+                 quality=quality, ratio=quality / reference)
         rows.append(r)
-        print(f"| {name} | {nfe} | {r['rmse']:.2f} | {r['quality']:.2f} | {speed:.1f} |", flush=True)
+        print(f"| {name} | {nfe} | {r['rmse']:.2f} | {quality:.2f} | {r['ratio']:.2f} | {speed:.1f} |", flush=True)
 
-    print("| sampler | NFE | RMSE to the T-step ODE (0..255) | quality (lower is better) | img/s |\n|---|---|---|---|---|")
-    row("ddim, all T steps (the ODE reference)", T, ode, ode_speed)
+    print("| sampler | NFE | RMSE to the T-step ODE (0..255) | quality (lower is better) | x Algorithm 2's | img/s |\n"
+          "|---|---|---|---|---|---|")
     gen = lambda: torch.Generator(device).manual_seed(args.seed + 1)
     row("Algorithm 2, all T steps (the quality reference)", T,
         *timed(lambda: diffusion.p_sample_loop(fn, x_T.shape, noise=x_T.clone(), generator=gen())))
+    row("ddim, all T steps (the ODE reference)", T, ode, ode_speed)
     for nfe in nfes:
         for label, sampler, eta in SAMPLERS:
+            if nfe == T and sampler != "dpm++":
+                continue  # the two references above
             row(label, nfe, *timed(lambda: sample_loop(diffusion, fn, x_T.shape, sampler, nfe, eta, args.spacing,
                                                        noise=x_T.clone(), generator=gen())))
         if args.compare:
             row("diffusers DPM-Solver++ 2M (defaults)", nfe, *timed(lambda: diffusers_dpm_solver(diffusion, fn, x_T, nfe)))
             row("diffusers DPM-Solver++ 2M (thresholding, max 1)", nfe,
                 *timed(lambda: diffusers_dpm_solver(diffusion, fn, x_T, nfe, threshold=True)))
+    for path in filter(None, args.students.split(",")):
+        student, student_config, student_meta, _ = load_model(path)
+        own = student_meta.get("sampling")
+        if not own:
+            raise ValueError(f"{path}: not a distilled student (train.py --distill writes one)")
+        if (student.config["in_channels"], image_hw(student.config["image_size"])) != (c, (h, w)):
+            raise ValueError(f"{path}: its images are not {h}x{w}x{c} like {args.ckpt}'s")
+        student_diffusion, student_fn = build_diffusion(student_config).to(device), model_fn(student.to(device))
+        if own["sampler"] == "consistency":
+            for nfe in [n for n in nfes if n <= CONSISTENCY_NFE]:
+                row(f"consistency student ({path})", nfe, *timed(lambda: consistency_sample(
+                    student_diffusion, student_fn, x_T.shape, nfe, noise=x_T.clone(), generator=gen())))
+        else:
+            row(f"progressive student ({path})", own["steps"], *timed(lambda: sample_loop(
+                student_diffusion, student_fn, x_T.shape, own["sampler"], own["steps"], 0.0, noise=x_T.clone())))
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -49,7 +49,7 @@ def run_script(script, *args, timeout=120, real=False):
     captured and an exit's message on stderr, as a CompletedProcess (a fresh interpreter would spend most of a
     tiny run importing torch); real=True, or a script without a main: in a subprocess from the repository."""
     name = script[:-3]
-    if real or name not in ("train", "sample", "evaluate", "metrics"):
+    if real or name not in ("train", "sample", "evaluate", "metrics", "bench_samplers"):
         return subprocess.run([sys.executable, os.path.join(HERE, script), *map(str, args)], capture_output=True,
                               text=True, timeout=timeout, cwd=HERE, env=ENV)
     main = importlib.import_module(name).main

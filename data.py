@@ -576,8 +576,9 @@ def center_crop_resize(img, size):
 
 def load_folder(path, image_size):
     """Every image file under a folder, centre-cropped to image_size's aspect ratio (an int: square; or (height,
-    width)) and resized to it: uint8 (N, H, W, C), C = 1 if all are grey, else 3; labels from the first-level subfolders (sorted names, as torchvision's ImageFolder) when the
-    images sit in subfolders, else None; and the class names."""
+    width)) and resized to it: uint8 (N, H, W, C), C = 1 if all are grey, else 3; labels from the first-level
+    subfolders (sorted names, as torchvision's ImageFolder) when the images sit in subfolders, else None; and the
+    class names."""
     files = sorted(os.path.join(root, f) for root, _, names in os.walk(path) for f in names
                    if f.lower().endswith(IMAGE_SUFFIXES))
     if not files:

@@ -1,5 +1,6 @@
 """
-The figures in assets/ (README and docs/), drawn with matplotlib (an optional extra: pip install matplotlib; nothing else needs it):
+The figures in assets/ (README and docs/), drawn with matplotlib (an optional extra: pip install matplotlib;
+nothing else needs it):
 the forward process erasing a distribution (Eq. 4), the variance over t and the schedules, the posterior mean's
 coefficients (Eq. 7), a trained model's loss and bound terms over t (Eqs. 5, 14), the rate-distortion curve of
 progressive coding (Sec. 4.3, Figure 5) and quality against network evaluations for each sampler.
@@ -29,6 +30,9 @@ def get_parser():
     a("--n", type=int, default=64, help="held-out images for the loss and bound curves")
     a("--edits", default="", help="a train.py checkpoint on the shapes: the inpainting figure (input, mask, three "
       "completions) and SDEdit across strengths 0, 0.25, 0.5, 0.75, 1")
+    a("--autoencoder", default="", help="a train.py --autoencoder checkpoint: held-out images and their "
+      "reconstructions (of --recon-data: shapes, or a .npz of images)")
+    a("--recon-data", default="shapes", help="with --autoencoder: the images to reconstruct")
     a("--log", default="", help="a run's metrics.csv (train.py writes it beside log.txt): the loss curves")
     a("--grids", default="", help="LABEL=FILE.npz,... (sample.py --npz files): one row of samples from each, titled "
       "with its label and the shapes quality number of the whole file, into --grids-name")
@@ -77,6 +81,44 @@ def schedules(plt, out):
     for ax in axes:
         ax.legend(fontsize=8)
     save(fig, out, "schedules.png")
+
+
+def shifted_schedules(plt, out):
+    """simple diffusion's Eq. (5): the cosine schedule's log-SNR against t, unshifted and shifted by 2 log(base / d)
+    for images 2x, 4x and 8x the base; and abar_t, which a shifted schedule brings down earlier."""
+    from highres import logsnr, shift_for, shifted_cosine_betas
+    T, t = 1000, torch.arange(1, 1001)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for d in (16, 32, 64, 128):
+        betas = shifted_cosine_betas(T, shift_for(16, d))
+        label = "cosine (d = base = 16)" if d == 16 else f"shifted for d = {d}: 2 log(16/{d}) = {shift_for(16, d):.2f}"
+        axes[0].plot(t, logsnr(betas), label=label)
+        axes[1].plot(t, torch.cumprod(1 - betas, 0), label=label)
+    axes[0].set(title="log SNR_t (Hoogeboom et al. Eq. 5)", xlabel="t")
+    axes[1].set(title="abar_t", xlabel="t")
+    axes[0].legend(fontsize=7)
+    save(fig, out, "shifted_schedules.png")
+
+
+@torch.no_grad()
+def reconstructions(plt, out, ckpt, data, n=8):
+    """Latent diffusion's first stage: n held-out images (a file, or the built-in shapes) above their
+    reconstructions D(mean of q_E(z | x)), with the PSNR."""
+    from data import load_file
+    ae, _, _, desc = load_model(ckpt)
+    s, c = ae.config["image_size"], ae.config["in_channels"]
+    images = make_shapes(n, s, c, seed=1)[0] if data == "shapes" else load_file(data)[0][:n]
+    x = from_uint8(images)
+    rec = ae(x).clamp(-1, 1)
+    psnr = 10 * torch.log10(4 / ((rec - x) ** 2).mean()).item()
+    fig, axes = plt.subplots(2, n, figsize=(n * 1.1, 2.5), squeeze=False)
+    for row, batch in enumerate((x, rec)):
+        for k in range(n):
+            axes[row, k].imshow(((batch[k] + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).squeeze(-1).numpy(),
+                                interpolation="nearest", cmap="gray" if c == 1 else None)
+            axes[row, k].axis("off")
+    fig.suptitle(f"images (top) and their reconstructions (bottom), PSNR {psnr:.1f} dB: {desc}", fontsize=8)
+    save(fig, out, "reconstructions.png")
 
 
 def posterior_coefficients(plt, out):
@@ -150,19 +192,19 @@ def nfe_curves(plt, out, path):
 
 @torch.no_grad()
 def edits(plt, out, ckpt, rows=4, steps=100):
-    """Inpainting (RePaint's replacement) and SDEdit on held-out shapes with a trained model: for each image, the
-    image, the mask (white = keep), three completions of its left half from three seeds; then the same images edited
-    at strengths 0, 0.25, 0.5, 0.75 and 1 (ancestral, `steps` steps of the whole chain)."""
+    """Inpainting (RePaint, resampling r = j = 5) and SDEdit on held-out shapes with a trained model: for each image,
+    the image, the mask (white = keep), the input (the hole grey), three completions of its left half from three seeds; then the same images
+    edited at strengths 0, 0.25, 0.5, 0.75 and 1 (ancestral, `steps` steps of the whole chain)."""
     from editing import edit_loop, edit_start
     from data import load_mask, to_uint8
     net, config, _, desc = load_model(ckpt)
     d, fn, s = build_diffusion(config), model_fn(net), net.config["image_size"]
     x0 = from_uint8(make_shapes(rows, s, net.config["in_channels"], seed=1)[0])
     mask = load_mask("left-half", s, s)
-    fill = lambda seed, start, m: edit_loop(d, fn, x0, m, start, round(steps * (start + 1) / d.num_timesteps),
-                                            generator=torch.Generator().manual_seed(seed))
-    panels = [("image", x0), ("mask", mask.expand_as(x0) * 2 - 1)] + [
-        (f"completion {k + 1}", fill(k, d.num_timesteps - 1, mask)) for k in range(3)]
+    fill = lambda seed, start, m, r=1: edit_loop(d, fn, x0, m, start, round(steps * (start + 1) / d.num_timesteps),
+                                                 resample=r, jump=r, generator=torch.Generator().manual_seed(seed))
+    panels = [("image", x0), ("mask (white: keep)", mask.expand_as(x0) * 2 - 1), ("input", x0 * mask)] + [
+        (f"completion {k + 1}", fill(k, d.num_timesteps - 1, mask, 5)) for k in range(3)]
     strengths = (0.0, 0.25, 0.5, 0.75, 1.0)
     panels += [(f"SDEdit {S}", fill(0, edit_start(d.num_timesteps, S), None)) for S in strengths]
     fig, axes = plt.subplots(rows, len(panels), figsize=(len(panels) * 1.1, rows * 1.2), squeeze=False)
@@ -170,9 +212,9 @@ def edits(plt, out, ckpt, rows=4, steps=100):
         for row in range(rows):
             axes[row, col].imshow(to_uint8(x[row:row + 1])[0].squeeze(-1).numpy(), interpolation="nearest",
                                   cmap="gray" if x.shape[1] == 1 else None)
-            axes[row, col].axis("off")
+            axes[row, col].set(xticks=[], yticks=[])  # a frame, so the mask's white shows
         axes[0, col].set_title(title, fontsize=7)
-    fig.suptitle(f"inpainting the left half (RePaint's replacement) and SDEdit, {desc}", fontsize=8)
+    fig.suptitle(f"inpainting the left half (RePaint, r = j = 5) and SDEdit, {desc}", fontsize=8)
     save(fig, out, "edits.png")
 
 
@@ -228,6 +270,7 @@ def draw(args):
     forward_process(plt, args.out)
     schedules(plt, args.out)
     posterior_coefficients(plt, args.out)
+    shifted_schedules(plt, args.out)
     if args.model:
         loss_and_bound(plt, args.out, args.model, args.n)
     if args.rd:
@@ -240,6 +283,8 @@ def draw(args):
         loss_curves(plt, args.out, args.log)
     if args.edits:
         edits(plt, args.out, args.edits)
+    if args.autoencoder:
+        reconstructions(plt, args.out, args.autoencoder, args.recon_data)
 
 
 def main(argv=None):

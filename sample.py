@@ -18,8 +18,8 @@ import torch
 
 from cascade import Stage, carry_up, check_chain
 from checkpoint import build_diffusion, fingerprint, load_model
-from data import (MASKS, BatchFolder, class_counts, class_grid, from_uint8, load_data, load_file, load_mask, parse_classes, save_grid,
-                  to_uint8, trajectory_strip, write_npz, write_pngs)
+from data import (MASKS, BatchFolder, class_counts, class_grid, from_uint8, load_data, load_file, load_mask,
+                  parse_classes, save_grid, to_uint8, trajectory_strip, write_npz, write_pngs)
 from distill import consistency_sample
 from editing import edit_loop, edit_start, full_chain
 from guidance import check_classifier, classifier_grad, classifier_guidance, model_fn
@@ -101,23 +101,21 @@ def check_args(args):
     for k in ("n", "batch_size", "steps"):
         if getattr(args, k) is not None and getattr(args, k) <= 0:
             raise ValueError(f"--{k.replace('_', '-')} must be positive")
-    for flag, ok in (("--eta must be >= 0", (args.eta or 0) >= 0), ("--guidance must be >= 0", args.guidance >= 0),
-                     ("--consistency-last must be a positive noise level", args.consistency_last > 0),
-                     ("--resample and --jump must be at least 1", min(args.resample, args.jump) >= 1)):
+    for message, ok in (("--eta must be >= 0", (args.eta or 0) >= 0), ("--guidance must be >= 0", args.guidance >= 0),
+                        ("--consistency-last must be a positive noise level", args.consistency_last > 0),
+                        ("--resample and --jump must be at least 1", min(args.resample, args.jump) >= 1),
+                        (f"--seed must be in 0..2^32-1, got {args.seed}", 0 <= args.seed < 2 ** 32),
+                        ("--resume continues from the samples in --npz; give the --npz of the stopped run",
+                         args.npz or not args.resume),
+                        ("--strength, --mask and --resample are for --edit IMAGES", args.edit or not (
+                            args.mask or args.strength is not None or args.resample != 1))):
         if not ok:
-            raise ValueError(flag)
-    if not 0 <= args.seed < 2 ** 32:
-        raise ValueError(f"--seed must be in 0..2^32-1, got {args.seed}")
-    if args.resume and not args.npz:
-        raise ValueError("--resume continues from the samples in --npz; give the --npz of the stopped run")
-    if (args.mask or args.strength is not None or args.resample != 1) and not args.edit:
-        raise ValueError("--strength, --mask and --resample are for --edit IMAGES")
-    if args.png_dir:
-        os.makedirs(args.png_dir, exist_ok=True)
+            raise ValueError(message)
     for flag, path in (("--out", args.out), ("--npz", args.npz), ("--trajectory", args.trajectory)):
         if path and not os.path.isdir(os.path.dirname(path) or "."):  # find out now, not after hours of sampling
             raise ValueError(f"{flag} {path}: folder {os.path.dirname(path)} does not exist")
-
+    if args.png_dir:
+        os.makedirs(args.png_dir, exist_ok=True)
 
 
 # -----------------------------------------------------------------------------
@@ -173,7 +171,7 @@ def load_stages(args, net, meta, diffusion, device):
 
 
 def draw_samples(args, procs, net, diffusion, names, classifier=None, stages=(), given=None, record=None,
-                 edits=None):
+                 edits=None, first_stage=None):
     """Batches of samples from net, shared out over the processes by index; with a classifier, classifier guidance
     (scale args.classifier_scale) toward the --class labels, which then need not be the model's own. stages: a
     cascade's super-resolution models, each drawing from the output of the one before; given: low-resolution images
@@ -181,7 +179,8 @@ def draw_samples(args, procs, net, diffusion, names, classifier=None, stages=(),
     to edit (--edit, --mask)."""
     device, master = procs.device, procs.master
     say = print if master else (lambda *a, **k: None)
-    c, (h, w) = net.config["in_channels"], image_hw(stages[-1].size if stages else net.config["image_size"])
+    c, out = net.config["in_channels"], first_stage[0].config if first_stage else net.config  # a latent model: decoded
+    h, w = image_hw(stages[-1].size if stages else out["image_size"])
     num_classes = net.config.get("num_classes")
     label_classes = classifier.num_classes if classifier is not None else num_classes
     classes = parse_classes(args.class_, label_classes, names) if args.class_ is not None else None
@@ -199,8 +198,8 @@ def draw_samples(args, procs, net, diffusion, names, classifier=None, stages=(),
     todo = [b for b in range(procs.rank, len(parts.sizes), procs.world) if not parts.done(b)]
     first = f"the {args.n} given images" if given is not None else describe_sampler(
         args.sampler, args.steps, args.eta, args.spacing, diffusion, args.consistency_last)
-    say(f"sampling {args.n} images {h}x{w}x{c}: {first}, batch {args.batch_size}, seed {args.seed}, {procs.world} x "
-        f"{device}" + (f", classes {classes}" if classes else "")
+    say(f"sampling {args.n} images {h}x{w}x{out['in_channels']}: {first}, batch {args.batch_size}, seed {args.seed}, "
+        f"{procs.world} x {device}" + (f", classes {classes}" if classes else "")
         + (f", guidance {args.guidance}" if classes and num_classes else "")
         + (f", classifier scale {args.classifier_scale}" if classifier is not None else "")
         + "".join(f", then up to {st.size}x{st.size} by {st.sampler} in {st.steps} steps, conditioning augmentation "
@@ -237,6 +236,8 @@ def draw_samples(args, procs, net, diffusion, names, classifier=None, stages=(),
             if strip and b == 0:
                 say(strip[1]())
         count = x.numel()
+        if first_stage:  # a latent diffusion model: its latents decoded (Rombach et al. 2022: x = D(z / scale))
+            x = first_stage[0].decode(x / first_stage[1])
         x, sq_error = carry_up(stages, x, g)  # and CDM's consistency of the output with its input
         images = to_uint8(x)
         if args.png_dir:
@@ -326,9 +327,8 @@ def finish(args, parts, classes, stages, stopped):
     if images is not None and len(images) == args.n or not args.npz:  # nothing left to resume
         parts.remove()
     if stopped:
-        kept = f"{0 if images is None else len(images)} of {args.n} samples are in {args.npz}" if args.npz else \
-            "no --npz was asked for"
-        print(f"stopped: {kept}; run the same command with --resume to draw the rest", flush=True)
+        kept = f"{0 if images is None else len(images)} of {args.n} samples are in {args.npz}; run the same command with --resume to draw the rest"
+        print(f"stopped: {kept if args.npz else 'no --npz was asked for, so nothing is kept'}", flush=True)
 
 
 def sample(args):
@@ -340,9 +340,11 @@ def sample(args):
         print(f"note: --bf16 is for CUDA; running fp32 on {device.type}")
         args.bf16 = False
     net, diffusion_config, meta, desc = load_model(args.ckpt, use_ema=not args.no_ema)
-    if meta["kind"] == "classifier":
-        raise ValueError(f"{args.ckpt} is a classifier (train.py --classifier); it guides a diffusion model: "
-                         f"sample.py MODEL --classifier {args.ckpt} --class K")
+    if meta["kind"] in ("classifier", "autoencoder"):
+        raise ValueError(f"{args.ckpt} is a {meta['kind']}: it draws no samples (a classifier guides a model: sample.py "
+                         f"MODEL --classifier CLF --class K; train.py --latent AE learns an autoencoder's latents)")
+    if meta["first_stage"] and args.edit:
+        raise ValueError("--edit edits pixels: a latent diffusion model's samples are latents until decoded")
     net.to(device)
     diffusion = build_diffusion(diffusion_config).to(device)
     T, num_classes = diffusion.num_timesteps, net.config.get("num_classes")
@@ -350,6 +352,10 @@ def sample(args):
         print(f"loaded {desc}: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M params, T={T}")
     n_asked, args.n = args.n, args.n or 64
     args.sampler, args.steps = choose_sampler(args.sampler, args.steps, args.eta, T, meta["sampling"])
+    if meta["sampling"] and (args.guidance or args.classifier and args.sampler == "consistency"):
+        raise ValueError("--classifier: a consistency model's sampler (Song et al. 2023, Algorithm 1) takes no classifier "
+                         "guidance" if not args.guidance else "--guidance: a distilled student learnt its teacher's "
+                         "unguided steps (guided distillation, Meng et al. 2023, is not here); guide the teacher")
     classifier, names = None, meta.get("class_names") or ()
     if args.classifier:
         classifier, classifier_names = load_classifier(args, diffusion, net, device)
@@ -361,9 +367,6 @@ def sample(args):
                          "model is unconditional")
     if args.guidance and (args.class_ is None or num_classes is None):
         raise ValueError("--guidance needs --class and a class-conditional model")
-    if args.classifier and args.sampler == "consistency":
-        raise ValueError("--classifier: a consistency model's sampler (Song et al. 2023, Algorithm 1) takes no "
-                         "classifier guidance")
     stages, given = load_stages(args, net, meta, diffusion, device)
     edits = load_edit(args, net) if args.edit else None
     if given is not None or edits:  # every image given, unless --n asks for fewer
@@ -372,10 +375,12 @@ def sample(args):
     record = dict({k: v for k, v in vars(args).items() if k not in NOT_RECORDED}, device=device.type,
                   model=fingerprint(net), stages=[fingerprint(stage.net) for stage in stages],
                   classifier=classifier and fingerprint(classifier), given=given is not None and fingerprint(given),
-                  edit=edits and fingerprint(edits[0]), mask=edits and edits[1] is not None and fingerprint(edits[1]))
+                  edit=edits and fingerprint(edits[0]), mask=edits and edits[1] is not None and fingerprint(edits[1]),
+                  first_stage=meta["first_stage"] and fingerprint(meta["first_stage"][0]))
     if args.compile:  # the batch shape is fixed, so one graph serves every step (a smaller last batch: one more)
         net = torch.compile(net, mode="reduce-overhead" if device.type == "cuda" else None)
-    draw_samples(args, procs, net, diffusion, names, classifier, stages, given, record, edits)
+    first_stage = meta["first_stage"] and (meta["first_stage"][0].to(device), meta["first_stage"][1])
+    draw_samples(args, procs, net, diffusion, names, classifier, stages, given, record, edits, first_stage)
 
 
 def main(argv=None):

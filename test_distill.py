@@ -4,6 +4,7 @@ of the v-parameterisation in ddpm.py: each checked by a second route (the teache
 ODE of Gaussian data, the algebra of the parameterisations), then train.py --distill and sample.py on students,
 end to end on tiny nets. Each docstring states what it checks.
 """
+import csv
 import math
 
 import pytest
@@ -371,7 +372,8 @@ def test_a_progressive_run_resumed_with_another_steps_keeps_its_rounds(teacher, 
 
 def test_a_consistency_student_refuses_classifier_guidance(teacher, tmp_path):
     """Classifier guidance is not part of a consistency model's sampler (Algorithm 1): --classifier on a consistency
-    student is one clear line, not a run that says it is guided and is not."""
+    student is one clear line, not a run that says it is guided and is not; nor does a student take classifier-free
+    guidance, which it was not distilled with."""
     r = run_script("train.py", *distill_args("consistency", teacher, tmp_path / "cd", "--cd-n", "6"), "--steps", "2")
     assert r.returncode == 0, r.stderr
     r = run_script("train.py", *TRAIN_TINY, "--classifier", "--steps", "1", "--sample-every", "0", "--out",
@@ -380,6 +382,8 @@ def test_a_consistency_student_refuses_classifier_guidance(teacher, tmp_path):
     r = run_script("sample.py", tmp_path / "cd", "--classifier", tmp_path / "clf", "--class", "0", "--device", "cpu",
                    "--out", tmp_path / "g.png")
     assert "takes no classifier guidance" in assert_one_line_error(r)
+    r = run_script("sample.py", tmp_path / "cd", "--guidance", "1", "--device", "cpu")
+    assert "learnt its teacher's unguided steps" in assert_one_line_error(r)  # nor classifier-free guidance
 
 
 def test_consistency_distillation_runs_and_samples_in_one_or_two_steps(teacher, tmp_path):
@@ -402,6 +406,30 @@ def test_consistency_distillation_runs_and_samples_in_one_or_two_steps(teacher, 
     assert not (read_npz(tmp_path / "s5.npz")["arr_0"] == two).all()  # the level reaches the sampler
     bad = run_script("sample.py", tmp_path / "cd", "--sampler", "ddpm", "--device", "cpu")
     assert "samples with its own sampler" in assert_one_line_error(bad)
+
+
+def test_the_sampler_table_has_every_sampler_and_student_against_algorithm_2(teacher, tmp_path):
+    """bench_samplers.py TEACHER --students PD,CD: a row per sampler and NFE (the two T-step references once each),
+    the progressive student at its own steps, the consistency student at each NFE up to 8, each row's quality over
+    Algorithm 2's; a checkpoint that is not a student is one line."""
+    pd, cd = tmp_path / "pd", tmp_path / "cd"
+    assert run_script("train.py", *distill_args("progressive", teacher, pd, "--teacher-steps", "4", "--student-steps",
+                                                "2"), "--steps", "2").returncode == 0
+    assert run_script("train.py", *distill_args("consistency", teacher, cd, "--cd-n", "6"), "--steps", "2").returncode == 0
+    r = run_script("bench_samplers.py", teacher, "--students", f"{pd},{cd}", "--nfe", "1,2,50", "--n", "16",
+                   "--device", "cpu", "--csv", tmp_path / "t.csv")
+    assert r.returncode == 0, r.stderr
+    rows = list(csv.DictReader(open(tmp_path / "t.csv")))
+    got = [(row["sampler"].split(" (")[0], int(row["nfe"])) for row in rows]
+    assert got == [("Algorithm 2, all T steps", 50), ("ddim, all T steps", 50),
+                   *[(name, n) for n in (1, 2) for name in ("ddpm", "ddim", "dpm++")], ("dpm++", 50),
+                   ("progressive student", 2), ("consistency student", 1), ("consistency student", 2)]
+    reference = float(rows[0]["quality"])
+    for row in rows:
+        assert float(row["ratio"]) == pytest.approx(float(row["quality"]) / reference)
+    assert float(rows[1]["rmse"]) == 0 and all(float(row["img_per_s"]) > 0 for row in rows)
+    bad = run_script("bench_samplers.py", teacher, "--students", teacher, "--nfe", "1", "--n", "2", "--device", "cpu")
+    assert "not a distilled student" in assert_one_line_error(bad)
 
 
 def test_consistency_from_an_eps_teacher_converts_first_and_resumes_exactly(teacher, tmp_path):

@@ -182,7 +182,8 @@ def test_torchrun_sampling_killed_keeps_its_finished_batches(ckpt, tmp_path):
                           "--out", str(tmp_path / "s.png")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                          cwd=HERE, env=ENV)
     parts = tmp_path / "s.npz.parts"
-    while not parts.exists() or len([f for f in os.listdir(parts) if f.startswith("batch")]) < 4:
+    finished = lambda: len([f for f in os.listdir(parts) if f.startswith("batch") and f.endswith(".npz")])  # no .tmp
+    while not parts.exists() or finished() < 4:
         assert p.poll() is None, "the run ended before it could be killed"
         time.sleep(0.05)
     for pid in os.listdir("/proc"):  # the agent and its workers (which torchrun starts in sessions of their own)
@@ -192,7 +193,7 @@ def test_torchrun_sampling_killed_keeps_its_finished_batches(ckpt, tmp_path):
         except OSError:
             pass
     p.wait()
-    kept = len([f for f in os.listdir(parts) if f.startswith("batch")])
+    kept = finished()
     assert 4 <= kept < 24 and not (tmp_path / "s.npz").exists()
     r = run_script("sample.py", *common, "--npz", tmp_path / "s.npz", "--out", tmp_path / "s.png", "--resume",
                    timeout=600)
