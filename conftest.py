@@ -10,6 +10,7 @@ import subprocess
 import sys
 import zipfile
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -241,3 +242,20 @@ def oracle(betas, x0, mean_type):
         eps = (x_t.double() - a.sqrt() * x0) / (1 - a).sqrt()
         return (eps if mean_type == "eps" else a.sqrt() * eps - (1 - a).sqrt() * x0).to(x_t.dtype)
     return model
+
+
+# what test_unet.py and test_pretrained.py share: the released checkpoint's key list (committed here, so that a
+# clone alone runs the whole suite), a small network, inputs, and the paper's network with randomized weights
+KEYS_FILE = Path(__file__).resolve().parent / "assets" / "ddpm_cifar10_keys.txt"
+TINY = dict(image_size=16, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), dropout=0.0)
+
+
+def inputs(batch, channels=3, size=32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, channels, size, size, generator=g), torch.randint(0, 1000, (batch,), generator=g)
+
+
+@pytest.fixture(scope="module")
+def cifar_net():
+    """The default UNet() (the paper's CIFAR-10 net) with randomized weights, built once for the module."""
+    return randomized(UNet())

@@ -91,19 +91,26 @@ def read_safetensors(path):
     return out
 
 
+# diffusers UNet2DModel's names -> the TF-scope names of this UNet, applied in order as substring replacements (the
+# mid block's before the general ".resnets."); to_diffusers_state_dict applies them the other way round
+DIFFUSERS_NAMES = [("time_embedding.linear_1.", "temb.dense.0."), ("time_embedding.linear_2.", "temb.dense.1."),
+                   ("conv_norm_out.", "norm_out."), ("mid_block.resnets.0.", "mid.block_1."),
+                   ("mid_block.attentions.0.", "mid.attn_1."), ("mid_block.resnets.1.", "mid.block_2."),
+                   (".resnets.", ".block."), (".attentions.", ".attn."), (".downsamplers.0.", ".downsample."),
+                   (".upsamplers.0.", ".upsample."), (".time_emb_proj.", ".temb_proj."),
+                   (".conv_shortcut.", ".nin_shortcut."),
+                   ("class_embedding.", "label_emb.")]  # num_class_embeds = K + 1: the K classes and the null label
+# inside attention blocks only (".norm." alone is too common to rename back by substring)
+DIFFUSERS_ATTENTION_NAMES = [(".group_norm.", ".norm."), (".to_out.0.", ".proj_out."),
+                             (".proj_attn.", ".proj_out.")]  # diffusers' old attention names
+
+
 def convert_diffusers_state_dict(sd):
     """Rename a diffusers UNet2DModel state dict to the TF-scope names this UNet uses. diffusers numbers its
     up_blocks from the lowest resolution, the TF scopes by level (up.0 = full resolution); its attention
     projections are Linear layers where ours (and the original's) are 1x1 convolutions."""
     num_levels = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("down_blocks."))
-    renames = [("time_embedding.linear_1.", "temb.dense.0."), ("time_embedding.linear_2.", "temb.dense.1."),
-               ("conv_norm_out.", "norm_out."), ("mid_block.resnets.0.", "mid.block_1."),
-               ("mid_block.attentions.0.", "mid.attn_1."), ("mid_block.resnets.1.", "mid.block_2."),
-               (".resnets.", ".block."), (".attentions.", ".attn."), (".downsamplers.0.", ".downsample."),
-               (".upsamplers.0.", ".upsample."), (".time_emb_proj.", ".temb_proj."),
-               (".conv_shortcut.", ".nin_shortcut."), (".group_norm.", ".norm."), (".to_out.0.", ".proj_out."),
-               (".proj_attn.", ".proj_out."),  # diffusers' old attention names
-               ("class_embedding.", "label_emb.")]  # num_class_embeds = K + 1: the K classes and the null label
+    renames = DIFFUSERS_NAMES + DIFFUSERS_ATTENTION_NAMES
     out = {}
     for key, value in sd.items():
         new = re.sub(r"^down_blocks\.", "down.", key)
@@ -245,12 +252,7 @@ def to_diffusers_state_dict(sd):
     """The inverse of convert_diffusers_state_dict: TF-scope names to diffusers UNet2DModel's (up blocks numbered
     from the lowest resolution, attention projections as Linear layers)."""
     levels = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("down."))
-    renames = [("temb.dense.0.", "time_embedding.linear_1."), ("temb.dense.1.", "time_embedding.linear_2."),
-               ("norm_out.", "conv_norm_out."), ("mid.block_1.", "mid_block.resnets.0."),
-               ("mid.attn_1.", "mid_block.attentions.0."), ("mid.block_2.", "mid_block.resnets.1."),
-               (".block.", ".resnets."), (".attn.", ".attentions."), (".downsample.", ".downsamplers.0."),
-               (".upsample.", ".upsamplers.0."), (".temb_proj.", ".time_emb_proj."),
-               (".nin_shortcut.", ".conv_shortcut."), ("label_emb.", "class_embedding.")]
+    renames = [(ours, theirs) for theirs, ours in DIFFUSERS_NAMES]
     out = {}
     for key, value in sd.items():
         new = re.sub(r"^down\.", "down_blocks.", key)

@@ -3,7 +3,6 @@ the attention fast path, the class embedding, and parity with diffusers' UNet2DM
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,30 +10,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import unet
-from conftest import randomized
+from conftest import KEYS_FILE, TINY, inputs, randomized
 from unet import CONFIGS, UNet
-
-# the released checkpoint's key list, committed here so that a clone alone runs the whole suite
-KEYS_FILE = Path(__file__).resolve().parent / "assets" / "ddpm_cifar10_keys.txt"
-TINY = dict(image_size=16, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), dropout=0.0)
-# google/ddpm-cifar10-32's config.json (the paper's net in diffusers terms; up blocks listed lowest resolution first)
-DDPM_CIFAR10_32 = dict(
-    sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256), layers_per_block=2,
-    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), attention_head_dim=None,
-    norm_eps=1e-6, norm_num_groups=32, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1,
-    act_fn="silu", center_input_sample=False, mid_block_scale_factor=1, time_embedding_type="positional")
-
-
-def inputs(batch, channels=3, size=32, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, channels, size, size, generator=g), torch.randint(0, 1000, (batch,), generator=g)
-
-
-@pytest.fixture(scope="module")
-def cifar_net():
-    """The default UNet() (the paper's CIFAR-10 net) with randomized weights, built once for the module."""
-    return randomized(UNet())
 
 
 def test_cifar10_parameter_count(cifar_net):
