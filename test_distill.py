@@ -198,6 +198,40 @@ def test_heun_with_a_constant_eps_is_euler_is_ddim(betas, c, seed, data):
     assert torch.allclose(euler, ddim_sample(d, moving, x, full(2, t), t_prev, clip_denoised=False), atol=1e-9)
 
 
+@FAST
+@given(schedules(min_t=4), st.integers(0, 2**31 - 1), st.data())
+def test_heun_is_edm_algorithm_1_written_out(betas, seed, data):
+    """Heun's step (EDM, Karras et al. 2022, Algorithm 1, lines 5-8) written out in Consistency Models' coordinates
+    x = x_t / alpha, noise level s = sigma / alpha: d = eps_hat(x, s); x_e = x + (s' - s) d; d' = eps_hat(x_e, s'),
+    evaluated at the end of the step; x' = x + (s' - s) (d + d') / 2; for a network that is not constant."""
+    d = GaussianDiffusion(betas, dtype=torch.float64)
+    t = data.draw(st.integers(1, len(betas) - 1))
+    t_prev = data.draw(st.integers(0, t - 1))
+    x_t = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    net = lambda x, tt: torch.tanh(x) + 0.01 * tt.double().view(-1, 1, 1, 1)  # an eps-network
+    (a, s_t), (a_prev, s_prev) = alpha_sigma(d, t), alpha_sigma(d, t_prev)
+    level, level_prev = s_t / a, s_prev / a_prev
+    slope = d_1 = net(x_t, full(2, t))
+    x_euler = x_t / a + (level_prev - level) * slope
+    d_2 = net(x_euler * a_prev, full(2, t_prev))
+    expected = (x_t / a + (level_prev - level) * (d_1 + d_2) / 2) * a_prev
+    heun = distill.heun_step(d, net, x_t, full(2, t), full(2, t_prev))
+    assert torch.allclose(heun, expected, rtol=1e-6, atol=1e-9)  # x_t / alpha reaches ~1e3 where abar -> 0
+
+
+def test_pseudo_huber_is_improved_consistency_trainings():
+    """Song & Dhariwal 2023, Sec. 3.3: d(x, y) = sqrt(||x - y||^2 + c^2) - c with c = 0.00054 sqrt(d), d the
+    dimension of one image: 0 at x = y, ||x - y||^2 / (2c) for small differences and ||x - y|| - c for large ones."""
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    c = 0.00054 * math.sqrt(3 * 32 * 32)
+    assert torch.equal(distill.pseudo_huber(x, x), torch.zeros(3, dtype=torch.float64))
+    small, large = 1e-5 * torch.ones_like(x), torch.ones_like(x)  # ||.||^2 = 3072e-10, far below c^2; and 3072
+    assert torch.allclose(distill.pseudo_huber(x + small, x), torch.full((3,), 3072e-10 / (2 * c), dtype=torch.float64),
+                          rtol=1e-3)
+    assert torch.allclose(distill.pseudo_huber(x + large, x), torch.full((3,), math.sqrt(3072 + c * c) - c,
+                                                                        dtype=torch.float64), rtol=1e-12)
+
+
 def test_one_step_of_multistep_sampling_is_one_step_sampling():
     """Algorithm 1 with a single time is f(x_T, T); more steps add noise back at falling noise levels."""
     d = GaussianDiffusion(make_beta_schedule("linear", 100, 1e-3, 0.2), mean_type="v")
