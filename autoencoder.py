@@ -94,40 +94,79 @@ class Autoencoder(nn.Module):
     def decode(self, z):
         return self.decoder(z)
 
-    def forward(self, x, t=None):
-        """The reconstruction D(mean of q_E(z | x)) (what training grids show; t is ignored)."""
-        return self.decode(self.encode(x).mean)
+    def forward(self, x, t=None, noise=None):
+        """With noise (training): D(z) for z = mean + std noise ~ q_E(z | x), and the KL per image, from one call (so
+        DDP sees one forward); without: the reconstruction D(mean of q_E(z | x)) that grids show (t is ignored)."""
+        q = self.encode(x)
+        return self.decode(q.mean) if noise is None else (self.decode(q.sample(noise)), q.kl())
 
 
 class AutoencoderLoss:
     """Eq. (25) without LPIPS and the discriminator, per image: the mean absolute reconstruction error of
     D(z), z ~ q_E(z | x) (reparameterised: z = mean + std eps), plus KL_WEIGHT times the KL, both scaled as the
     reference's per-image sums are (here divided by the image's C H W, so the loss reads as a mean L1). The second
-    metric is the PSNR of the reconstruction, in dB on [0, 255]."""
+    metric is the PSNR of the reconstruction, in dB on [0, 255]. draw() takes the batch's eps at once, so a batch
+    split into micro-batches sees the same ones."""
     metric = "PSNR"
     diffusion = None
 
-    def __init__(self, kl_weight=KL_WEIGHT):
-        self.kl_weight = kl_weight
+    def __init__(self, latent_channels, factor, kl_weight=KL_WEIGHT):
+        self.latent_channels, self.factor, self.kl_weight = latent_channels, factor, kl_weight
 
     def draw(self, x0, y):
-        return (torch.zeros(x0.shape[0], dtype=torch.long, device=x0.device),)  # no timesteps: every image in q0
+        """(t, eps): no timesteps (every image in the log's first quartile), and the latent's eps."""
+        b, _, h, w = x0.shape
+        return (torch.zeros(b, dtype=torch.long, device=x0.device),
+                torch.randn(b, self.latent_channels, h // self.factor, w // self.factor, device=x0.device))
 
-    def __call__(self, model, x0, y, t):
-        q = model.encode(x0)
-        z = q.sample(torch.randn_like(q.mean))
-        x_rec = model.decode(z)
+    def __call__(self, model, x0, y, t, noise):
+        x_rec, kl = model(x0, None, noise)
         l1 = (x_rec.float() - x0).abs().flatten(1).sum(1)
-        loss = (l1 + self.kl_weight * q.kl().float()) / x0[0].numel()
+        loss = (l1 + self.kl_weight * kl.float()) / x0[0].numel()
         mse = ((x_rec.float().clamp(-1, 1) - x0) ** 2).flatten(1).mean(1)
         return loss, 10 * torch.log10(4.0 / mse.clamp(min=1e-10))  # PSNR with the peak 2 of [-1, 1]
 
 
 def latent_scale(autoencoder, images, generator, batch_size=256):
-    """The LDM's scale factor (Appendix G, z = E(x) / sigma_hat; the reference's scale_by_std): 1 / the standard
+    """The LDM's scale factor (Sec. 4.3.2 and Appendix D.1, z = E(x) / sigma_hat; the reference's scale_by_std):
+    1 / the standard
     deviation of the latents z ~ q_E(z | x) of the given images (B, C, H, W), so the diffusion model sees latents of
     unit variance, as its schedule assumes of data."""
     with torch.no_grad():
         z = torch.cat([(lambda q: q.sample(torch.randn(q.mean.shape, generator=generator, device=q.mean.device)))(
             autoencoder.encode(x)) for x in images.split(batch_size)])
     return 1.0 / z.float().std().item()
+
+
+class FirstStage:
+    """Latent diffusion's first stage as a diffusion model uses it (Rombach et al. 2022, Sec. 3.2, Sec. 4.3.2 and
+    Appendix D.1): a trained autoencoder, frozen, and the scale factor that gives its latents unit variance.
+    encode: images in [-1, 1] to z = scale z~, z~ ~ q_E(z | x) (a fresh draw each time, from the global random
+    state, so resume stays exact); decode: z to D(z / scale)."""
+
+    def __init__(self, autoencoder, scale):
+        self.autoencoder, self.scale = autoencoder.eval().requires_grad_(False), scale
+
+    def to(self, device):
+        self.autoencoder.to(device)
+        return self
+
+    @torch.no_grad()
+    def encode(self, x):
+        q = self.autoencoder.encode(x)
+        return q.sample(torch.randn_like(q.mean)) * self.scale
+
+    @torch.no_grad()
+    def decode(self, z):
+        return self.autoencoder.decode(z / self.scale)
+
+    def state(self):
+        ae = self.autoencoder
+        return dict(first_stage=ae.state_dict(), first_stage_config=ae.config, scale_factor=self.scale)
+
+    @classmethod
+    def from_state(cls, state):
+        """From what state() wrote into a checkpoint."""
+        ae = Autoencoder(**state["first_stage_config"])
+        ae.load_state_dict(state["first_stage"])
+        return cls(ae, state["scale_factor"])

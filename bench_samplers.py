@@ -61,6 +61,9 @@ def bench(args):
     device = resolve_device(args.device)
     nfes = [int(v) for v in args.nfe.split(",")]
     net, diffusion_config, meta, desc = load_model(args.ckpt)
+    if meta["kind"] != "diffusion" or meta["first_stage"]:
+        raise ValueError(f"{args.ckpt}: bench_samplers.py measures a diffusion model on pixels (its students with "
+                         f"--students); this is a {'latent ' if meta['first_stage'] else ''}{meta['kind']} model")
     net.to(device)
     diffusion = build_diffusion(diffusion_config).to(device)
     T, c, (h, w) = diffusion.num_timesteps, net.config["in_channels"], image_hw(net.config["image_size"])
@@ -109,8 +112,8 @@ def bench(args):
     for path in filter(None, args.students.split(",")):
         student, student_config, student_meta, _ = load_model(path)
         own = student_meta.get("sampling")
-        if not own:
-            raise ValueError(f"{path}: not a distilled student (train.py --distill writes one)")
+        if not own or student_meta["first_stage"]:
+            raise ValueError(f"{path}: not a distilled student on pixels (train.py --distill writes one)")
         if (student.config["in_channels"], image_hw(student.config["image_size"])) != (c, (h, w)):
             raise ValueError(f"{path}: its images are not {h}x{w}x{c} like {args.ckpt}'s")
         student_diffusion, student_fn = build_diffusion(student_config).to(device), model_fn(student.to(device))

@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from autoencoder import Autoencoder
+from autoencoder import Autoencoder, FirstStage
 from cascade import SuperResolution
 from data import CIFAR10_CLASSES, SHAPES_CLASSES, atomic_write, first_line, tensor_bytes
 from ddpm import GaussianDiffusion, make_beta_schedule
@@ -123,10 +123,8 @@ def load_model(path, use_ema=True):
     if "first_stage_config" in ckpt:  # a latent diffusion model: its autoencoder and scale factor are in the file
         if "first_stage" not in ckpt:
             raise ValueError(f"{path}: a latent diffusion model whose autoencoder weights are missing from the file")
-        ae = Autoencoder(**ckpt["first_stage_config"])
-        ae.load_state_dict(ckpt["first_stage"])
-        meta["first_stage"] = (ae.eval(), ckpt["scale_factor"])
-        desc += f", latents of a {ae.config['image_size'] // ae.latent_size}x autoencoder"
+        meta["first_stage"] = stage = FirstStage.from_state(ckpt)
+        desc += f", latents of a {stage.autoencoder.config['image_size'] // stage.autoencoder.latent_size}x autoencoder"
     return net.eval(), ckpt["diffusion_config"], meta, desc
 
 

@@ -107,6 +107,7 @@ class ProgressiveDistillation:
     rounds and their starts are fixed when the run begins and kept in the checkpoint, so a resume with another
     --steps continues the same round."""
     metric = None
+    clip = True  # the student's samples clipped to [-1, 1] (not for latents)
 
     def __init__(self, diffusion, teacher, teacher_diffusion, teacher_diffusion_config, rounds, starts, round=0,
                  total_updates=None, weighting="snr-trunc", bf16=False, anneal=True, reset_adam=True):
@@ -162,7 +163,8 @@ class ProgressiveDistillation:
 
     def sample(self, model, shape, generator):
         """The student's own sampler: DDIM (eta 0) over the round's steps."""
-        return ddim_sample_loop(self.diffusion, model, shape, self.rounds[self.round], 0.0, generator=generator)
+        return ddim_sample_loop(self.diffusion, model, shape, self.rounds[self.round], 0.0, generator=generator,
+                                clip_denoised=self.clip)
 
 # ---- the first student of an eps-teacher ----
 
@@ -179,6 +181,8 @@ class TeacherRegression:
     so its consistency function (f = x0_hat above t_min) is the teacher's denoiser, where Consistency Models'
     students start."""
 
+    clip = True  # the teacher's x0_hat clipped to [-1, 1], as it samples (not for latents)
+
     def __init__(self, diffusion, teacher, teacher_diffusion, bf16=False):
         self.diffusion, self.teacher, self.teacher_diffusion, self.bf16 = diffusion, teacher, teacher_diffusion, bf16
 
@@ -193,7 +197,7 @@ class TeacherRegression:
         autocast = torch.autocast(dev.type, torch.bfloat16, enabled=self.bf16 and dev.type == "cuda")
         with torch.no_grad(), autocast:
             x0_hat = self.teacher_diffusion.p_mean_variance(lambda x, tt: self.teacher(x, tt, y), z_t, t,
-                                                            clip_denoised=True)[3].float()
+                                                            clip_denoised=self.clip)[3].float()
         with autocast:
             v = model(z_t, t, y).float()
         return ((v - (alpha_t * z_t - x0_hat) / sigma_t) ** 2).flatten(1).mean(1), None
@@ -379,7 +383,16 @@ class ConsistencyDistillation:
 
     def sample(self, model, shape, generator):
         """The student's own sampler: one step."""
-        return consistency_sample(self.diffusion, model, shape, generator=generator)
+        return consistency_sample(self.diffusion, model, shape, generator=generator, clip=self.clip)
+
+    @property
+    def clip(self):
+        """Whether x0 is clipped to [-1, 1], in the conversion's target and in sampling (not for latents)."""
+        return self.convert.clip
+
+    @clip.setter
+    def clip(self, value):
+        self.convert.clip = value
 
 
 def consistency_levels(diffusion, steps, last=0.821):
@@ -394,12 +407,12 @@ def consistency_levels(diffusion, steps, last=0.821):
 
 @torch.no_grad()
 def consistency_sample(diffusion, model, shape, steps=1, noise=None, generator=None, callback=None, last=0.821,
-                       clip_between=False):
+                       clip_between=False, clip=True):
     """Algorithm 1 (multistep consistency sampling): x <- f(x_T, T); then for each later time tau,
     x^ = x + sqrt(tau^2 - t_min^2) z and x <- f(x^, tau) (in Consistency Models' coordinates, tau a noise level; each
     x^ is handed to the network as alpha_tau x^). One step is f(x_T, T) alone; `last`: see consistency_levels.
     clip_between: each f clipped to [-1, 1] before noise is added back, as the reference code's denoiser does.
-    Returns x_0 in [-1, 1] coordinates, clipped."""
+    Returns x_0 clipped to [-1, 1] (clip=False: not, for latents)."""
     device = diffusion.betas.device
     indices = consistency_levels(diffusion, steps, last)
     x_t = torch.randn(shape, generator=generator, device=device) if noise is None else noise
@@ -412,7 +425,7 @@ def consistency_sample(diffusion, model, shape, steps=1, noise=None, generator=N
             alpha, _ = alpha_sigma(diffusion, i)
             x_t = (x + (noise_level(diffusion, i) ** 2 - level_min ** 2).sqrt() * z) * alpha
         x = consistency_function(diffusion, model, x_t, t)
-        x = x.clamp(-1, 1) if clip_between else x
+        x = x.clamp(-1, 1) if clip_between and clip else x
         if callback is not None:
             callback(i, x_t, x)
-    return x.clamp(-1, 1)
+    return x.clamp(-1, 1) if clip else x

@@ -89,8 +89,7 @@ def classifier_guided_eps(diffusion, model, cond_fn):
     DPM-Solver++ see. The shift is on eps whatever the network predicts: an x0- or v-network's eps is the one its
     x0_hat implies (Eq. 15), and eps^ goes back to the network's own parameterisation. The sampler then clips the
     x0_hat of eps^; guided-diffusion's condition_score instead shifts the eps of the network's clipped x0_hat and
-    does not clip again. Measured on the built-in shapes, the two steer alike and this order keeps the better
-    quality at large s (docs/guidance.md); the difference is named in the README."""
+    does not clip again (a deviation named in the README; docs/guidance.md compares the two)."""
     def fn(x, t):
         out, shift = model(x, t), extract(diffusion.sqrt_one_minus_alphas_cumprod, t, x) * cond_fn(x, t)
         if diffusion.mean_type == "eps":

@@ -179,7 +179,7 @@ def draw_samples(args, procs, net, diffusion, names, classifier=None, stages=(),
     to edit (--edit, --mask)."""
     device, master = procs.device, procs.master
     say = print if master else (lambda *a, **k: None)
-    c, out = net.config["in_channels"], first_stage[0].config if first_stage else net.config  # a latent model: decoded
+    c, out = net.config["in_channels"], first_stage.autoencoder.config if first_stage else net.config  # decoded
     h, w = image_hw(stages[-1].size if stages else out["image_size"])
     num_classes = net.config.get("num_classes")
     label_classes = classifier.num_classes if classifier is not None else num_classes
@@ -236,8 +236,8 @@ def draw_samples(args, procs, net, diffusion, names, classifier=None, stages=(),
             if strip and b == 0:
                 say(strip[1]())
         count = x.numel()
-        if first_stage:  # a latent diffusion model: its latents decoded (Rombach et al. 2022: x = D(z / scale))
-            x = first_stage[0].decode(x / first_stage[1])
+        if first_stage:  # a latent diffusion model: its latents decoded (Rombach et al. 2022, x = D(z / scale))
+            x = first_stage.decode(x)
         x, sq_error = carry_up(stages, x, g)  # and CDM's consistency of the output with its input
         images = to_uint8(x)
         if args.png_dir:
@@ -277,7 +277,7 @@ def sample_base(args, net, diffusion, classifier, y, classes, shape, generator, 
     shape, T = (*shape, *image_hw(net.config["image_size"])), diffusion.num_timesteps
     if args.sampler == "consistency":
         return consistency_sample(diffusion, fn, shape, args.steps, generator=generator, callback=callback,
-                                  last=args.consistency_last)
+                                  last=args.consistency_last, clip=not args.no_clip)
     cond_fn = classifier_grad(classifier, y, args.classifier_scale) if (
         classifier is not None and y is not None and args.classifier_scale != 0) else None  # s = 0: unguided
     if edit is not None:  # the steps of the whole chain that lie below t_0 = strength T
@@ -343,19 +343,19 @@ def sample(args):
     if meta["kind"] in ("classifier", "autoencoder"):
         raise ValueError(f"{args.ckpt} is a {meta['kind']}: it draws no samples (a classifier guides a model: sample.py "
                          f"MODEL --classifier CLF --class K; train.py --latent AE learns an autoencoder's latents)")
-    if meta["first_stage"] and args.edit:
-        raise ValueError("--edit edits pixels: a latent diffusion model's samples are latents until decoded")
+    if meta["first_stage"] and (args.edit or args.upsample or args.trajectory):
+        raise ValueError("--edit, --upsample and --trajectory work on pixels; a latent diffusion model's are latents")
     net.to(device)
     diffusion = build_diffusion(diffusion_config).to(device)
     T, num_classes = diffusion.num_timesteps, net.config.get("num_classes")
     if procs.master:
         print(f"loaded {desc}: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M params, T={T}")
-    n_asked, args.n = args.n, args.n or 64
+    n_asked, args.n, args.no_clip = args.n, args.n or 64, args.no_clip or bool(meta["first_stage"])  # latents: unclipped
     args.sampler, args.steps = choose_sampler(args.sampler, args.steps, args.eta, T, meta["sampling"])
-    if meta["sampling"] and (args.guidance or args.classifier and args.sampler == "consistency"):
-        raise ValueError("--classifier: a consistency model's sampler (Song et al. 2023, Algorithm 1) takes no classifier "
-                         "guidance" if not args.guidance else "--guidance: a distilled student learnt its teacher's "
-                         "unguided steps (guided distillation, Meng et al. 2023, is not here); guide the teacher")
+    if meta["sampling"] and args.guidance:
+        raise ValueError("--guidance: a distilled student learnt its teacher's unguided steps (guided distillation, Meng et al. 2023, is not here); guide the teacher")
+    if args.classifier and args.sampler == "consistency":
+        raise ValueError("--classifier: a consistency model's sampler (Song et al. 2023, Algorithm 1) takes no classifier guidance")
     classifier, names = None, meta.get("class_names") or ()
     if args.classifier:
         classifier, classifier_names = load_classifier(args, diffusion, net, device)
@@ -376,10 +376,10 @@ def sample(args):
                   model=fingerprint(net), stages=[fingerprint(stage.net) for stage in stages],
                   classifier=classifier and fingerprint(classifier), given=given is not None and fingerprint(given),
                   edit=edits and fingerprint(edits[0]), mask=edits and edits[1] is not None and fingerprint(edits[1]),
-                  first_stage=meta["first_stage"] and fingerprint(meta["first_stage"][0]))
+                  first_stage=meta["first_stage"] and fingerprint(meta["first_stage"].autoencoder))
     if args.compile:  # the batch shape is fixed, so one graph serves every step (a smaller last batch: one more)
         net = torch.compile(net, mode="reduce-overhead" if device.type == "cuda" else None)
-    first_stage = meta["first_stage"] and (meta["first_stage"][0].to(device), meta["first_stage"][1])
+    first_stage = meta["first_stage"] and meta["first_stage"].to(device)
     draw_samples(args, procs, net, diffusion, names, classifier, stages, given, record, edits, first_stage)
 
 

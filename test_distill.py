@@ -201,7 +201,7 @@ def test_heun_with_a_constant_eps_is_euler_is_ddim(betas, c, seed, data):
 @FAST
 @given(schedules(min_t=4), st.integers(0, 2**31 - 1), st.data())
 def test_heun_is_edm_algorithm_1_written_out(betas, seed, data):
-    """Heun's step (EDM, Karras et al. 2022, Algorithm 1, lines 5-8) written out in Consistency Models' coordinates
+    """Heun's step (EDM, Karras et al. 2022, Algorithm 1, lines 4-8) written out in Consistency Models' coordinates
     x = x_t / alpha, noise level s = sigma / alpha: d = eps_hat(x, s); x_e = x + (s' - s) d; d' = eps_hat(x_e, s'),
     evaluated at the end of the step; x' = x + (s' - s) (d + d') / 2; for a network that is not constant."""
     d = GaussianDiffusion(betas, dtype=torch.float64)
@@ -219,7 +219,7 @@ def test_heun_is_edm_algorithm_1_written_out(betas, seed, data):
     assert torch.allclose(heun, expected, rtol=1e-6, atol=1e-9)  # x_t / alpha reaches ~1e3 where abar -> 0
 
 
-def test_pseudo_huber_is_improved_consistency_trainings():
+def test_pseudo_huber_is_that_of_improved_consistency_training():
     """Song & Dhariwal 2023, Sec. 3.3: d(x, y) = sqrt(||x - y||^2 + c^2) - c with c = 0.00054 sqrt(d), d the
     dimension of one image: 0 at x = y, ||x - y||^2 / (2c) for small differences and ||x - y|| - c for large ones."""
     x = torch.randn(3, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))

@@ -8,7 +8,7 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from autoencoder import Autoencoder, DiagonalGaussian, latent_scale
+from autoencoder import Autoencoder, DiagonalGaussian, FirstStage, latent_scale
 from checkpoint import build_diffusion, load_checkpoint
 from conftest import FAST, TRAIN_TINY, assert_one_line_error, one_line_error, randomized, read_npz, run_script
 from data import from_uint8, make_shapes
@@ -121,6 +121,26 @@ def test_a_latent_model_trains_records_its_first_stage_and_samples_with_every_sa
         assert images.shape == (3, 8, 8, 3) and images.dtype == torch.uint8 and images.float().std() > 0
 
 
+def test_the_first_stage_scales_one_way_and_latent_samples_are_not_clipped(runs, tmp_path):
+    """FirstStage.encode is the scale times a draw from q_E and decode divides it out before D, so D(mean) through
+    the stage is the autoencoder's own reconstruction; and a latent model's x0_hat is not clipped to [-1, 1]
+    (unit-variance latents lie outside it a third of the time): its samples are those of --no-clip."""
+    ae = randomized(Autoencoder(image_size=8, latent_channels=2, ch=32, ch_mult=(1, 2)))
+    stage, x = FirstStage(ae, 2.5), torch.rand(2, 3, 8, 8) * 2 - 1
+    torch.manual_seed(0)
+    z = stage.encode(x)
+    torch.manual_seed(0)
+    q = ae.encode(x)
+    assert torch.allclose(z, q.sample(torch.randn_like(q.mean)) * 2.5)
+    with torch.no_grad():
+        assert torch.allclose(stage.decode(q.mean * 2.5), ae(x), atol=1e-6)
+    for extra in ([], ["--no-clip"]):
+        r = run_script("sample.py", runs / "ldm", "-n", "3", "--sampler", "ddim", "--steps", "5", "--device", "cpu",
+                       "--npz", tmp_path / f"s{len(extra)}.npz", "--out", tmp_path / "s.png", *extra)
+        assert r.returncode == 0, r.stderr
+    assert torch.equal(read_npz(tmp_path / "s0.npz")["arr_0"], read_npz(tmp_path / "s1.npz")["arr_0"])
+
+
 def test_a_student_of_a_latent_teacher_learns_its_latents(runs, tmp_path):
     """Progressive distillation from a latent teacher: the student's checkpoint keeps the teacher's first stage, and
     sample.py decodes the student's 2-step samples to images."""
@@ -150,19 +170,26 @@ def test_a_shifted_schedule_is_kept_in_the_checkpoint(tmp_path):
 
 def test_bad_latent_input_is_one_line(runs, tmp_path, capsys):
     """A diffusion checkpoint given as the autoencoder, an autoencoder for other images than the data, latents too
-    small for the network's attention, an LDM whose autoencoder weights are gone, sampling an autoencoder, and a
-    shift without the cosine schedule: one clear line each."""
+    small for the network's attention, a shift without the cosine schedule, a multiscale base that does not fit or a
+    run of another kind, an LDM whose autoencoder weights are gone, sampling an autoencoder, a latent model's
+    trajectory (latents are no pictures), and a latent model in the sampler bench: one clear line each."""
     import train
     base = ["--data", "shapes", "--image-size", "8", *LATENT_TINY, "--steps", "1", "--out", str(tmp_path / "x")]
     cases = [(["--latent", str(runs / "ldm")], "is a diffusion checkpoint, not an autoencoder"),
              (["--latent", str(runs / "ae"), "--image-size", "16"], "encodes 8x8x3 images; the data are 16x16x3"),
              (["--latent", str(runs / "ae"), "--attn", "8"], "attn_resolutions"),
-             (["--shift-base", "8"], "add --schedule cosine")]
+             (["--shift-base", "8"], "add --schedule cosine"),
+             (["--multiscale", "3"], "must be square and base times a power of two"),
+             (["--multiscale", "4", "--classifier"], "--multiscale is a diffusion model's loss")]
     for extra, expect in cases:
         assert expect in one_line_error(train.main, [*base, *extra], capsys), extra
     stripped = dict(load_checkpoint(str(runs / "ldm")))
     del stripped["first_stage"]
     torch.save(stripped, tmp_path / "stripped.pt")
-    for path, expect in ((tmp_path / "stripped.pt", "autoencoder weights are missing"), (runs / "ae", "draws no samples")):
-        r = run_script("sample.py", path, "-n", "1", "--device", "cpu", "--out", tmp_path / "g.png")
+    for path, expect, *extra in ((tmp_path / "stripped.pt", "autoencoder weights are missing"),
+                                 (runs / "ae", "draws no samples"),
+                                 (runs / "ldm", "work on pixels", "--trajectory", tmp_path / "t.png")):
+        r = run_script("sample.py", path, "-n", "1", "--device", "cpu", "--out", tmp_path / "g.png", *extra)
         assert expect in assert_one_line_error(r)
+    r = run_script("bench_samplers.py", runs / "ldm", "--n", "2", "--nfe", "1", "--device", "cpu")
+    assert "measures a diffusion model on pixels" in assert_one_line_error(r)

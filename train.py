@@ -205,6 +205,8 @@ def check_args(args, world):
                          "one of them")
     if args.latent and (args.autoencoder or args.low_res or args.distill):
         raise ValueError("--latent is for a diffusion model or a classifier (a student learns its teacher's latents)")
+    if args.multiscale and (args.classifier or args.distill or args.low_res or args.autoencoder):
+        raise ValueError("--multiscale is a diffusion model's loss (simple diffusion); this run trains another kind")
     if args.shift_base and args.schedule != "cosine":
         raise ValueError("--shift-base shifts the cosine schedule (simple diffusion): add --schedule cosine")
     if args.downsample < 1 or args.downsample & (args.downsample - 1) or args.latent_channels < 1 or \

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from autoencoder import Autoencoder, AutoencoderLoss, latent_scale
+from autoencoder import Autoencoder, AutoencoderLoss, FirstStage, latent_scale
 from cascade import SuperResolutionLoss, downsample, upsample
 from checkpoint import build_diffusion, build_model, diffusion_config, load_checkpoint, load_model
 from data import from_uint8
@@ -161,6 +161,7 @@ class Objective:
     the same methods."""
     metric = None
     sample_steps = 0
+    clip = True  # sampling clips x0_hat to [-1, 1]; a latent model's run turns it off (latents are not bounded)
 
     def begin(self, step, model, ema, optimizer):
         return None
@@ -175,7 +176,8 @@ class Objective:
         return {}
 
     def sample(self, model, shape, generator):
-        return sample_loop(self.diffusion, model, shape, "ddpm", self.sample_steps or None, generator=generator)
+        return sample_loop(self.diffusion, model, shape, "ddpm", self.sample_steps or None, generator=generator,
+                           clip_denoised=self.clip)
 
 
 class DiffusionLoss(Objective):
@@ -232,35 +234,12 @@ class AutoencoderObjective(AutoencoderLoss, Objective):
     """A latent diffusion model's first stage (autoencoder.AutoencoderLoss): its grids are reconstructions of the
     process's first training images."""
 
-    def __init__(self, grid_images):
-        super().__init__()
+    def __init__(self, latent_channels, factor, grid_images):
+        super().__init__(latent_channels, factor)
         self.grid_images = grid_images
 
     def sample(self, model, shape, generator):
         return model(from_uint8(self.grid_images[:shape[0]]), None)
-
-
-class FirstStage:
-    """Latent diffusion's first stage as a run uses it (Rombach et al. 2022, Sec. 3.2, Appendix G): a trained
-    autoencoder, frozen, and the scale factor that gives its latents unit variance. encode: images in [-1, 1] to
-    z = scale z~, z~ ~ q_E(z | x) (a fresh draw each time, from the global random state, so resume stays exact);
-    decode: z to D(z / scale)."""
-
-    def __init__(self, autoencoder, scale):
-        self.autoencoder, self.scale = autoencoder.eval().requires_grad_(False), scale
-
-    @torch.no_grad()
-    def encode(self, x):
-        q = self.autoencoder.encode(x)
-        return q.sample(torch.randn_like(q.mean)) * self.scale
-
-    @torch.no_grad()
-    def decode(self, z):
-        return self.autoencoder.decode(z / self.scale)
-
-    def state(self):
-        ae = self.autoencoder
-        return dict(first_stage=ae.state_dict(), first_stage_config=ae.config, scale_factor=self.scale)
 
 
 def first_stage(args, ckpt, images, device):
@@ -275,9 +254,7 @@ def first_stage(args, ckpt, images, device):
             teacher = {}
         source = teacher if "first_stage" in teacher else None
     if source is not None:
-        ae = Autoencoder(**source["first_stage_config"])
-        ae.load_state_dict(source["first_stage"])
-        return FirstStage(ae.to(device), source["scale_factor"])
+        return FirstStage.from_state(source).to(device)
     if ckpt or not args.latent:
         return None
     ae, _, meta, _ = load_model(args.latent)
@@ -289,8 +266,11 @@ def first_stage(args, ckpt, images, device):
         raise ValueError(f"--latent {args.latent} encodes {c['image_size']}x{c['image_size']}x{c['in_channels']} "
                          f"images; the data are {'x'.join(map(str, images.shape[1:]))}")
     ae = ae.to(device)
-    scale = latent_scale(ae, from_uint8(images[:1024]), torch.Generator(device).manual_seed(args.seed))
-    return FirstStage(ae, scale)
+    scale = torch.tensor(latent_scale(ae, from_uint8(images[:1024]), torch.Generator(device).manual_seed(args.seed)),
+                         device=device)
+    if dist.is_initialized():  # every process the scale of rank 0's images, the one its checkpoint keeps
+        dist.broadcast(scale, 0)
+    return FirstStage(ae, scale.item())
 
 
 @dataclass
@@ -327,6 +307,10 @@ def _configs(args, ckpt, model_config):
 def _diffusion_run(args, ckpt, images, num_classes, device):
     """DDPM, Algorithm 1: a U-Net, class-conditional with --class-cond; with --multiscale, simple diffusion's loss."""
     model_config, dc = _configs(args, ckpt, _new_model_config(args, images, num_classes if args.class_cond else None))
+    size, base = images.shape[1], args.multiscale
+    if base and (images.shape[2] != size or size < base or size % base or (size // base) & (size // base - 1)):
+        raise ValueError(f"--multiscale {base}: the images ({images.shape[1]}x{images.shape[2]}) must be square and "
+                         f"base times a power of two")
     diffusion = build_diffusion(dc).to(device)
     objective = DiffusionLoss(diffusion, num_classes, args.p_uncond if args.class_cond else 0.0, args.bf16,
                               args.sample_steps, MultiscaleLoss(diffusion, args.multiscale) if args.multiscale else None)
@@ -342,7 +326,8 @@ def _autoencoder_run(args, ckpt, images, num_classes, device):
         ch_mult=[1] + [2] * (levels - 1), num_res_blocks=args.num_res_blocks)
     if images.shape[1] != images.shape[2]:
         raise ValueError("--autoencoder: the first stage here is for square images")
-    return model_config, {}, None, AutoencoderObjective(images)
+    factor = 2 ** (len(model_config["ch_mult"]) - 1)
+    return model_config, {}, None, AutoencoderObjective(model_config["latent_channels"], factor, images)
 
 
 def _classifier_run(args, ckpt, images, num_classes, device):
@@ -457,6 +442,8 @@ def build_run(kind, args, ckpt, images, num_classes, device):
     built = BUILDERS[kind](args, ckpt, images, num_classes, device)
     model_config, dc, diffusion, objective = built[:4]
     model = build_model(kind, model_config)
+    if stage is not None:  # latents are not bounded: x0_hat is never clipped to [-1, 1] (the reference's choice too)
+        objective.clip = False
     if len(built) > 4:  # a student starts as its teacher
         model.load_state_dict(built[4].state_dict())
     c = model_config

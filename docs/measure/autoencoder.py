@@ -1,6 +1,6 @@
 """Latent diffusion's first stage on held-out images: the reconstruction's PSNR (dB on [0, 255]; D of the posterior
 mean, clamped to [-1, 1]) and the latents' statistics before and after the scale factor that the diffusion run
-measures on its training images (training.first_stage, Rombach et al. 2022 Appendix G).
+measures on its training images (training.first_stage; Rombach et al. 2022, Sec. 4.3.2 and Appendix D.1).
   python docs/measure/autoencoder.py AE_RUN TRAIN HELD_OUT     # TRAIN, HELD_OUT: "shapes" or .npy/.npz files
 """
 import os
