@@ -14,13 +14,14 @@ from data import from_uint8, load_file, make_shapes  # noqa: E402
 
 
 def images(spec, n, size, channels, seed):
-    return make_shapes(n, size, channels, seed=seed)[0] if spec == "shapes" else load_file(spec)[0][:n]
+    return make_shapes(n or 10000, size, channels, seed=seed)[0] if spec == "shapes" else load_file(spec)[0][:n]
 
 
 torch.set_num_threads(2)
 ae, _, _, desc = load_model(sys.argv[1])
 size, c = ae.config["image_size"], ae.config["in_channels"]
-train = from_uint8(images(sys.argv[2], 1024, size, c, 0))
+train = images(sys.argv[2], None, size, c, 0)
+train = from_uint8(train[torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:1024]])  # as a run
 held = from_uint8(images(sys.argv[3], 512, size, c, 1))
 scale = latent_scale(ae, train, torch.Generator().manual_seed(0))
 with torch.no_grad():
