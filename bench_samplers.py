@@ -72,6 +72,9 @@ def bench(args):
     shapes = meta["args"].get("data") == "shapes" and not net.config.get("num_classes")
     if shapes:
         from metrics import shapes_distance
+        if args.n < 256:  # the distance's covariances are 128 x 128
+            print(f"note: the quality number is unreliable from {args.n} samples (it estimates 128 x 128 covariances; "
+                  f"use --n 256 or more); the RMSE column is not")
     fn = model_fn(net)
     x_T = torch.randn(args.n, c, h, w, generator=torch.Generator().manual_seed(args.seed)).to(device)
     print(f"{desc}: {args.n} samples {h}x{w}x{c} per row, {args.spacing} spacing, {device}")
