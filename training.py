@@ -368,10 +368,7 @@ def load_teacher(args, ckpt, images, device):
         sampling = meta["sampling"]  # a progressive student's own DDIM steps; None for a diffusion model
         if type(teacher) is not UNet or (sampling or {}).get("sampler", "ddim") != "ddim":
             raise ValueError(f"--teacher {args.teacher} is a {meta['kind']} checkpoint, not a diffusion model")
-    if image_hw(teacher.config["image_size"]) + (teacher.config["in_channels"],) != tuple(images.shape[1:]):
-        h, w = image_hw(teacher.config["image_size"])
-        raise ValueError(f"the data are {'x'.join(map(str, images.shape[1:3]))} with {images.shape[3]} channel(s), the "
-                         f"teacher expects {h}x{w} with {teacher.config['in_channels']}")
+    check_fits(teacher.config, images, "the teacher")
     return teacher.to(device).eval().requires_grad_(False), config, sampling
 
 
@@ -432,6 +429,14 @@ BUILDERS = {"diffusion": _diffusion_run, "classifier": _classifier_run, "sr": _s
             "progressive": _progressive_run, "consistency": _consistency_run, "autoencoder": _autoencoder_run}
 
 
+def check_fits(config, images, whose):
+    """The data's images (uint8 N, H, W, C) against a network's config: its size and its input channels."""
+    h, w = image_hw(config["image_size"])
+    if (h, w, config["in_channels"]) != tuple(images.shape[1:]):
+        raise ValueError(f"the data are {'x'.join(map(str, images.shape[1:3]))} with {images.shape[3]} channel(s), "
+                         f"{whose} expects {h}x{w} with {config['in_channels']}")
+
+
 def build_run(kind, args, ckpt, images, num_classes, device):
     """The model a run of this kind trains (new, or as the checkpoint describes it), its diffusion and its
     objective. images: the process's training images, uint8 (N, H, W, C) on the device."""
@@ -448,10 +453,7 @@ def build_run(kind, args, ckpt, images, num_classes, device):
     if len(built) > 4:  # a student starts as its teacher
         model.load_state_dict(built[4].state_dict())
     c = model_config
-    if image_hw(c["image_size"]) + (c.get("in_channels", c.get("latent_channels")),) != tuple(images.shape[1:]):
-        h, w = image_hw(c["image_size"])
-        raise ValueError(f"the data are {'x'.join(map(str, images.shape[1:3]))} with {images.shape[3]} channel(s), the "
-                         f"checkpoint's model expects {h}x{w} with {c['in_channels']}")
+    check_fits(c, images, "the checkpoint's model")
     if num_classes is not None and c.get("num_classes") is not None and num_classes > c["num_classes"]:
         raise ValueError(f"the data have {num_classes} classes, the checkpoint's model {c['num_classes']}")
     return Run(model, model_config, dc, diffusion, objective, stage)
