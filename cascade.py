@@ -5,7 +5,8 @@ resolution, then super-resolution diffusion models, each conditioned on the imag
 size, as extra input channels, trained with Gaussian conditioning augmentation (non-truncated): the condition is
 itself noised to a level s drawn at random, and the model is told s, so at sampling time the base model's errors
 can be washed out by choosing s > 0. At sampling time a cascade carries a base model's samples up stage by stage
-(upsample_stage, carry_up). The augmentation level, the paper's s, is `aug_level` here.
+(upsample_stage, carry_up), each stage's x0_hat projected, if asked, onto the images consistent with its input
+(project, from DDNM; not in CDM). The augmentation level, the paper's s, is `aug_level` here.
 """
 from dataclasses import dataclass
 
@@ -101,10 +102,40 @@ def check_chain(models, first):
         size = c["image_size"]
 
 
+def project(x0, x_lr, iters=40):
+    """Consistency by construction: x0 moved to the nearest image in [-1, 1] whose area downsampling is x_lr.
+    Without the bounds this is the range-null space decomposition of DDNM (Wang, Yu, Zhang 2023, arXiv:2212.00490,
+    Sec. 3): x0 <- A^+ y + (I - A^+ A) x0 for y = x_lr, A area downsampling and A^+ its pseudo-inverse, nearest
+    upsampling (A A^T = I / k^2, so A^+ = k^2 A^T repeats each pixel over its block; DDNM's own choice for
+    super-resolution by average pooling): each block shifted by one constant c to the mean y, the detail within it
+    kept. With the bounds (the nearest point of a box and an affine set, by its KKT conditions) each pixel is
+    clip(x0 + c, -1, 1), c still one constant a block, found by bisection on the block's mean, which rises with c;
+    where nothing is clipped that is DDNM's c = y - A x0. x_lr must lie in [-1, 1]."""
+    size, n = x0.shape[-1], x_lr.shape[-1]
+    k = size // n
+    lo = -1 - F.max_pool2d(x0, k)  # every pixel of the block clipped to -1: mean -1 <= y
+    hi = 1 + F.max_pool2d(-x0, k)  # every pixel clipped to 1: mean 1 >= y
+    for _ in range(iters):
+        c = (lo + hi) / 2
+        low = downsample((x0 + upsample(c, size)).clamp(-1, 1), n) < x_lr
+        lo, hi = torch.where(low, c, lo), torch.where(low, hi, c)
+    return (x0 + upsample((lo + hi) / 2, size)).clamp(-1, 1)
+
+
+def projected(diffusion, model, x_lr):
+    """model(x_t, t) whose x0_hat is projected (project) onto the images consistent with x_lr at every step, handed
+    back in the network's own parameterisation (ddpm's output_from_start), so every sampler takes it as it is (its
+    clipping to [-1, 1] then changes nothing)."""
+    def fn(x, t):
+        return diffusion.output_from_start(x, t, project(diffusion.predict_start(x, t, model(x, t)), x_lr))
+    return fn
+
+
 @dataclass
 class Stage:
     """A super-resolution stage as a cascade samples it: its network and diffusion, the size it draws, its sampler
-    (samplers.sample_loop's arguments) and the augmentation level its condition gets (-1: none)."""
+    (samplers.sample_loop's arguments), the augmentation level its condition gets (-1: none), and whether every
+    step's x0_hat is projected onto the images consistent with the input (project; False: CDM's own stage)."""
     net: nn.Module
     diffusion: nn.Module
     size: int
@@ -114,6 +145,7 @@ class Stage:
     spacing: str = "trailing"
     cond_aug: int = -1
     bf16: bool = False
+    project: bool = False
 
 
 def upsample_stage(stage, x_lr, generator):
@@ -124,6 +156,8 @@ def upsample_stage(stage, x_lr, generator):
     cond = upsample(x_lr, stage.size)
     cond = augment(stage.diffusion, cond, aug_level, torch.randn(cond.shape, generator=generator, device=x_lr.device))
     fn = model_fn(stage.net, bf16=stage.bf16, cond=cond, aug_level=aug_level)
+    if stage.project:
+        fn = projected(stage.diffusion, fn, x_lr.clamp(-1, 1))
     return sample_loop(stage.diffusion, fn, (B, C, stage.size, stage.size), stage.sampler, stage.steps, stage.eta,
                        stage.spacing, generator=generator)
 

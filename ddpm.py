@@ -188,6 +188,14 @@ class GaussianDiffusion(nn.Module):
             return self.predict_start_from_v(x_t, t, model_output)
         return model_output
 
+    def output_from_start(self, x_t, t, x0):
+        """The inverse of predict_start: what a network of this mean_type outputs when its x0_hat is x0 (eps by
+        Eq. (15) solved for eps; v from that eps and x0), for a sampler that changes x0_hat and hands it back."""
+        if self.mean_type == "x0":
+            return x0
+        eps = self.predict_noise_from_start(x_t, t, x0)
+        return eps if self.mean_type == "eps" else self.predict_v(x0, t, eps)
+
     def score_from_noise(self, x_t, t, noise):
         """Sec. 3.2: grad_{x_t} log q(x_t | x_0) = -eps / sqrt(1 - abar_t), so an eps-predictor
         is a scaled score model (the link to denoising score matching, Song & Ermon 2019)."""

@@ -95,8 +95,7 @@ def classifier_guided_eps(diffusion, model, cond_fn):
         if diffusion.mean_type == "eps":
             return out - shift
         eps = diffusion.predict_noise_from_start(x, t, diffusion.predict_start(x, t, out)) - shift
-        pred_xstart = diffusion.predict_start_from_noise(x, t, eps)
-        return pred_xstart if diffusion.mean_type == "x0" else diffusion.predict_v(pred_xstart, t, eps)
+        return diffusion.output_from_start(x, t, diffusion.predict_start_from_noise(x, t, eps))
     return fn
 
 

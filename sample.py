@@ -54,8 +54,7 @@ def get_parser():
       "last step adds back, the ones before falling geometrically to it (Song et al.'s CIFAR-10 value for 2 steps)")
     a("--spacing", default="trailing", choices=SPACINGS, help="which timesteps --steps K < T visits: trailing "
       "(default) starts at T-1 for every K; uniform and quadratic are the DDIM paper's")
-    a("--eta", type=float, default=None, help="ddim: noise, 0 deterministic (default), 1 ancestral-like; alone it "
-      "selects ddim")
+    a("--eta", type=float, default=None, help="ddim's noise: 0 deterministic (default), 1 ancestral; alone: ddim")
     a("--no-clip", action="store_true", help="do not clip the predicted x0 to [-1, 1] (the literal Algorithm 2)")
     a("--no-ema", action="store_true", help="use the raw weights instead of their EMA (train.py checkpoints)")
     a("--class", dest="class_", default=None, metavar="K[,K...]", help="class-conditional models: class indices or "
@@ -71,6 +70,7 @@ def get_parser():
     a("--upsample-steps", action="append", default=[], type=int, help="each --upsample stage's steps (default T)")
     a("--cond-aug", type=lambda v: -1 if v == "none" else int(v), default=-1, help="the stages' conditioning "
       "augmentation: the low-resolution image noised to this timestep index, or none (the default)")
+    a("--no-project", action="store_true", help="stages as CDM samples them (no cascade.project; so with --cond-aug)")
     a("--low-res", default="", help="with a super-resolution checkpoint as the model: low-resolution images to carry "
       "up (a .npy/.npz/.pt of uint8 N,H,W,C)")
     a("--edit", default="", metavar="IMAGES", help="edit these images (a file or folder, as train.py's --data; -n "
@@ -161,8 +161,8 @@ def load_stages(args, net, meta, diffusion, device):
                              f"T = {T}, got {args.cond_aug} and {args.upsample_steps}")
         stages.append(Stage(stage_net.to(device), stage_diffusion, stage_net.config["image_size"],
                             args.sampler if own else pick(args.upsample_sampler, k, "ddpm"),
-                            args.steps if own else pick(args.upsample_steps, k, stage_diffusion.num_timesteps),
-                            spacing=args.spacing, cond_aug=args.cond_aug, bf16=args.bf16))
+                            args.steps if own else pick(args.upsample_steps, k, T), spacing=args.spacing,
+                            cond_aug=args.cond_aug, bf16=args.bf16, project=args.cond_aug < 0 and not args.no_project))
     return stages, given
 
 
@@ -202,8 +202,8 @@ def draw_samples(args, procs, net, diffusion, names, classifier=None, stages=(),
         f"{procs.world} x {device}" + (f", classes {classes}" if classes else "")
         + (f", guidance {args.guidance}" if classes and num_classes else "")
         + (f", classifier scale {args.classifier_scale}" if classifier is not None else "")
-        + "".join(f", then up to {st.size}x{st.size} by {st.sampler} in {st.steps} steps, conditioning augmentation "
-                  f"{'none' if st.cond_aug < 0 else st.cond_aug}" for st in stages) + (", bf16" if args.bf16 else ""))
+        + "".join(f", then up to {st.size}x{st.size} by {st.sampler} in {st.steps} steps{', projected' * st.project}, "
+                  f"augmentation {'none' if st.cond_aug < 0 else st.cond_aug}" for st in stages) + ", bf16" * args.bf16)
     drawn_before = parts.drawn()
     if args.resume:
         say(f"resuming: {drawn_before} samples of {args.n} already drawn")

@@ -5,10 +5,11 @@ against the plain sampler; then train.py --low-res and sample.py --upsample / --
 """
 import pytest
 import torch
+from hypothesis import given, strategies as st
 
-from cascade import Stage, SuperResolution, augment, conditioned, downsample, upsample, upsample_stage
+from cascade import Stage, SuperResolution, augment, conditioned, downsample, project, upsample, upsample_stage
 from checkpoint import build_diffusion, load_checkpoint
-from conftest import TINY_DIFFUSION, TINY_NET, TRAIN_TINY, assert_one_line_error, randomized, read_npz, run_script
+from conftest import FAST, TINY_DIFFUSION, TINY_NET, TRAIN_TINY, assert_one_line_error, randomized, read_npz, run_script
 from data import make_shapes, write_npz
 from samplers import sample_loop
 from unet import UNet
@@ -94,6 +95,76 @@ def test_a_cascade_stage_is_the_plain_sampler_on_the_conditioned_model():
     assert torch.equal(ours, plain)
 
 
+@FAST
+@given(st.sampled_from([2, 4]), st.integers(1, 3), st.integers(0, 2**31 - 1))
+def test_projection_is_the_range_null_space_decomposition_with_the_pseudo_inverse(k, channels, seed):
+    """Where nothing reaches the bounds, cascade.project is DDNM's formula built from matrices: A the area
+    downsampling written out as a matrix, A^+ = torch.linalg.pinv(A) (not assumed to be nearest upsampling),
+    x0 <- A^+ y + (I - A^+ A) x0. The result is consistent (A x = y), projecting twice changes nothing, and the detail
+    x0 - A^+ A x0 is kept."""
+    g = torch.Generator().manual_seed(seed)
+    n = 8 // k
+    x0 = torch.rand(2, channels, 8, 8, generator=g, dtype=torch.float64) * 0.4 - 0.2 + 3 * torch.rand(1).item()
+    y = torch.rand(2, channels, n, n, generator=g, dtype=torch.float64) - 0.5
+    A = torch.stack([downsample(e.view(1, 1, 8, 8), n).flatten() for e in torch.eye(64, dtype=torch.float64)], 1)
+    A_pinv = torch.linalg.pinv(A)
+    flat = x0.reshape(-1, 64).T
+    ddnm = (A_pinv @ y.reshape(-1, n * n).T + (torch.eye(64, dtype=torch.float64) - A_pinv @ A) @ flat).T
+    ours = project(x0, y)
+    torch.testing.assert_close(ours, ddnm.reshape(x0.shape), atol=1e-10, rtol=0)
+    torch.testing.assert_close(downsample(ours, n), y, atol=1e-10, rtol=0)
+    torch.testing.assert_close(project(ours, y), ours, atol=1e-10, rtol=0)
+    detail = lambda x: x - upsample(downsample(x, n), 8)
+    torch.testing.assert_close(detail(ours), detail(x0), atol=1e-10, rtol=0)
+
+
+@FAST
+@given(st.sampled_from([2, 4]), st.floats(0.1, 3), st.integers(0, 2**31 - 1))
+def test_projection_within_the_bounds_is_the_nearest_consistent_image(k, spread, seed):
+    """Where pixels reach the bounds, project(x0, y) is the nearest image in [-1, 1] with area downsampling y: it
+    lies in the box, is consistent, and meets the KKT conditions of that convex problem, which make it the nearest:
+    x - x0 is one constant c a block on the pixels strictly inside (-1, 1), with x0 + c >= 1 where x = 1 and
+    x0 + c <= -1 where x = -1."""
+    g = torch.Generator().manual_seed(seed)
+    n = 8 // k
+    x0 = torch.randn(3, 3, 8, 8, generator=g, dtype=torch.float64) * spread
+    y = torch.rand(3, 3, n, n, generator=g, dtype=torch.float64) * 1.8 - 0.9
+    x = project(x0, y)
+    assert x.min() >= -1 and x.max() <= 1
+    torch.testing.assert_close(downsample(x, n), y, atol=1e-9, rtol=0)
+    per_block = lambda v: v.unfold(2, k, k).unfold(3, k, k).reshape(-1, k * k)  # one row a block
+    xb, zb = per_block(x), per_block(x0)
+    for row, z in zip(xb, zb):
+        top, bottom = row >= 1 - 1e-9, row <= -1 + 1e-9
+        free = ~top & ~bottom
+        # the constants c the clipped pixels allow: x0 + c >= 1 on top, x0 + c <= -1 on the bottom
+        c_min = (1 - z[top]).max() if top.any() else -float("inf")
+        c_max = (-1 - z[bottom]).min() if bottom.any() else float("inf")
+        if free.any():
+            c = (row - z)[free]
+            assert (c - c[0]).abs().max() < 1e-8
+            c_min, c_max = max(c_min, c[0] - 1e-8), min(c_max, c[0] + 1e-8)
+        assert c_min <= c_max + 1e-8
+
+
+@pytest.mark.parametrize("mean_type", ["eps", "v"])
+@pytest.mark.parametrize("sampler, steps", [("ddpm", 20), ("ddim", 10), ("dpm++", 10)])
+def test_a_projected_stage_is_consistent_with_its_input_whatever_the_network(mean_type, sampler, steps):
+    """Stage(project=True): every sampler's output, area-downsampled, is its low-resolution input, even for a
+    network that ignores its condition (random weights), up to the sampler's clipping to [-1, 1]; the same stage
+    without the projection is far from it."""
+    d = build_diffusion(dict(TINY_DIFFUSION, mean_type=mean_type))
+    sr = randomized(SuperResolution(low_res=4, **TINY_NET))
+    x_lr = torch.rand(4, 3, 4, 4, generator=torch.Generator().manual_seed(0)) - 0.5
+    rmse = {}
+    for on in (False, True):
+        stage = Stage(net=sr, diffusion=d, size=8, sampler=sampler, steps=steps, project=on)
+        with torch.no_grad():
+            out = upsample_stage(stage, x_lr, torch.Generator().manual_seed(1))
+        rmse[on] = ((downsample(out, 4) - x_lr) * 127.5).square().mean().sqrt().item()
+    assert rmse[True] < 0.01 and rmse[False] > 10, rmse
+
+
 def test_a_cascade_stage_runs_its_network_in_bf16_when_asked():
     """Stage(bf16=True), what sample.py --bf16 builds: the super-resolution network runs under bf16 autocast, as
     every other network does through guidance.model_fn, and the sampler's math and output stay fp32."""
@@ -130,9 +201,15 @@ def test_super_resolution_training_and_the_cascade(cascade, tmp_path):
                    "--upsample-steps", "4", "--cond-aug", "5", "--device", "cpu", "--npz", tmp_path / "c.npz",
                    "--out", tmp_path / "c.png")
     assert r.returncode == 0, r.stderr
-    assert "then up to 16x16 by ddpm in 4 steps, conditioning augmentation 5" in r.stdout
+    assert "then up to 16x16 by ddpm in 4 steps, augmentation 5" in r.stdout  # augmented: not projected
     assert "cascade: the output area-downsampled to its input's size differs from it by RMSE" in r.stdout
     assert read_npz(tmp_path / "c.npz")["arr_0"].shape == (3, 16, 16, 3)
+    for flags, projected in (([], True), (["--no-project"], False)):
+        r = run_script("sample.py", cascade / "base", "--upsample", cascade / "sr", "--n", "3", "--steps", "3",
+                       "--upsample-steps", "4", *flags, "--device", "cpu", "--out", tmp_path / "p.png")
+        assert r.returncode == 0, r.stderr
+        assert ("4 steps, projected, augmentation none" in r.stdout) == projected, r.stdout
+        assert ("differs from it by RMSE 0.00 levels" in r.stdout) == projected, r.stdout  # CDM's: as trained
     write_npz(str(tmp_path / "low.npz"), {"arr_0": make_shapes(5, 8, 3, seed=2)[0]})
     r = run_script("sample.py", cascade / "sr", "--low-res", tmp_path / "low.npz", "--steps", "3", "--cond-aug", "none",
                    "--device", "cpu", "--npz", tmp_path / "up.npz", "--out", tmp_path / "up.png")

@@ -233,6 +233,26 @@ def test_x0_eps_roundtrip(betas, seed, data):
 
 
 @FAST
+@given(schedules(), st.sampled_from(["eps", "x0", "v"]), st.integers(0, 2**31 - 1), st.data())
+def test_output_from_start_is_the_networks_target(betas, mean_type, seed, data):
+    """output_from_start inverts predict_start: for x_t = q_sample(x_0, t, eps) it gives the output a network of
+    each mean_type is trained to (eps; x_0; v = sqrt(abar) eps - sqrt(1 - abar) x_0, from alpha and sigma here),
+    and predict_start takes that output back to x_0."""
+    d = GaussianDiffusion(betas, mean_type=mean_type, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    t = torch.tensor(data.draw(st.lists(st.integers(0, len(betas) - 1), min_size=4, max_size=4)))
+    x0 = torch.rand(4, 3, 5, 5, generator=g, dtype=torch.float64) * 2 - 1
+    eps = torch.randn(4, 3, 5, 5, generator=g, dtype=torch.float64)
+    x_t = d.q_sample(x0, t, eps)
+    abar = torch.cumprod(1 - betas.double(), 0)[t].view(-1, 1, 1, 1)
+    target = {"eps": eps, "x0": x0, "v": abar.sqrt() * eps - (1 - abar).sqrt() * x0}[mean_type]
+    out = d.output_from_start(x_t, t, x0)
+    assert torch.allclose(out, target, atol=1e-6)
+    tol = 1e-13 / abar.sqrt() + 1e-12  # from eps, x_0 divides by sqrt(abar_t) (test_x0_eps_roundtrip)
+    assert ((d.predict_start(x_t, t, out) - x0).abs() <= tol).all()
+
+
+@FAST
 @given(schedules(min_t=2), st.integers(0, 2**31 - 1), st.data())
 def test_eq11_mean_is_posterior_mean_at_predicted_x0(betas, seed, data):
     """Eq. (11): mu_theta = (x_t - beta_t/sqrt(1-abar_t) eps_theta)/sqrt(alpha_t), computed here
