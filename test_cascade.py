@@ -104,7 +104,8 @@ def test_projection_is_the_range_null_space_decomposition_with_the_pseudo_invers
     x0 - A^+ A x0 is kept."""
     g = torch.Generator().manual_seed(seed)
     n = 8 // k
-    x0 = torch.rand(2, channels, 8, 8, generator=g, dtype=torch.float64) * 0.4 - 0.2 + 3 * torch.rand(1).item()
+    offset = 3 * torch.rand(1, generator=g, dtype=torch.float64)  # where the image sits; its detail stays small
+    x0 = torch.rand(2, channels, 8, 8, generator=g, dtype=torch.float64) * 0.4 - 0.2 + offset
     y = torch.rand(2, channels, n, n, generator=g, dtype=torch.float64) - 0.5
     A = torch.stack([downsample(e.view(1, 1, 8, 8), n).flatten() for e in torch.eye(64, dtype=torch.float64)], 1)
     A_pinv = torch.linalg.pinv(A)
@@ -147,12 +148,12 @@ def test_projection_within_the_bounds_is_the_nearest_consistent_image(k, spread,
         assert c_min <= c_max + 1e-8
 
 
-@pytest.mark.parametrize("mean_type", ["eps", "v"])
-@pytest.mark.parametrize("sampler, steps", [("ddpm", 20), ("ddim", 10), ("dpm++", 10)])
+@pytest.mark.parametrize("mean_type", ["eps", "v", "x0"])
+@pytest.mark.parametrize("sampler, steps", [("ddpm", None), ("ddpm", 20), ("ddim", 10), ("dpm++", 10)])
 def test_a_projected_stage_is_consistent_with_its_input_whatever_the_network(mean_type, sampler, steps):
     """Stage(project=True): every sampler's output, area-downsampled, is its low-resolution input, even for a
-    network that ignores its condition (random weights), up to the sampler's clipping to [-1, 1]; the same stage
-    without the projection is far from it."""
+    network that ignores its condition (random weights), Algorithm 2's full chain included; the same stage without
+    the projection is far from it."""
     d = build_diffusion(dict(TINY_DIFFUSION, mean_type=mean_type))
     sr = randomized(SuperResolution(low_res=4, **TINY_NET))
     x_lr = torch.rand(4, 3, 4, 4, generator=torch.Generator().manual_seed(0)) - 0.5
