@@ -70,7 +70,7 @@ def get_parser():
     a("--upsample-steps", action="append", default=[], type=int, help="each --upsample stage's steps (default T)")
     a("--cond-aug", type=lambda v: -1 if v == "none" else int(v), default=-1, help="the stages' conditioning "
       "augmentation: the low-resolution image noised to this timestep index (then not projected), or none")
-    a("--no-project", action="store_true", help="stages as CDM samples them, without cascade.project (as with --cond-aug S)")
+    a("--no-project", action="store_true", help="stages as CDM samples them: no cascade.project (as with --cond-aug S)")
     a("--low-res", default="", help="with a super-resolution checkpoint as the model: low-resolution images to carry "
       "up (a .npy/.npz/.pt of uint8 N,H,W,C)")
     a("--edit", default="", metavar="IMAGES", help="edit these images (a file or folder, as train.py's --data; -n "
