@@ -244,8 +244,8 @@ class AutoencoderObjective(AutoencoderLoss, Objective):
 
 def first_stage(args, ckpt, images, device):
     """A run's first stage, or None for a run on pixels: the checkpoint's own, or --latent's (a train.py
-    --autoencoder run, checked against the data; its scale factor measured on 1024 of its images, drawn at random), or a latent
-    teacher's (a student learns its teacher's latents)."""
+    --autoencoder run, checked against the data; its scale factor measured on 1024 of its images, drawn at
+    random), or a latent teacher's (a student learns its teacher's latents)."""
     source = ckpt if ckpt and "first_stage" in ckpt else None
     if source is None and not ckpt and args.distill and args.teacher:
         try:
@@ -268,7 +268,8 @@ def first_stage(args, ckpt, images, device):
     ae = ae.to(device)
     g = torch.Generator().manual_seed(args.seed)  # 1024 images at random: a folder or file may be in order
     some = images[torch.randperm(len(images), generator=g)[:1024].to(images.device)]
-    scale = torch.tensor(latent_scale(ae, from_uint8(some), torch.Generator(device).manual_seed(args.seed)), device=device)
+    scale = latent_scale(ae, from_uint8(some), torch.Generator(device).manual_seed(args.seed))
+    scale = torch.tensor(scale, device=device)
     if dist.is_initialized():  # every process the scale of rank 0's images, the one its checkpoint keeps
         dist.broadcast(scale, 0)
     return FirstStage(ae, scale.item())
