@@ -153,8 +153,15 @@ class FirstStage:
 
     @torch.no_grad()
     def encode(self, x):
+        mean, std = self.moments(x)
+        return mean + std * torch.randn_like(mean)
+
+    @torch.no_grad()
+    def moments(self, x):
+        """The mean and standard deviation of the scaled latent z = scale z~, z~ ~ q_E(z | x): the encoder's whole
+        part in a draw, which a training run computes once per image (training.Batches)."""
         q = self.autoencoder.encode(x)
-        return q.sample(torch.randn_like(q.mean)) * self.scale
+        return q.mean * self.scale, q.std * self.scale
 
     @torch.no_grad()
     def decode(self, z):

@@ -50,6 +50,27 @@ def test_the_scale_factor_gives_latents_of_unit_variance():
     assert z.shape == (512, 2, 4, 4) and abs(z.std().item() - 1) < 0.02 and abs(scale - 1) > 0.05
 
 
+@pytest.mark.parametrize("flip", [True, False])
+def test_cached_latents_are_the_draws_of_encoding_every_batch(flip):
+    """A latent run encodes its images once (training.Batches): each batch is then z = mean + std eps with the
+    mean and std of q_E(z | x) of the batch's images as they are drawn (mirrored or not), and the same random
+    numbers in the same order as encoding the pixel batch afresh (what the run did before, and resume relies on)."""
+    from training import Batches
+    stage = FirstStage(randomized(Autoencoder(image_size=8, latent_channels=2, ch=32, ch_mult=(1, 2),
+                                              num_res_blocks=1)), 0.7)
+    images = make_shapes(40, 8, 3, seed=5)[0]
+    images[:, :, :4] //= 3  # no image is its own mirror image, so a wrong flip shows
+    cached, pixels = Batches(images, None, 8, 1, flip, stage, chunk=16), Batches(images, None, 8, 1, flip)
+    for step in range(7):  # across an epoch's end
+        torch.manual_seed(step)
+        z, _ = cached(step)
+        torch.manual_seed(step)
+        with torch.no_grad():
+            q = stage.autoencoder.encode(pixels(step)[0])
+            want = q.sample(torch.randn_like(q.mean)) * 0.7
+        assert z.shape == (8, 2, 4, 4) and torch.allclose(z, want, atol=1e-5)
+
+
 # ---- simple diffusion
 
 

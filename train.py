@@ -376,10 +376,13 @@ def train(args, ckpt, kind, flips):
     model = torch.compile(model) if args.compile and world > 1 else model
     losses = torch.compile(objective.__call__) if args.compile and world == 1 else objective
     stage = run.first_stage  # a latent diffusion run: batches as latents, grids decoded
-    batches = Batches(images, labels, args.batch_size // world, args.seed + procs.rank, args.flip,
-                      stage and stage.encode)
+    began = time.perf_counter()
+    batches = Batches(images, labels, args.batch_size // world, args.seed + procs.rank, args.flip, stage)
     procs.on_master(lambda: os.makedirs(args.out, exist_ok=True))  # only now: bad input leaves no empty folder behind
     log = Log(args, master, device, step)
+    if stage:
+        log(f"latents: q_E(z | x) of the {len(images)} images{' and their mirror images' if args.flip else ''} "
+            f"encoded once, {time.perf_counter() - began:.1f} s")
     torch.manual_seed(args.seed + procs.rank)  # per process: each rank draws its own t, noise, flips and dropout
     if ckpt:
         saved = ckpt["rng"]["ranks"]

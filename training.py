@@ -31,14 +31,24 @@ class Batches:
     """Random batches from uint8 images (N, H, W, C) on their device (for CIFAR-10 on a GPU: 150 MB, gathered by
     index, so the loader never stalls), scaled to [-1, 1] (N, C, H, W). Each epoch is a fresh permutation from a
     generator seeded with (seed, epoch), so the batch at a step depends on the step alone: resuming needs no
-    sampler state. encode: a latent diffusion run's first stage (FirstStage.encode), the batch handed on as
-    latents."""
-    def __init__(self, images, labels, batch_size, seed, flip, encode=None):
+    sampler state. first_stage: a latent diffusion run's (autoencoder.FirstStage); the batch is handed on as
+    latents z = mean + std eps of q_E(z | x), scaled, whose mean and std are computed once for every image (and
+    its mirror image, with flips) here, so that an update costs no encoder pass: the draws are those of encoding
+    every batch afresh, the same random numbers in the same order."""
+    def __init__(self, images, labels, batch_size, seed, flip, first_stage=None, chunk=256):
         if images.shape[0] < batch_size:
             raise ValueError(f"{images.shape[0]} images per process, fewer than the batch of {batch_size}")
         self.images, self.labels, self.batch_size, self.seed, self.flip = images, labels, batch_size, seed, flip
-        self.encode = encode
         self.per_epoch, self.epoch, self.perm = images.shape[0] // batch_size, None, None
+        self.latents = None if first_stage is None else [  # (mean, std) of every image, then of its mirror image
+            self._moments(first_stage, mirror, chunk) for mirror in ((False, True) if flip else (False,))]
+
+    def _moments(self, stage, mirror, chunk):
+        parts = []
+        for i in range(0, self.images.shape[0], chunk):
+            x = from_uint8(self.images[i:i + chunk])
+            parts.append(stage.moments(x.flip(3) if mirror else x))
+        return torch.cat([mean for mean, _ in parts]), torch.cat([std for _, std in parts])
 
     def __call__(self, step):
         epoch, k = divmod(step, self.per_epoch)
@@ -46,11 +56,17 @@ class Batches:
             g = torch.Generator(self.images.device).manual_seed(self.seed * 1_000_003 + epoch)
             self.epoch, self.perm = epoch, torch.randperm(self.images.shape[0], generator=g, device=self.images.device)
         idx = self.perm[k * self.batch_size:(k + 1) * self.batch_size]
+        labels = self.labels[idx] if self.labels is not None else None
+        # random horizontal flips (paper Sec. 4), on the device
+        mirror = torch.rand(len(idx), 1, 1, 1, device=self.images.device) < 0.5 if self.flip else None
+        if self.latents is not None:
+            (mean, std), (mirror_mean, mirror_std) = self.latents[0], self.latents[-1]
+            mean, std = mean[idx], std[idx]
+            if mirror is not None:
+                mean, std = torch.where(mirror, mirror_mean[idx], mean), torch.where(mirror, mirror_std[idx], std)
+            return mean + std * torch.randn_like(mean), labels
         x = from_uint8(self.images[idx])  # [0, 255] -> [-1, 1], as in the paper
-        if self.flip:  # random horizontal flips (paper Sec. 4), on the device
-            x = torch.where(torch.rand(x.shape[0], 1, 1, 1, device=x.device) < 0.5, x.flip(3), x)
-        x = x if self.encode is None else self.encode(x)
-        return x, (self.labels[idx] if self.labels is not None else None)
+        return (x if mirror is None else torch.where(mirror, x.flip(3), x)), labels
 
 
 def get_lr(step, args):
