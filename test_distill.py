@@ -356,6 +356,10 @@ def test_progressive_distillation_runs_resumes_and_samples_with_its_own_steps(te
     r = run_script("train.py", *common, "--steps", "8")
     assert r.returncode == 0, r.stderr
     assert "round 1/2: a student of 4 steps learns the teacher's 8" in r.stdout and "round 2/2" in r.stdout
+    logged = [float(line.split("| lr ")[1].split()[0]) for line in r.stdout.splitlines() if line.startswith("step ")]
+    lr = 2e-4  # train.py's default, warmed up over 2 updates, then annealed to 0 within each round of 4 updates
+    assert logged == pytest.approx([lr * w * (end - s) / 4 for s, w, end in ((1, 0.5, 4), (3, 1, 4), (5, 1, 8),
+                                                                           (7, 1, 8))])
     ckpt = load_checkpoint(str(tmp_path / "a"))
     assert ckpt["kind"] == "progressive" and ckpt["sampling"] == {"sampler": "ddim", "steps": 2}
     assert ckpt["diffusion_config"]["mean_type"] == "v"
@@ -595,6 +599,20 @@ def test_progressive_rounds_anneal_the_learning_rate_and_start_adam_afresh():
     optimizer.step()
     pd.begin(5, net, ema, optimizer)
     assert optimizer.state and pd.learning_rate(9, 1.0) == 1.0
+
+
+def test_the_round_flags_reach_the_run(teacher):
+    """train.py's --round-lr and --round-adam set the run's objective: the reference's by default, each turned off
+    by its flag."""
+    import train
+    import training
+    from data import make_shapes
+    images = make_shapes(8, 8, 3)[0]
+    for extra, want in (([], (True, True)), (["--round-lr", "constant"], (False, True)),
+                        (["--round-adam", "keep"], (True, False))):
+        args, _, kind, _ = train.parse(distill_args("progressive", str(teacher), "", *extra))
+        run = training.build_run(kind, args, None, images, None, torch.device("cpu"))
+        assert (run.objective.anneal, run.objective.reset_adam) == want
 
 
 def test_consistency_target_is_an_ema_of_the_student():

@@ -1,7 +1,9 @@
 """Latent diffusion's first stage on held-out images: the reconstruction's PSNR (dB on [0, 255]; D of the posterior
 mean, clamped to [-1, 1]) and the latents' statistics before and after the scale factor that the diffusion run
 measures on its training images (training.first_stage; Rombach et al. 2022, Sec. 4.3.2 and Appendix D.1).
-  python docs/measure/autoencoder.py AE_RUN TRAIN HELD_OUT     # TRAIN, HELD_OUT: "shapes" or .npy/.npz files
+  python docs/measure/autoencoder.py AE_RUN TRAIN HELD_OUT [REC.npz]   # TRAIN, HELD_OUT: "shapes" or .npy/.npz files
+REC.npz: the first 256 reconstructions, as sample.py --npz writes samples: `python metrics.py REC.npz` is then the
+quality a latent model on this first stage could reach at best (its decoder's own loss), in the samples' units.
 """
 import os
 import sys
@@ -10,7 +12,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 from autoencoder import latent_scale  # noqa: E402
 from checkpoint import load_model  # noqa: E402
-from data import from_uint8, load_file, make_shapes  # noqa: E402
+from data import from_uint8, load_file, make_shapes, to_uint8, write_npz  # noqa: E402
 
 
 def images(spec, n, size, channels, seed):
@@ -38,3 +40,6 @@ for name, v in (("before", z), ("after", z * scale)):
     per = v.transpose(0, 1).flatten(1)
     print(f"latents {name} scaling: mean {v.mean():+.4f} std {v.std():.4f}; per channel std "
           + " ".join(f"{s:.3f}" for s in per.std(1).tolist()))
+if len(sys.argv) > 4:
+    write_npz(sys.argv[4], {"arr_0": to_uint8(rec[:256])})
+    print(f"wrote {sys.argv[4]}: the first 256 reconstructions")
