@@ -154,12 +154,12 @@ class FirstStage:
     @torch.no_grad()
     def encode(self, x):
         mean, std = self.moments(x)
-        return mean + std * torch.randn_like(mean)
+        return mean + std * torch.randn(mean.shape, device=mean.device)  # not randn_like: its draws follow the layout
 
     @torch.no_grad()
     def moments(self, x):
-        """The mean and standard deviation of the scaled latent z = scale z~, z~ ~ q_E(z | x): the encoder's whole
-        part in a draw, which a training run computes once per image (training.Batches)."""
+        """The mean and standard deviation of the scaled latent z = scale z~, z~ ~ q_E(z | x): all that a draw needs
+        of the encoder, so a training run computes them once per image (training.Batches)."""
         q = self.autoencoder.encode(x)
         return q.mean * self.scale, q.std * self.scale
 

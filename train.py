@@ -83,12 +83,13 @@ def get_parser():
     a("--teacher-steps", type=int, default=32, help="progressive: the teacher's DDIM steps the first round starts "
       "from (a power of two times --student-steps, at most T; a progressive student as teacher: its own steps). "
       "Fewer rounds give each more of --steps: from 32, 3 rounds to 4 steps (docs/distillation.md)")
-    a("--student-dropout", type=float, default=0.0, help="distillation: the student's dropout (the papers' 0; the "
-      "teacher's was its own)")
-    a("--round-lr", default="anneal", choices=["anneal", "constant"], help="progressive: the learning rate within "
-      "each round, annealed linearly to 0 (the reference implementation's) or constant")
-    a("--round-adam", default="reset", choices=["reset", "keep"], help="progressive: Adam's state at each round's "
-      "start, reset (the reference's: a new optimizer each round) or kept")
+    a("--student-dropout", type=float, default=None, help="distillation: the student's dropout (default: the "
+      "teacher's, measured best here; the papers' students use 0, docs/distillation.md)")
+    a("--round-lr", default="constant", choices=["constant", "anneal"], help="progressive: the learning rate within "
+      "each round, constant (measured best, with --round-adam keep and the teacher's dropout: docs/distillation.md) "
+      "or annealed linearly to 0 (the reference implementation's)")
+    a("--round-adam", default="keep", choices=["keep", "reset"], help="progressive: Adam's state at each round's "
+      "start, kept (measured best) or reset (the reference's: a new optimizer each round)")
     a("--pd-weighting", default="snr-trunc", choices=["snr-trunc", "snr+1"], help="progressive: the loss weight, "
       "max(SNR, 1) or SNR + 1 (Salimans & Ho Sec. 4)")
     a("--convert-steps", type=int, default=-1, help="consistency from an eps- or x0-teacher: the first updates "
@@ -185,7 +186,7 @@ def check_args(args, world):
     for k in ("warmup", "grad_clip", "sample_every", "sample_steps", "low_res"):
         if getattr(args, k) < 0:
             raise ValueError(f"{flag(k)} must be >= 0, got {getattr(args, k)}")
-    if not 0 <= args.student_dropout < 1:
+    if args.student_dropout is not None and not 0 <= args.student_dropout < 1:
         raise ValueError(f"--student-dropout must be in [0, 1), got {args.student_dropout}")
     for k in ("ema_decay", "p_uncond", "cd_mu"):
         if not 0 <= getattr(args, k) <= 1:
@@ -380,9 +381,7 @@ def train(args, ckpt, kind, flips):
     batches = Batches(images, labels, args.batch_size // world, args.seed + procs.rank, args.flip, stage)
     procs.on_master(lambda: os.makedirs(args.out, exist_ok=True))  # only now: bad input leaves no empty folder behind
     log = Log(args, master, device, step)
-    if stage:
-        log(f"latents: q_E(z | x) of the {len(images)} images{' and their mirror images' if args.flip else ''} "
-            f"encoded once, {time.perf_counter() - began:.1f} s")
+    encoded_in = time.perf_counter() - began
     torch.manual_seed(args.seed + procs.rank)  # per process: each rank draws its own t, noise, flips and dropout
     if ckpt:
         saved = ckpt["rng"]["ranks"]
@@ -405,6 +404,9 @@ def train(args, ckpt, kind, flips):
     stop = StopSignal()  # Ctrl-C / SIGTERM: finish the step, save, exit
     log(run_line(args, step if ckpt else None, images, world, device, raw_model, run.diffusion))
     log(flips)
+    if stage:
+        log(f"latents: q_E(z | x) of every training image{' and its mirror image' if args.flip else ''} "
+            f"encoded once, {encoded_in:.1f} s")
     log("args: " + " ".join(f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()), console=False)
     while step < args.steps:
         log(objective.begin(step, raw_model, ema, optimizer))  # a round or phase that starts here, if any

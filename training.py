@@ -31,17 +31,19 @@ class Batches:
     """Random batches from uint8 images (N, H, W, C) on their device (for CIFAR-10 on a GPU: 150 MB, gathered by
     index, so the loader never stalls), scaled to [-1, 1] (N, C, H, W). Each epoch is a fresh permutation from a
     generator seeded with (seed, epoch), so the batch at a step depends on the step alone: resuming needs no
-    sampler state. first_stage: a latent diffusion run's (autoencoder.FirstStage); the batch is handed on as
-    latents z = mean + std eps of q_E(z | x), scaled, whose mean and std are computed once for every image (and
-    its mirror image, with flips) here, so that an update costs no encoder pass: the draws are those of encoding
-    every batch afresh, the same random numbers in the same order."""
+    sampler state. With a latent diffusion run's first stage (autoencoder.FirstStage) the batch is handed on as
+    scaled latents z = mean + std eps, z ~ q_E(z | x): the mean and std of every image (and of its mirror image,
+    with flips) are computed here once, so an update costs no encoder pass; the draws are those of encoding each
+    batch afresh (FirstStage.encode), the same random numbers in the same order, up to float rounding."""
     def __init__(self, images, labels, batch_size, seed, flip, first_stage=None, chunk=256):
         if images.shape[0] < batch_size:
             raise ValueError(f"{images.shape[0]} images per process, fewer than the batch of {batch_size}")
         self.images, self.labels, self.batch_size, self.seed, self.flip = images, labels, batch_size, seed, flip
         self.per_epoch, self.epoch, self.perm = images.shape[0] // batch_size, None, None
-        self.latents = None if first_stage is None else [  # (mean, std) of every image, then of its mirror image
-            self._moments(first_stage, mirror, chunk) for mirror in ((False, True) if flip else (False,))]
+        self.latents = self.mirrored = None  # (mean, std) of every image's latent, and of its mirror image's
+        if first_stage is not None:
+            self.latents = self._moments(first_stage, False, chunk)
+            self.mirrored = self._moments(first_stage, True, chunk) if flip else None
 
     def _moments(self, stage, mirror, chunk):
         parts = []
@@ -60,11 +62,10 @@ class Batches:
         # random horizontal flips (paper Sec. 4), on the device
         mirror = torch.rand(len(idx), 1, 1, 1, device=self.images.device) < 0.5 if self.flip else None
         if self.latents is not None:
-            (mean, std), (mirror_mean, mirror_std) = self.latents[0], self.latents[-1]
-            mean, std = mean[idx], std[idx]
-            if mirror is not None:
-                mean, std = torch.where(mirror, mirror_mean[idx], mean), torch.where(mirror, mirror_std[idx], std)
-            return mean + std * torch.randn_like(mean), labels
+            mean, std = (v[idx] for v in self.latents)
+            if self.mirrored is not None:
+                mean, std = (torch.where(mirror, v[idx], u) for v, u in zip(self.mirrored, (mean, std)))
+            return mean + std * torch.randn(mean.shape, device=mean.device), labels
         x = from_uint8(self.images[idx])  # [0, 255] -> [-1, 1], as in the paper
         return (x if mirror is None else torch.where(mirror, x.flip(3), x)), labels
 
@@ -395,7 +396,8 @@ def _student(args, ckpt, images, device):
     how the teacher samples)."""
     teacher, teacher_dc, sampling = load_teacher(args, ckpt, images, device)
     # the teacher's architecture; its dropout only with --student-dropout (the papers' students train without it)
-    model_config = ckpt["model_config"] if ckpt else dict(teacher.config, dropout=args.student_dropout)
+    model_config = ckpt["model_config"] if ckpt else dict(  # the teacher's dropout unless --student-dropout
+        teacher.config, **({} if args.student_dropout is None else dict(dropout=args.student_dropout)))
     dc = ckpt["diffusion_config"] if ckpt else dict(teacher_dc, mean_type="v")
     return model_config, dc, build_diffusion(dc).to(device), teacher, teacher_dc, sampling
 

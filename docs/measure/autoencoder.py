@@ -2,8 +2,9 @@
 mean, clamped to [-1, 1]) and the latents' statistics before and after the scale factor that the diffusion run
 measures on its training images (training.first_stage; Rombach et al. 2022, Sec. 4.3.2 and Appendix D.1).
   python docs/measure/autoencoder.py AE_RUN TRAIN HELD_OUT [REC.npz]   # TRAIN, HELD_OUT: "shapes" or .npy/.npz files
-REC.npz: the first 256 reconstructions, as sample.py --npz writes samples: `python metrics.py REC.npz` is then the
-quality a latent model on this first stage could reach at best (its decoder's own loss), in the samples' units.
+REC.npz: the first 256 reconstructions D(mean of q_E(z | x)), as sample.py --npz writes samples: `python metrics.py
+REC.npz` is then what a latent model on this first stage approaches as it learns the latents (an optimistic
+floor: its samples are decoded from draws of q_E, not from its mean), in the samples' units.
 """
 import os
 import sys
