@@ -352,19 +352,21 @@ def test_progressive_distillation_runs_resumes_and_samples_with_its_own_steps(te
     the student samples with 2 DDIM steps, which sample.py then uses by default; stopped (SIGTERM) in step 5 and
     resumed, the run ends where an uninterrupted one does (round 2's teacher restored from the checkpoint, and read
     as the v-network it is)."""
-    common = distill_args("progressive", teacher, tmp_path / "a", "--teacher-steps", "8", "--student-steps", "2")
+    common = distill_args("progressive", teacher, tmp_path / "a", "--teacher-steps", "8", "--student-steps", "2",
+                          "--round-lr", "anneal")
     r = run_script("train.py", *common, "--steps", "8")
     assert r.returncode == 0, r.stderr
     assert "round 1/2: a student of 4 steps learns the teacher's 8" in r.stdout and "round 2/2" in r.stdout
     logged = [float(line.split("| lr ")[1].split()[0]) for line in r.stdout.splitlines() if line.startswith("step ")]
-    lr = 2e-4  # train.py's default, warmed up over 2 updates, then annealed to 0 within each round of 4 updates
+    lr = 2e-4  # train.py's default, warmed up over TRAIN_TINY's 2 updates, then annealed to 0 in each round of 4
     assert logged == pytest.approx([lr * w * (end - s) / 4 for s, w, end in ((1, 0.5, 4), (3, 1, 4), (5, 1, 8),
                                                                            (7, 1, 8))])
     ckpt = load_checkpoint(str(tmp_path / "a"))
     assert ckpt["kind"] == "progressive" and ckpt["sampling"] == {"sampler": "ddim", "steps": 2}
     assert ckpt["diffusion_config"]["mean_type"] == "v"
     assert ckpt["teacher_diffusion_config"]["mean_type"] == "v"  # round 2's teacher is round 1's v-student
-    b = distill_args("progressive", teacher, tmp_path / "b", "--teacher-steps", "8", "--student-steps", "2")
+    b = distill_args("progressive", teacher, tmp_path / "b", "--teacher-steps", "8", "--student-steps", "2",
+                     "--round-lr", "anneal")
     with pytest.raises(SystemExit) as stopped:
         in_process([str(a) for a in b] + ["--steps", "8"], stop_after=5)
     assert stopped.value.code == 0 and load_checkpoint(str(tmp_path / "b"))["step"] == 5
@@ -562,32 +564,37 @@ def test_distillation_steps_move_no_tensor_between_devices(monkeypatch):
     assert moves == []
 
 
-def test_students_train_without_dropout_unless_asked(teacher, tmp_path):
-    """The papers' students train with dropout 0 (the reference configs: "same as teacher but with 0 dropout"), the
-    teacher keeping its own; --student-dropout sets another. The consistency target network is built as the student
-    (so with mu = 0 it is the student itself, without a second dropout mask) and runs without gradient."""
+def test_students_keep_their_teachers_dropout_unless_asked(teacher, tmp_path):
+    """A student trains with its teacher's dropout (measured best here, docs/distillation.md), the teacher keeping
+    its own; --student-dropout sets another (the papers' 0). The consistency target network is built as the
+    student (so with mu = 0 it is the student itself) and runs without gradient."""
     import train
     import training
+    from checkpoint import save_checkpoint
     from data import make_shapes
+    ckpt = load_checkpoint(str(teacher))
+    save_checkpoint(str(tmp_path / "teacher.pt"), dict(ckpt, model_config=dict(ckpt["model_config"], dropout=0.15)))
     images = make_shapes(8, 8, 3)[0]
-    for kind, extra, want in (("progressive", [], 0.0), ("consistency", [], 0.0), ("progressive", ["--student-dropout",
-                                                                                                      "0.2"], 0.2)):
-        args, _, kind, _ = train.parse(distill_args(kind, str(teacher), "", *extra) + ["--dropout", "0.3"])
+    for kind, extra, want in (("progressive", [], 0.15), ("consistency", [], 0.15),
+                              ("progressive", ["--student-dropout", "0"], 0.0)):
+        args, _, kind, _ = train.parse(distill_args(kind, str(tmp_path / "teacher.pt"), str(tmp_path / "s"), *extra)
+                                       + ["--dropout", "0.3"])
         run = training.build_run(kind, args, None, images, None, torch.device("cpu"))
-        assert run.model_config["dropout"] == want and run.objective.teacher.config["dropout"] == 0.0  # the teacher's
+        assert run.model_config["dropout"] == want and run.objective.teacher.config["dropout"] == 0.15  # its own
         if kind == "consistency":
             target = run.objective.target
             assert target.config == run.model_config and not any(p.requires_grad for p in target.parameters())
 
 
 def test_progressive_rounds_anneal_the_learning_rate_and_start_adam_afresh():
-    """Within each round the rate falls linearly to 0 (the reference's), and at a round's first update Adam's state
-    starts afresh and the EMA restarts from the student; --round-lr constant and --round-adam keep turn each off."""
+    """With anneal (the reference's, --round-lr anneal) the rate falls linearly to 0 within each round, with
+    reset_adam (--round-adam reset) Adam's state starts afresh at a round's first update, and the EMA restarts
+    from the student there either way; without them the rate stays and the state is kept (the defaults)."""
     d = GaussianDiffusion(make_beta_schedule("linear", 100, 1e-3, 0.2), mean_type="v")
     net, ema = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
     net.config = {}
     make = lambda **kw: distill.ProgressiveDistillation(d, torch.nn.Linear(2, 2), d, {}, [4, 2], [0, 5], 0, 10, **kw)
-    pd = make()
+    pd = make(anneal=True, reset_adam=True)
     assert [pd.learning_rate(s, 1.0) for s in range(5)] == pytest.approx([1.0, 0.8, 0.6, 0.4, 0.2])
     optimizer = torch.optim.Adam(net.parameters())
     net(torch.ones(1, 2)).sum().backward()
@@ -601,16 +608,16 @@ def test_progressive_rounds_anneal_the_learning_rate_and_start_adam_afresh():
     assert optimizer.state and pd.learning_rate(9, 1.0) == 1.0
 
 
-def test_the_round_flags_reach_the_run(teacher):
-    """train.py's --round-lr and --round-adam set the run's objective: the reference's by default, each turned off
-    by its flag."""
+def test_the_round_flags_reach_the_run(teacher, tmp_path):
+    """train.py's --round-lr and --round-adam set the run's objective: a constant rate and Adam's state kept by
+    default (measured best), the reference's annealing and reset each by its flag."""
     import train
     import training
     from data import make_shapes
     images = make_shapes(8, 8, 3)[0]
-    for extra, want in (([], (True, True)), (["--round-lr", "constant"], (False, True)),
-                        (["--round-adam", "keep"], (True, False))):
-        args, _, kind, _ = train.parse(distill_args("progressive", str(teacher), "", *extra))
+    for extra, want in (([], (False, False)), (["--round-lr", "anneal"], (True, False)),
+                        (["--round-adam", "reset"], (False, True))):
+        args, _, kind, _ = train.parse(distill_args("progressive", str(teacher), str(tmp_path / "s"), *extra))
         run = training.build_run(kind, args, None, images, None, torch.device("cpu"))
         assert (run.objective.anneal, run.objective.reset_adam) == want
 
