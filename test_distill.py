@@ -567,7 +567,7 @@ def test_distillation_steps_move_no_tensor_between_devices(monkeypatch):
 def test_students_keep_their_teachers_dropout_unless_asked(teacher, tmp_path):
     """A student trains with its teacher's dropout (measured best here, docs/distillation.md), the teacher keeping
     its own; --student-dropout sets another (the papers' 0). The consistency target network is built as the
-    student (so with mu = 0 it is the student itself) and runs without gradient."""
+    student (so with mu = 0 it has the student's weights) and runs without gradient."""
     import train
     import training
     from checkpoint import save_checkpoint
