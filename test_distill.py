@@ -564,22 +564,25 @@ def test_distillation_steps_move_no_tensor_between_devices(monkeypatch):
     assert moves == []
 
 
+def built_run(kind, teacher, out, *extra):
+    """training.build_run for train.py's distillation flags (the tiny net's), on 8 shapes."""
+    import train
+    import training
+    from data import make_shapes
+    args, _, kind, _ = train.parse(distill_args(kind, str(teacher), str(out), *extra))
+    return training.build_run(kind, args, None, make_shapes(8, 8, 3)[0], None, torch.device("cpu"))
+
+
 def test_students_keep_their_teachers_dropout_unless_asked(teacher, tmp_path):
     """A student trains with its teacher's dropout (measured best here, docs/distillation.md), the teacher keeping
     its own; --student-dropout sets another (the papers' 0). The consistency target network is built as the
     student (so with mu = 0 it has the student's weights) and runs without gradient."""
-    import train
-    import training
     from checkpoint import save_checkpoint
-    from data import make_shapes
     ckpt = load_checkpoint(str(teacher))
     save_checkpoint(str(tmp_path / "teacher.pt"), dict(ckpt, model_config=dict(ckpt["model_config"], dropout=0.15)))
-    images = make_shapes(8, 8, 3)[0]
     for kind, extra, want in (("progressive", [], 0.15), ("consistency", [], 0.15),
                               ("progressive", ["--student-dropout", "0"], 0.0)):
-        args, _, kind, _ = train.parse(distill_args(kind, str(tmp_path / "teacher.pt"), str(tmp_path / "s"), *extra)
-                                       + ["--dropout", "0.3"])
-        run = training.build_run(kind, args, None, images, None, torch.device("cpu"))
+        run = built_run(kind, tmp_path / "teacher.pt", tmp_path / "s", *extra, "--dropout", "0.3")
         assert run.model_config["dropout"] == want and run.objective.teacher.config["dropout"] == 0.15  # its own
         if kind == "consistency":
             target = run.objective.target
@@ -611,14 +614,9 @@ def test_progressive_rounds_anneal_the_learning_rate_and_start_adam_afresh():
 def test_the_round_flags_reach_the_run(teacher, tmp_path):
     """train.py's --round-lr and --round-adam set the run's objective: a constant rate and Adam's state kept by
     default (measured best), the reference's annealing and reset each by its flag."""
-    import train
-    import training
-    from data import make_shapes
-    images = make_shapes(8, 8, 3)[0]
     for extra, want in (([], (False, False)), (["--round-lr", "anneal"], (True, False)),
                         (["--round-adam", "reset"], (False, True))):
-        args, _, kind, _ = train.parse(distill_args("progressive", str(teacher), str(tmp_path / "s"), *extra))
-        run = training.build_run(kind, args, None, images, None, torch.device("cpu"))
+        run = built_run("progressive", teacher, tmp_path / "s", *extra)
         assert (run.objective.anneal, run.objective.reset_adam) == want
 
 

@@ -379,9 +379,9 @@ def train(args, ckpt, kind, flips):
     stage = run.first_stage  # a latent diffusion run: batches as latents, grids decoded
     began = time.perf_counter()
     batches = Batches(images, labels, args.batch_size // world, args.seed + procs.rank, args.flip, stage)
+    encoded_in = time.perf_counter() - began
     procs.on_master(lambda: os.makedirs(args.out, exist_ok=True))  # only now: bad input leaves no empty folder behind
     log = Log(args, master, device, step)
-    encoded_in = time.perf_counter() - began
     torch.manual_seed(args.seed + procs.rank)  # per process: each rank draws its own t, noise, flips and dropout
     if ckpt:
         saved = ckpt["rng"]["ranks"]
