@@ -1,5 +1,6 @@
 """Tests of metrics.py, the built-in shapes' quality number: two sets of real shapes are close and noise is far;
-its command line says what the number is (for the built-in shapes only) and shows the feature classifier training."""
+its command line says what the number is (for the built-in shapes only) and shows the feature classifier training;
+the second number, the RMSE to the nearest real shape, against a direct computation and against noise."""
 import torch
 
 import metrics
@@ -16,6 +17,27 @@ def test_real_shapes_score_near_zero_and_noise_far():
     assert (metrics.classify(real) == labels).float().mean() > 0.9
 
 
+def test_nearest_real_is_the_brute_force_minimum():
+    """nearest_real against a direct route: for each sample, the RMSE in uint8 levels to every reference image, the
+    least of them, averaged over the samples (a mean of minima, not a minimum of means)."""
+    g = torch.Generator().manual_seed(0)
+    reference, _ = make_shapes(60, 8, 3, seed=metrics.REFERENCE_SEED)
+    samples = torch.cat([reference[:3], torch.randint(0, 256, (5, 8, 8, 3), dtype=torch.uint8, generator=g)])
+    direct = [min((s.double() - r.double()).square().mean().sqrt().item() for r in reference) for s in samples]
+    assert abs(metrics.nearest_real(samples, 60, chunk=3) - sum(direct) / len(direct)) < 1e-3
+    assert metrics.nearest_real(reference[:3], 60) < 1e-3  # a reference image is its own nearest
+
+
+def test_nearest_real_sees_noise_that_leaves_a_shape_recognisable():
+    """The pixel number rises with noise the classifier still sees through: shapes with Gaussian noise of 30 levels
+    are classified as well as clean ones, and lie more than 10 levels farther from the real shapes."""
+    real, labels = make_shapes(200, 8, 3, seed=5)
+    noisy = (real.float() + 30 * torch.randn(real.shape, generator=torch.Generator().manual_seed(1))).clamp(0, 255)
+    noisy = noisy.round().to(torch.uint8)
+    assert (metrics.classify(noisy) == labels).float().mean() > 0.9
+    assert metrics.nearest_real(noisy, 2000) > metrics.nearest_real(real, 2000) + 10
+
+
 def test_the_command_line_says_what_the_number_is(tmp_path):
     """python metrics.py FILE: one line saying the number is for the built-in shapes only (not the FID), progress
     while its classifier trains, then the number and how often the asked-for class is seen."""
@@ -26,3 +48,4 @@ def test_the_command_line_says_what_the_number_is(tmp_path):
     assert "defined for the built-in shapes only" in r.stdout and "not the FID" in r.stdout
     assert "training the feature classifier for 12x12x1 shapes: step 600/600" in r.stdout
     assert f"{tmp_path / 's.npz'}: 64 samples | quality " in r.stdout and "asked-for class seen" in r.stdout
+    assert "| nearest real shape " in r.stdout and " levels of 255 (real shapes " in r.stdout
