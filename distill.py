@@ -102,16 +102,15 @@ class ProgressiveDistillation:
     """Algorithm 2's outer loop as train.py runs it: round r trains a student of rounds[r] steps from update
     starts[r] on. At a round's first update the student becomes the teacher (a v-network, read through the
     student's own diffusion) and the EMA restarts from it, so a round's samples owe nothing to the round before's
-    step count. The reference implementation (google-research/diffusion_distillation) anneals the learning rate
-    linearly to 0 within each round (anneal) and starts Adam's state afresh each round (reset_adam); measured
-    here, a constant rate with Adam's state kept (and the teacher's dropout) is better: the default. The
+    step count; as in the reference implementation (google-research/diffusion_distillation), the learning rate is
+    annealed linearly to 0 within each round (anneal) and Adam's state starts afresh each round (reset_adam). The
     rounds and their starts are fixed when the run begins and kept in the checkpoint, so a resume with another
     --steps continues the same round."""
     metric = None
     clip = True  # the student's samples clipped to [-1, 1] (not for latents)
 
     def __init__(self, diffusion, teacher, teacher_diffusion, teacher_diffusion_config, rounds, starts, round=0,
-                 total_updates=None, weighting="snr-trunc", bf16=False, anneal=False, reset_adam=False):
+                 total_updates=None, weighting="snr-trunc", bf16=False, anneal=True, reset_adam=True):
         self.diffusion, self.teacher, self.teacher_diffusion = diffusion, teacher, teacher_diffusion
         self.teacher_diffusion_config, self.rounds, self.starts, self.round = teacher_diffusion_config, rounds, starts, round
         self.total_updates, self.weighting, self.bf16 = total_updates, weighting, bf16

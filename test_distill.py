@@ -468,6 +468,7 @@ def test_the_sampler_table_has_every_sampler_and_student_against_algorithm_2(tea
     for row in rows:
         assert float(row["ratio"]) == pytest.approx(float(row["quality"]) / reference)
     assert float(rows[1]["rmse"]) == 0 and all(float(row["img_per_s"]) > 0 for row in rows)
+    assert all(0 < float(row["nearest"]) < 255 for row in rows)
     bad = run_script("bench_samplers.py", teacher, "--students", teacher, "--nfe", "1", "--n", "2", "--device", "cpu")
     assert "not a distilled student" in assert_one_line_error(bad)
 
@@ -573,15 +574,16 @@ def built_run(kind, teacher, out, *extra):
     return training.build_run(kind, args, None, make_shapes(8, 8, 3)[0], None, torch.device("cpu"))
 
 
-def test_students_keep_their_teachers_dropout_unless_asked(teacher, tmp_path):
-    """A student trains with its teacher's dropout (measured best here, docs/distillation.md), the teacher keeping
-    its own; --student-dropout sets another (the papers' 0). The consistency target network is built as the
-    student (so with mu = 0 it has the student's weights) and runs without gradient."""
+def test_students_train_without_dropout_unless_asked(teacher, tmp_path):
+    """The papers' students train with dropout 0 (the reference configs: "same as teacher but with 0 dropout"), the
+    teacher keeping its own; --student-dropout sets another (the teacher's own value keeps its dropout). The
+    consistency target network is built as the student (so with mu = 0 it has the student's weights) and runs
+    without gradient."""
     from checkpoint import save_checkpoint
     ckpt = load_checkpoint(str(teacher))
     save_checkpoint(str(tmp_path / "teacher.pt"), dict(ckpt, model_config=dict(ckpt["model_config"], dropout=0.15)))
-    for kind, extra, want in (("progressive", [], 0.15), ("consistency", [], 0.15),
-                              ("progressive", ["--student-dropout", "0"], 0.0)):
+    for kind, extra, want in (("progressive", [], 0.0), ("consistency", [], 0.0),
+                              ("progressive", ["--student-dropout", "0.15"], 0.15)):
         run = built_run(kind, tmp_path / "teacher.pt", tmp_path / "s", *extra, "--dropout", "0.3")
         assert run.model_config["dropout"] == want and run.objective.teacher.config["dropout"] == 0.15  # its own
         if kind == "consistency":
@@ -592,12 +594,13 @@ def test_students_keep_their_teachers_dropout_unless_asked(teacher, tmp_path):
 def test_progressive_rounds_anneal_the_learning_rate_and_start_adam_afresh():
     """With anneal (the reference's, --round-lr anneal) the rate falls linearly to 0 within each round, with
     reset_adam (--round-adam reset) Adam's state starts afresh at a round's first update, and the EMA restarts
-    from the student there either way; without them the rate stays and the state is kept (the defaults)."""
+    from the student there either way (the defaults); without them the rate stays and the state is kept."""
     d = GaussianDiffusion(make_beta_schedule("linear", 100, 1e-3, 0.2), mean_type="v")
     net, ema = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
     net.config = {}
     make = lambda **kw: distill.ProgressiveDistillation(d, torch.nn.Linear(2, 2), d, {}, [4, 2], [0, 5], 0, 10, **kw)
-    pd = make(anneal=True, reset_adam=True)
+    pd = make()
+    assert pd.anneal and pd.reset_adam  # the library's defaults are the reference's, as train.py's flags
     assert [pd.learning_rate(s, 1.0) for s in range(5)] == pytest.approx([1.0, 0.8, 0.6, 0.4, 0.2])
     optimizer = torch.optim.Adam(net.parameters())
     net(torch.ones(1, 2)).sum().backward()
@@ -612,10 +615,10 @@ def test_progressive_rounds_anneal_the_learning_rate_and_start_adam_afresh():
 
 
 def test_the_round_flags_reach_the_run(teacher, tmp_path):
-    """train.py's --round-lr and --round-adam set the run's objective: a constant rate and Adam's state kept by
-    default (measured best), the reference's annealing and reset each by its flag."""
-    for extra, want in (([], (False, False)), (["--round-lr", "anneal"], (True, False)),
-                        (["--round-adam", "reset"], (False, True))):
+    """train.py's --round-lr and --round-adam set the run's objective: the reference's annealing and reset by
+    default, each turned off by its flag."""
+    for extra, want in (([], (True, True)), (["--round-lr", "constant"], (False, True)),
+                        (["--round-adam", "keep"], (True, False))):
         run = built_run("progressive", teacher, tmp_path / "s", *extra)
         assert (run.objective.anneal, run.objective.reset_adam) == want
 

@@ -83,13 +83,12 @@ def get_parser():
     a("--teacher-steps", type=int, default=32, help="progressive: the teacher's DDIM steps the first round starts "
       "from (a power of two times --student-steps, at most T; a progressive student as teacher: its own steps). "
       "Fewer rounds give each more of --steps: from 32, 3 rounds to 4 steps (docs/distillation.md)")
-    a("--student-dropout", type=float, default=None, help="distillation: the student's dropout (default: the "
-      "teacher's, measured best here; the papers' students use 0, docs/distillation.md)")
-    a("--round-lr", default="constant", choices=["constant", "anneal"], help="progressive: the learning rate within "
-      "each round, constant (measured best, with --round-adam keep and the teacher's dropout: docs/distillation.md) "
-      "or annealed linearly to 0 (the reference implementation's)")
-    a("--round-adam", default="keep", choices=["keep", "reset"], help="progressive: Adam's state at each round's "
-      "start, kept (measured best) or reset (the reference's: a new optimizer each round)")
+    a("--student-dropout", type=float, default=0.0, help="distillation: the student's dropout (the papers' 0 by "
+      "default; the teacher's own value keeps its dropout, docs/distillation.md)")
+    a("--round-lr", default="anneal", choices=["anneal", "constant"], help="progressive: the learning rate within "
+      "each round, annealed linearly to 0 (the reference implementation's) or constant (docs/distillation.md)")
+    a("--round-adam", default="reset", choices=["reset", "keep"], help="progressive: Adam's state at each round's "
+      "start, reset (the reference's: a new optimizer each round) or kept")
     a("--pd-weighting", default="snr-trunc", choices=["snr-trunc", "snr+1"], help="progressive: the loss weight, "
       "max(SNR, 1) or SNR + 1 (Salimans & Ho Sec. 4)")
     a("--convert-steps", type=int, default=-1, help="consistency from an eps- or x0-teacher: the first updates "
