@@ -75,7 +75,7 @@ def bench(args):
         from metrics import nearest_real, shapes_distance
         if args.n < 256:  # the distance's covariances are 128 x 128
             print(f"note: the quality number is unreliable from {args.n} samples (it estimates 128 x 128 covariances; "
-                  f"use --n 256 or more); the RMSE column is not")
+                  f"use --n 256 or more); the two RMSE columns are not")
     fn = model_fn(net)
     x_T = torch.randn(args.n, c, h, w, generator=torch.Generator().manual_seed(args.seed)).to(device)
     print(f"{desc}: {args.n} samples {h}x{w}x{c} per row, {args.spacing} spacing, {device}")
@@ -90,7 +90,10 @@ def bench(args):
     rows = []
 
     def row(name, nfe, x, speed):
-        quality, nearest = (shapes_distance(to_uint8(x)), nearest_real(to_uint8(x))) if shapes else (float("nan"),) * 2
+        quality = nearest = float("nan")
+        if shapes:
+            images = to_uint8(x)
+            quality, nearest = shapes_distance(images), nearest_real(images)
         reference = rows[0]["quality"] if rows else quality  # rows[0]: Algorithm 2 over all T steps
         r = dict(sampler=name, nfe=nfe, img_per_s=speed, rmse=((x - ode) * 127.5).square().mean().sqrt().item(),
                  quality=quality, ratio=quality / reference, nearest=nearest)

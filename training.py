@@ -395,10 +395,8 @@ def _student(args, ckpt, images, device):
     teacher's architecture. -> (model config, diffusion config, diffusion, teacher, teacher diffusion (config),
     how the teacher samples)."""
     teacher, teacher_dc, sampling = load_teacher(args, ckpt, images, device)
-    # the teacher's architecture with --student-dropout (0 by default: the papers' students train without dropout;
-    # None, from a checkpoint of an earlier version, keeps the teacher's)
-    model_config = ckpt["model_config"] if ckpt else dict(
-        teacher.config, **({} if args.student_dropout is None else dict(dropout=args.student_dropout)))
+    # the teacher's architecture with --student-dropout (0 by default: the papers' students train without dropout)
+    model_config = ckpt["model_config"] if ckpt else dict(teacher.config, dropout=args.student_dropout)
     dc = ckpt["diffusion_config"] if ckpt else dict(teacher_dc, mean_type="v")
     return model_config, dc, build_diffusion(dc).to(device), teacher, teacher_dc, sampling
 
