@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from unet import AttnBlock, Downsample, Normalize, Upsample
+from unet import AttnBlock, Downsample, Normalize, Upsample, regroup
 
 KL_WEIGHT = 1e-6  # the reference configs' kl_weight, against per-image sums of the reconstruction and the KL
 
@@ -54,17 +54,19 @@ class Autoencoder(nn.Module):
     with num_res_blocks + 1 blocks per level and nearest upsampling. The reference's KL-f models (ch 128, two blocks
     a level, 256x256) made small for small images."""
 
-    def __init__(self, image_size=32, in_channels=3, latent_channels=4, ch=64, ch_mult=(1, 2, 2), num_res_blocks=1):
+    def __init__(self, image_size=32, in_channels=3, latent_channels=4, ch=64, ch_mult=(1, 2, 2), num_res_blocks=1,
+                 group_channels=1):
         super().__init__()
         ch_mult = [int(m) for m in ch_mult]
         factor = 2 ** (len(ch_mult) - 1)
-        if image_size % factor or ch % 32 or latent_channels < 1 or num_res_blocks < 1:
+        if (image_size % factor or ch % 32 or latent_channels < 1 or num_res_blocks < 1 or group_channels < 1
+                or 32 % group_channels):
             raise ValueError(f"an autoencoder needs image_size divisible by its downsampling factor {factor}, ch a "
-                             f"multiple of 32, and positive latent channels and blocks (got {image_size}, {ch}, "
-                             f"{latent_channels}, {num_res_blocks})")
+                             f"multiple of 32, positive latent channels and blocks, and group_channels dividing 32 "
+                             f"(got {image_size}, {ch}, {latent_channels}, {num_res_blocks}, {group_channels})")
         self.config = dict(image_size=int(image_size), in_channels=int(in_channels),
                            latent_channels=int(latent_channels), ch=int(ch), ch_mult=ch_mult,
-                           num_res_blocks=int(num_res_blocks))
+                           num_res_blocks=int(num_res_blocks), group_channels=int(group_channels))
         self.latent_size, self.num_classes = image_size // factor, None
         chs = [ch * m for m in ch_mult]
         down, block_in = [nn.Conv2d(in_channels, ch, 3, padding=1)], ch
@@ -86,6 +88,7 @@ class Autoencoder(nn.Module):
                 up.append(Upsample(block_in))
         up += [Normalize(block_in), nn.SiLU(), nn.Conv2d(block_in, in_channels, 3, padding=1)]
         self.encoder, self.decoder = nn.Sequential(*down), nn.Sequential(*up)
+        regroup(self, group_channels)  # 1: the reference's 32 groups, one channel each at ch 32 (instance norm)
 
     def encode(self, x):
         """q_E(z | x) for images x (B, C, H, W) in [-1, 1]."""

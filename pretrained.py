@@ -270,6 +270,11 @@ def to_diffusers_state_dict(sd):
 def diffusers_config(config):
     """diffusers UNet2DModel's config.json for a UNet of this project (its config): the paper's network in
     diffusers' terms (_DIFFUSERS_NEEDED; up blocks listed lowest resolution first)."""
+    gc = config.get("group_channels", 1)
+    if config["ch"] * min(config["ch_mult"]) < 32 * gc:  # a layer with fewer than 32 groups (unet.regroup)
+        raise ValueError(f"a network normalised in groups of {gc} channels has layers with fewer than 32 groups, and "
+                         f"diffusers' UNet2DModel takes one group count for all: train with --group-channels 1 to "
+                         f"export (docs/training.md)")
     side = min(image_hw(config["image_size"]))  # attention at a level whose shorter side is an attn resolution
     down = ["AttnDownBlock2D" if side // 2 ** i in config["attn_resolutions"] else "DownBlock2D"
             for i in range(len(config["ch_mult"]))]

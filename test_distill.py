@@ -578,14 +578,16 @@ def test_students_train_without_dropout_unless_asked(teacher, tmp_path):
     """The papers' students train with dropout 0 (the reference configs: "same as teacher but with 0 dropout"), the
     teacher keeping its own; --student-dropout sets another (the teacher's own value keeps its dropout). The
     consistency target network is built as the student (so with mu = 0 it has the student's weights) and runs
-    without gradient."""
+    without gradient. A student is the teacher's network: its normalisation groups too, whatever the flag's default."""
     from checkpoint import save_checkpoint
     ckpt = load_checkpoint(str(teacher))
-    save_checkpoint(str(tmp_path / "teacher.pt"), dict(ckpt, model_config=dict(ckpt["model_config"], dropout=0.15)))
+    save_checkpoint(str(tmp_path / "teacher.pt"), dict(ckpt, model_config=dict(ckpt["model_config"], dropout=0.15,
+                                                                                group_channels=2)))
     for kind, extra, want in (("progressive", [], 0.0), ("consistency", [], 0.0),
                               ("progressive", ["--student-dropout", "0.15"], 0.15)):
         run = built_run(kind, tmp_path / "teacher.pt", tmp_path / "s", *extra, "--dropout", "0.3")
         assert run.model_config["dropout"] == want and run.objective.teacher.config["dropout"] == 0.15  # its own
+        assert run.model_config["group_channels"] == run.objective.teacher.config["group_channels"] == 2
         if kind == "consistency":
             target = run.objective.target
             assert target.config == run.model_config and not any(p.requires_grad for p in target.parameters())

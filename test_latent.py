@@ -51,6 +51,23 @@ def test_the_scale_factor_gives_latents_of_unit_variance():
     assert z.shape == (512, 2, 4, 4) and abs(z.std().item() - 1) < 0.02 and abs(scale - 1) > 0.05
 
 
+def test_the_decoders_last_norm_keeps_each_images_mean_colour():
+    """GroupNorm is blind to a constant added to every channel of a group. At ch 32, the reference's 32 groups are
+    one channel each, so the decoder's last norm, swish, conv would give the same image for features shifted by any
+    per-channel constant: the image's mean colour could not pass. With groups of 4 channels (train.py's default) it
+    passes; a checkpoint's config from before group_channels builds the 32 groups it was trained with."""
+    from torch import nn
+    new = randomized(Autoencoder(image_size=8, latent_channels=2, ch=32, ch_mult=(1, 2), group_channels=4))
+    old = Autoencoder(**{k: v for k, v in new.config.items() if k != "group_channels"})
+    old.load_state_dict(new.state_dict())
+    h, offset = torch.randn(2, 32, 8, 8), torch.randn(1, 32, 1, 1)
+    with torch.no_grad():
+        moved = [(ae.decoder[-3:](h + offset) - ae.decoder[-3:](h)).abs().max().item() for ae in (new, old)]
+    assert moved[0] > 0.05 and moved[1] < 1e-4
+    assert {m.num_channels // m.num_groups for m in new.modules() if isinstance(m, nn.GroupNorm)} == {4}
+    assert {m.num_groups for m in old.modules() if isinstance(m, nn.GroupNorm)} == {32}
+
+
 @pytest.mark.parametrize("flip", [True, False])
 def test_cached_latents_are_the_draws_of_encoding_every_batch(flip):
     """A latent run encodes its images once (training.Batches): each batch is then z = mean + std eps with the
@@ -133,6 +150,7 @@ def test_a_latent_model_trains_records_its_first_stage_and_samples_with_every_sa
     ae, ldm = load_checkpoint(str(runs / "ae")), load_checkpoint(str(runs / "ldm"))
     assert ae["kind"] == "autoencoder" and ldm["kind"] == "diffusion" and ldm["model_config"]["image_size"] == 4
     assert ldm["first_stage_config"] == ae["model_config"] and ldm["scale_factor"] > 0
+    assert ae["model_config"]["group_channels"] == ldm["model_config"]["group_channels"] == 4
     assert all(torch.equal(ldm["first_stage"][k], ae["ema"][k]) for k in ae["ema"])
     assert (runs / "ae" / "samples_0000003.png").exists() and (runs / "ldm" / "samples_0000003.png").exists()
     for sampler, steps in (("ddpm", 50), ("ddim", 5), ("dpm++", 5)):

@@ -287,3 +287,9 @@ def test_export_refuses_what_diffusers_cannot_hold(tmp_path, capsys):
                 "format": "ddpm-checkpoint-v1"}, tmp_path / "clf.pt")
     assert "is a classifier model" in one_line_error(export.main, [str(tmp_path / "clf.pt"), "--to-diffusers",
                                                                   str(tmp_path / "d")], capsys)
+    # train.py's groups of 4 channels: 8 groups at 32 channels, 16 at 64, where diffusers has one count for all
+    net = UNet(**TINY_NET, group_channels=4)
+    torch.save({"model": net.state_dict(), "ema": net.state_dict(), "step": 1, "model_config": net.config,
+                "diffusion_config": TINY_DIFFUSION, "args": {}, "format": "ddpm-checkpoint-v1"}, tmp_path / "g.pt")
+    assert "--group-channels 1" in one_line_error(export.main, [str(tmp_path / "g.pt"), "--to-diffusers",
+                                                               str(tmp_path / "d")], capsys)

@@ -153,6 +153,7 @@ def test_short_run_writes_checkpoint_samples_and_log(good_run):
     assert ckpt["step"] == 4 and ckpt["format"] == "ddpm-checkpoint-v1"
     assert ckpt["model_config"]["image_size"] == 8 and ckpt["diffusion_config"]["num_timesteps"] == 50
     assert set(ckpt["model"]) == set(ckpt["ema"]) and ckpt["args"]["steps"] == 4
+    assert ckpt["model_config"]["group_channels"] == 4  # normalisation groups of 4 channels (docs/training.md)
     img = decode_png(good_run / "samples_0000004.png")
     assert img.shape == (2 + 2 * 10, 2 + 2 * 10, 3)
     # the warmup reached the optimizer: lr at the last update (step index 3) = lr * 3 / warmup, capped
@@ -391,6 +392,21 @@ def test_bad_input_one_line_checkpoint_untouched(good_run, tmp_path, case, argv,
     r = run("--resume", str(good_run), "--steps", "6", *[a.format(tmp=tmp_path) for a in argv])
     assert expect in assert_one_line_error(r), case
     assert sha(good_run / "ckpt.pt") == before
+
+
+def test_a_checkpoint_from_before_group_channels_resumes_with_its_32_groups(good_run, tmp_path):
+    """A checkpoint written before --group-channels has no such key: its network has the paper's 32 groups, it
+    resumes with them, and --group-channels 4 (the default for new runs) given now is a model flag that
+    conflicts with it."""
+    ckpt = load_checkpoint(str(good_run))
+    del ckpt["model_config"]["group_channels"], ckpt["args"]["group_channels"]
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    r = run("--resume", str(tmp_path), "--steps", "5", "--group-channels", "4")
+    assert "--group-channels 4 conflicts with the checkpoint (1)" in assert_one_line_error(r)
+    r = run("--resume", str(tmp_path), "--steps", "5", "--sample-every", "0")
+    assert r.returncode == 0, r.stderr
+    resumed = load_checkpoint(str(tmp_path))
+    assert resumed["args"]["group_channels"] == 1 and "group_channels" not in resumed["model_config"]
 
 
 @pytest.mark.parametrize("argv, expect", [

@@ -285,7 +285,29 @@ def test_class_conditional():
         uncond(x, t, y)
 
 
+def test_wider_groups_let_narrow_layers_carry_an_images_mean():
+    """GroupNorm is blind to a constant added to every channel of a group. With the paper's 32 groups, a 32-channel
+    layer is normalised channel by channel, so the output head (norm, swish, conv) gives the same output for
+    features shifted by any per-channel constant: nothing of the image's mean colour gets through it. Groups of 4
+    (group_channels=4, train.py's default) let it through, and leave the paper's own widths at 32 groups."""
+    narrow = dict(TINY, ch=32)
+    wide, paper = randomized(UNet(**narrow, group_channels=4)), UNet(**narrow)
+    paper.load_state_dict(wide.state_dict())
+    h, offset = torch.randn(2, 32, 16, 16), torch.randn(1, 32, 1, 1)
+    with torch.no_grad():
+        head = lambda net, h: net.conv_out(F.silu(net.norm_out(h)))
+        moved = [(head(net, h + offset) - head(net, h)).abs().max().item() for net in (wide, paper)]
+    assert moved[0] > 0.05 and moved[1] < 1e-4
+    assert {m.num_channels // m.num_groups for m in wide.modules() if isinstance(m, nn.GroupNorm)} == {4}
+    assert {m.num_groups for m in paper.modules() if isinstance(m, nn.GroupNorm)} == {32}
+    assert {m.num_groups for m in UNet(group_channels=4).modules() if isinstance(m, nn.GroupNorm)} == {32}
+    from guidance import NoisyClassifier  # the classifier's head too
+    clf = NoisyClassifier(3, **narrow, group_channels=4)
+    assert {m.num_channels // m.num_groups for m in clf.modules() if isinstance(m, nn.GroupNorm)} == {4}
+
+
 @pytest.mark.parametrize("kwargs, match", [
+    (dict(group_channels=3), "group_channels"),
     (dict(image_size=30), "divisible"),
     (dict(ch=48), "multiple of 32"),
     (dict(attn_resolutions=(15,)), "feature map sizes"),

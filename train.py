@@ -27,10 +27,10 @@ from training import (FAST_PATHS, Batches, build_run, get_lr, make_optimizer, ma
 # -----------------------------------------------------------------------------
 # command line
 
-MODEL_FLAGS = ("ch", "ch_mult", "num_res_blocks", "attn", "dropout", "student_dropout", "class_cond", "timesteps",
-               "schedule", "autoencoder", "downsample", "latent_channels", "latent", "shift_base", "multiscale",
-               "image_size", "classifier", "distill", "teacher", "student_steps", "teacher_steps", "cd_n", "low_res",
-               "mean_type", "convert_steps")
+MODEL_FLAGS = ("ch", "ch_mult", "group_channels", "num_res_blocks", "attn", "dropout", "student_dropout", "class_cond",
+               "timesteps", "schedule", "autoencoder", "downsample", "latent_channels", "latent", "shift_base",
+               "multiscale", "image_size", "classifier", "distill", "teacher", "student_steps", "teacher_steps", "cd_n",
+               "low_res", "mean_type", "convert_steps")
 # flags that belong to this process, never taken from a checkpoint
 RUN_FLAGS = ("resume", "device", "compile", "bf16", "tf32", "fused_adam", "channels_last", "out", "tensorboard")
 FLIP_DATA = BUILT_IN = {"cifar10", "shapes"}  # data whose classes survive a mirror image: flips on by default
@@ -69,6 +69,9 @@ def get_parser():
     a("--ch-mult", type=int_list, default="1,2,2,2", help="channel multiplier per resolution level")
     a("--num-res-blocks", type=int, default=2, help="residual blocks per level")
     a("--attn", type=int_list, default="16", help="resolutions with self-attention (comma-separated, '' for none)")
+    a("--group-channels", type=int, default=4, choices=[1, 2, 4, 8, 16, 32], help="GroupNorm's groups hold at least "
+      "this many channels: min(32, C / this) groups, the paper's 32 at its widths (128 and up). 1: 32 groups "
+      "everywhere, which at 32 channels is instance norm and cost small networks their colours (docs/training.md)")
     a("--dropout", type=float, default=0.1, help="dropout in the residual blocks")
     a("--class-cond", action="store_true", help="train with the labels (for classifier-free guidance)")
     a("--p-uncond", type=float, default=0.1, help="with --class-cond: chance of dropping a label (Ho & Salimans 2021)")
@@ -236,7 +239,9 @@ def parse(argv):
     ckpt = None
     if args.resume:
         ckpt = load_checkpoint(args.resume)
-        merge_resume_args(args, explicit, ckpt["args"])
+        # a checkpoint from before --group-channels: its network has the paper's 32 groups (1)
+        merge_resume_args(args, explicit, {**ckpt["args"],
+                                           "group_channels": ckpt["model_config"].get("group_channels", 1)})
         if "out" not in explicit:  # continue in the folder the checkpoint is in
             args.out = args.resume if os.path.isdir(args.resume) else os.path.dirname(args.resume) or "."
     check_args(args, int(os.environ.get("WORLD_SIZE", 1)))

@@ -308,7 +308,7 @@ def _new_model_config(args, images, num_classes):
     h, w = images.shape[1:3]
     return dict(image_size=h if h == w else [h, w], in_channels=images.shape[3], ch=args.ch, ch_mult=args.ch_mult,
                 num_res_blocks=args.num_res_blocks, attn_resolutions=args.attn, dropout=args.dropout,
-                num_classes=num_classes)
+                num_classes=num_classes, group_channels=args.group_channels)
 
 
 def _configs(args, ckpt, model_config):
@@ -342,7 +342,7 @@ def _autoencoder_run(args, ckpt, images, num_classes, device):
     levels = round(math.log2(args.downsample)) + 1  # a factor f = 2^(levels - 1)
     model_config = ckpt["model_config"] if ckpt else dict(
         image_size=images.shape[1], in_channels=images.shape[3], latent_channels=args.latent_channels, ch=args.ch,
-        ch_mult=[1] + [2] * (levels - 1), num_res_blocks=args.num_res_blocks)
+        ch_mult=[1] + [2] * (levels - 1), num_res_blocks=args.num_res_blocks, group_channels=args.group_channels)
     if images.shape[1] != images.shape[2]:
         raise ValueError("--autoencoder: the first stage here is for square images")
     factor = 2 ** (len(model_config["ch_mult"]) - 1)

@@ -36,6 +36,16 @@ def Normalize(channels):
     return nn.GroupNorm(32, channels, eps=1e-6)  # tf.contrib.layers.group_norm defaults: 32 groups, eps 1e-6
 
 
+def regroup(module, group_channels):
+    """Every GroupNorm in module with min(32, C // group_channels) groups, so that each holds group_channels channels
+    or more. 1 keeps the paper's 32 groups everywhere; at the paper's widths (128 and up) so does 4. At 32 channels,
+    32 groups are instance norm: each channel's mean over the image is removed, which cost small networks the
+    images' colours (an extension, docs/training.md)."""
+    for m in module.modules():
+        if isinstance(m, nn.GroupNorm):
+            m.num_groups = min(32, m.num_channels // group_channels)
+
+
 class ResnetBlock(nn.Module):
     def __init__(self, in_ch, out_ch, temb_ch, dropout):
         super().__init__()
@@ -105,10 +115,11 @@ class Upsample(nn.Module):
 class UNet(nn.Module):
     """eps_theta(x_t, t[, y]). The defaults are the paper's CIFAR-10 net: 35,746,307 parameters, state_dict keys as
     in the released weights. num_classes=K adds a class embedding (an extension) with label K meaning "no label";
-    image_size=[H, W] makes a network for images that are not square (an extension too)."""
+    image_size=[H, W] makes a network for images that are not square (an extension too); group_channels > 1
+    (regroup) gives narrow layers fewer, wider normalisation groups (another)."""
 
     def __init__(self, image_size=32, in_channels=3, out_channels=None, ch=128, ch_mult=(1, 2, 2, 2),
-                 num_res_blocks=2, attn_resolutions=(16,), dropout=0.1, num_classes=None):
+                 num_res_blocks=2, attn_resolutions=(16,), dropout=0.1, num_classes=None, group_channels=1):
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
         ch_mult, attn_resolutions = [int(m) for m in ch_mult], [int(r) for r in attn_resolutions]
@@ -127,13 +138,15 @@ class UNet(nn.Module):
             (num_res_blocks > 0, f"num_res_blocks must be positive, got {num_res_blocks}"),
             (0.0 <= dropout < 1.0, f"dropout must be in [0, 1), got {dropout}"),
             (num_classes is None or num_classes > 0, f"num_classes must be None or positive, got {num_classes}"),
+            (group_channels > 0 and 32 % group_channels == 0, f"group_channels must divide 32, got {group_channels}"),
         ]:
             if not ok:
                 raise ValueError(msg)
         self.config = dict(image_size=height if height == width else [height, width], in_channels=int(in_channels),
                            out_channels=int(out_channels), ch=int(ch), ch_mult=ch_mult,
                            num_res_blocks=int(num_res_blocks), attn_resolutions=attn_resolutions, dropout=float(dropout),
-                           num_classes=None if num_classes is None else int(num_classes))
+                           num_classes=None if num_classes is None else int(num_classes),
+                           group_channels=int(group_channels))
         self.ch, self.num_classes = ch, num_classes
         temb_ch = ch * 4
         # Timestep embedding: sinusoid(ch) -> dense(4ch) -> swish -> dense(4ch)
@@ -181,6 +194,7 @@ class UNet(nn.Module):
 
         self.norm_out = Normalize(block_in)
         self.conv_out = nn.Conv2d(block_in, out_channels, 3, padding=1)
+        regroup(self, group_channels)
         self.reset_parameters()
 
     @torch.no_grad()
