@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from unet import UNet, image_hw
+from unet import UNet, image_hw, num_groups
 
 
 # The released files this project has read, by MD5, as their publisher lists them (pesser/pytorch_diffusion, the
@@ -271,7 +271,7 @@ def diffusers_config(config):
     """diffusers UNet2DModel's config.json for a UNet of this project (its config): the paper's network in
     diffusers' terms (_DIFFUSERS_NEEDED; up blocks listed lowest resolution first)."""
     gc = config.get("group_channels", 1)
-    if config["ch"] * min(config["ch_mult"]) < 32 * gc:  # a layer with fewer than 32 groups (unet.regroup)
+    if any(num_groups(config["ch"] * m, gc) < 32 for m in config["ch_mult"]):  # diffusers' one count: 32
         raise ValueError(f"a network normalised in groups of {gc} channels has layers with fewer than 32 groups, and "
                          f"diffusers' UNet2DModel takes one group count for all: train with --group-channels 1 to "
                          f"export (docs/training.md)")

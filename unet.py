@@ -43,7 +43,12 @@ def regroup(module, group_channels):
     images' colours (an extension, docs/training.md)."""
     for m in module.modules():
         if isinstance(m, nn.GroupNorm):
-            m.num_groups = min(32, m.num_channels // group_channels)
+            m.num_groups = num_groups(m.num_channels, group_channels)
+
+
+def num_groups(channels, group_channels):
+    """regroup's rule: the groups of a layer this wide."""
+    return min(32, channels // group_channels)
 
 
 class ResnetBlock(nn.Module):
