@@ -174,18 +174,25 @@ def rate_distortion_curve(plt, out, path):
 
 
 def nfe_curves(plt, out, path):
-    """Quality (metrics.py) and RMSE to the T-step ODE against network evaluations, one line per sampler."""
-    rows = [r for r in csv.DictReader(open(path)) if "all T steps" not in r["sampler"]]
-    references = {r["sampler"]: float(r["quality"]) for r in csv.DictReader(open(path)) if "all T steps" in r["sampler"]}
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    """Quality (metrics.py), the RMSE to the T-step ODE and, where the CSV has it, the RMSE to the nearest real shape,
+    against network evaluations, one line per sampler; the T-step references as horizontal lines."""
+    table = list(csv.DictReader(open(path)))
+    rows = [r for r in table if "all T steps" not in r["sampler"]]
+    references = [r for r in table if "all T steps" in r["sampler"]]
+    panels = [("quality", "quality (Frechet distance, lower is better)"), ("rmse", "RMSE to the T-step ODE (0..255)")]
+    if "nearest" in table[0]:  # bench_samplers.py's CSVs since 2026-12-02
+        panels.append(("nearest", "RMSE to the nearest real shape (0..255)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8))
     for name in dict.fromkeys(r["sampler"] for r in rows):
-        pts = [(int(r["nfe"]), float(r["quality"]), float(r["rmse"])) for r in rows if r["sampler"] == name]
-        axes[0].loglog([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)
-        axes[1].loglog([p[0] for p in pts], [p[2] for p in pts], "o-", label=name)
-    for (name, value), style in zip(references.items(), ("--", ":")):
-        axes[0].axhline(value, color="k", ls=style, lw=1, label=name)
-    axes[0].set(title="quality (Frechet distance, lower is better)", xlabel="network evaluations")
-    axes[1].set(title="RMSE to the T-step ODE (0..255)", xlabel="network evaluations")
+        pts = [r for r in rows if r["sampler"] == name]
+        for ax, (key, _) in zip(axes, panels):
+            ax.loglog([int(r["nfe"]) for r in pts], [float(r[key]) for r in pts], "o-", label=name)
+    for r, style in zip(references, ("--", ":")):
+        for ax, (key, _) in zip(axes, panels):
+            if key != "rmse":  # the ODE reference is the RMSE's zero
+                ax.axhline(float(r[key]), color="k", ls=style, lw=1, label=r["sampler"])
+    for ax, (_, title) in zip(axes, panels):
+        ax.set(title=title, xlabel="network evaluations")
     axes[0].legend(fontsize=7)
     save(fig, out, "samplers.png")
 
