@@ -59,11 +59,10 @@ class Autoencoder(nn.Module):
         super().__init__()
         ch_mult = [int(m) for m in ch_mult]
         factor = 2 ** (len(ch_mult) - 1)
-        if (image_size % factor or ch % 32 or latent_channels < 1 or num_res_blocks < 1 or group_channels < 1
-                or 32 % group_channels):
+        if image_size % factor or ch % 32 or latent_channels < 1 or num_res_blocks < 1:
             raise ValueError(f"an autoencoder needs image_size divisible by its downsampling factor {factor}, ch a "
-                             f"multiple of 32, positive latent channels and blocks, and group_channels dividing 32 "
-                             f"(got {image_size}, {ch}, {latent_channels}, {num_res_blocks}, {group_channels})")
+                             f"multiple of 32, and positive latent channels and blocks (got {image_size}, {ch}, "
+                             f"{latent_channels}, {num_res_blocks})")
         self.config = dict(image_size=int(image_size), in_channels=int(in_channels),
                            latent_channels=int(latent_channels), ch=int(ch), ch_mult=ch_mult,
                            num_res_blocks=int(num_res_blocks), group_channels=int(group_channels))

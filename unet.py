@@ -41,6 +41,8 @@ def regroup(module, group_channels):
     or more. 1 keeps the paper's 32 groups everywhere; at the paper's widths (128 and up) so does 4. At 32 channels,
     32 groups are instance norm: each channel's mean over the image is removed, which cost small networks the
     images' colours (an extension, docs/training.md)."""
+    if group_channels < 1 or 32 % group_channels:
+        raise ValueError(f"group_channels must divide 32, got {group_channels}")
     for m in module.modules():
         if isinstance(m, nn.GroupNorm):
             m.num_groups = num_groups(m.num_channels, group_channels)
@@ -143,7 +145,6 @@ class UNet(nn.Module):
             (num_res_blocks > 0, f"num_res_blocks must be positive, got {num_res_blocks}"),
             (0.0 <= dropout < 1.0, f"dropout must be in [0, 1), got {dropout}"),
             (num_classes is None or num_classes > 0, f"num_classes must be None or positive, got {num_classes}"),
-            (group_channels > 0 and 32 % group_channels == 0, f"group_channels must divide 32, got {group_channels}"),
         ]:
             if not ok:
                 raise ValueError(msg)
