@@ -55,11 +55,14 @@ class ProgressiveLoss:
     """One round of Algorithm 2: for t on the student's grid of `steps` steps, z_t = alpha_t x + sigma_t eps, two
     unclipped DDIM steps of the teacher t -> t' -> t'' on the grid of 2 steps, the target x~, and the loss
     w(lambda_t) ||x~ - x0_hat_student(z_t)||^2 with the truncated-SNR weight max(SNR_t, 1) or SNR_t + 1 (Sec. 4;
-    SNR + 1 on x is the plain loss on v). The student is a v-network; the teacher any network of its diffusion."""
+    SNR + 1 on x is the plain loss on v). The student is a v-network; the teacher any network of its diffusion.
+    clip_teacher: the teacher's x0_hat clipped to [-1, 1] in its two steps, as its sampler clips (Algorithm 2 of
+    Salimans & Ho, and their code, leave it unclipped)."""
 
-    def __init__(self, diffusion, teacher, teacher_diffusion, steps, weighting="snr-trunc", bf16=False):
+    def __init__(self, diffusion, teacher, teacher_diffusion, steps, weighting="snr-trunc", bf16=False,
+                 clip_teacher=False):
         self.diffusion, self.teacher, self.teacher_diffusion = diffusion, teacher, teacher_diffusion
-        self.steps, self.weighting, self.bf16 = steps, weighting, bf16
+        self.steps, self.weighting, self.bf16, self.clip_teacher = steps, weighting, bf16, clip_teacher
         grid, device = nested_grid(diffusion.num_timesteps, 2 * steps) + [-1], diffusion.betas.device
         # t > t' > t'', on the diffusion's device once: indexing them each step is no host sync
         self.t, self.t1, self.t2 = (torch.tensor(grid[k::2][:steps], device=device) for k in range(3))
@@ -77,9 +80,9 @@ class ProgressiveLoss:
             teacher = lambda x, tt: self.teacher(x, tt, y)
             alpha_t1, sigma_t1 = alpha_sigma(d, t1, x0)
             alpha_t2, sigma_t2 = alpha_sigma(d, t2, x0)
-            x0_hat = self.teacher_diffusion.p_mean_variance(teacher, z_t, t, clip_denoised=False)[3]
+            x0_hat = self.teacher_diffusion.p_mean_variance(teacher, z_t, t, clip_denoised=self.clip_teacher)[3]
             z_t1 = ddim_step(z_t, x0_hat, alpha_t, sigma_t, alpha_t1, sigma_t1)
-            x0_hat1 = self.teacher_diffusion.p_mean_variance(teacher, z_t1, t1, clip_denoised=False)[3]
+            x0_hat1 = self.teacher_diffusion.p_mean_variance(teacher, z_t1, t1, clip_denoised=self.clip_teacher)[3]
             z_t2 = ddim_step(z_t1, x0_hat1, alpha_t1, sigma_t1, alpha_t2, sigma_t2)
             target = distillation_target(z_t, z_t2, alpha_t, sigma_t, alpha_t2, sigma_t2).float()
         with torch.autocast(dev.type, torch.bfloat16, enabled=self.bf16 and dev.type == "cuda"):
@@ -103,23 +106,36 @@ class ProgressiveDistillation:
     starts[r] on. At a round's first update the student becomes the teacher (a v-network, read through the
     student's own diffusion) and the EMA restarts from it, so a round's samples owe nothing to the round before's
     step count; as in the reference implementation (google-research/diffusion_distillation), the learning rate is
-    annealed linearly to 0 within each round (anneal) and Adam's state starts afresh each round (reset_adam). The
+    annealed linearly to 0 within each round (anneal) and Adam's state starts afresh each round (reset_adam). Unlike
+    the reference, the teacher's x0_hat is clipped in the target (clip_teacher, ProgressiveLoss): the student learns
+    the teacher's sampler as it samples, which for an eps-teacher is far from its unclipped ODE. The
     rounds and their starts are fixed when the run begins and kept in the checkpoint, so a resume with another
     --steps continues the same round."""
     metric = None
-    clip = True  # the student's samples clipped to [-1, 1] (not for latents)
 
     def __init__(self, diffusion, teacher, teacher_diffusion, teacher_diffusion_config, rounds, starts, round=0,
-                 total_updates=None, weighting="snr-trunc", bf16=False, anneal=True, reset_adam=True):
+                 total_updates=None, weighting="snr-trunc", bf16=False, anneal=True, reset_adam=True,
+                 clip_teacher=True):
         self.diffusion, self.teacher, self.teacher_diffusion = diffusion, teacher, teacher_diffusion
         self.teacher_diffusion_config, self.rounds, self.starts, self.round = teacher_diffusion_config, rounds, starts, round
         self.total_updates, self.weighting, self.bf16 = total_updates, weighting, bf16
-        self.anneal, self.reset_adam = anneal, reset_adam
+        self.anneal, self.reset_adam, self.clip_teacher, self._clip = anneal, reset_adam, clip_teacher, True
         self.loss, self.announced = self._round_loss(), False
+
+    @property
+    def clip(self):
+        """Whether x0 is clipped to [-1, 1] in the student's samples, and with clip_teacher in the teacher's steps
+        of the target (not for latents)."""
+        return self._clip
+
+    @clip.setter
+    def clip(self, value):
+        self._clip = value
+        self.loss.clip_teacher = self.clip_teacher and value
 
     def _round_loss(self):
         return ProgressiveLoss(self.diffusion, self.teacher, self.teacher_diffusion, self.rounds[self.round],
-                               self.weighting, self.bf16)
+                               self.weighting, self.bf16, self.clip_teacher and self._clip)
 
     def draw(self, x0, y):
         return self.loss.draw(x0, y)

@@ -110,6 +110,34 @@ def test_progressive_loss_is_zero_for_a_student_that_matches_and_positive_otherw
         value, _ = loss(lambda x, tt, y: teacher(x, tt), x0, None, t, noise, i)
         assert value.min() > 1e-6
 
+@pytest.mark.parametrize("clip", [False, True])
+def test_a_clipped_teachers_target_is_its_clipped_sampler_in_one_step(clip):
+    """With clip_teacher (--pd-teacher-clip on) the target x~ is the one for which one student step lands where two
+    steps of the teacher's own sampler land, x0_hat clipped to [-1, 1] as it samples (written here with
+    samplers.ddim_sample, clip_denoised=clip); a teacher whose x0_hat leaves [-1, 1] makes the two targets differ.
+    A latent run (objective.clip = False) never clips, whatever the flag."""
+    betas = make_beta_schedule("linear", 64, 1e-3, 0.2)
+    d_eps, d_v = GaussianDiffusion(betas), GaussianDiffusion(betas, mean_type="v")
+    teacher = lambda x, t, y=None: 3 * torch.tanh(x) + 0.1 * torch.cos(t.float()).view(-1, 1, 1, 1)  # |x0_hat| > 1
+    x0 = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    targets = {}
+    for c in (False, True):
+        loss = distill.ProgressiveLoss(d_v, teacher, d_eps, steps=4, clip_teacher=c)
+        torch.manual_seed(1)
+        t, noise, i = loss.draw(x0, None)
+        z_t = d_v.q_sample(x0, t, noise)
+        z1 = ddim_sample(d_eps, teacher, z_t, t, loss.t1[i], clip_denoised=c)
+        z2 = ddim_sample(d_eps, teacher, z1, loss.t1[i], loss.t2[i], clip_denoised=c)
+        a, s = alpha_sigma(d_v, t, x0)
+        targets[c] = distill.distillation_target(z_t, z2, a, s, *alpha_sigma(d_v, loss.t2[i], x0))
+        value, _ = loss(lambda x, tt, y: (a * z_t - targets[c]) / s, x0, None, t, noise, i)  # v of x~
+        assert value.abs().max() < 1e-6
+    assert (targets[True] - targets[False]).abs().max() > 1e-2
+    pd = distill.ProgressiveDistillation(d_v, teacher, d_eps, {}, [4], [0], 0, 10, clip_teacher=clip)
+    assert pd.loss.clip_teacher == clip
+    pd.clip = False  # what build_run sets for latents
+    assert not pd.loss.clip_teacher and not pd._round_loss().clip_teacher
+
 # ---- the first student of an eps-teacher
 
 
@@ -383,11 +411,19 @@ def test_progressive_distillation_runs_resumes_and_samples_with_its_own_steps(te
 
 def test_a_progressive_run_resumed_in_its_first_round_keeps_how_it_samples(teacher, tmp_path):
     """A one-round run (8 teacher steps to 4) stopped in its first round and resumed: every checkpoint says the
-    student samples with 4 DDIM steps, so sample.py RUN works and RUN as a teacher starts from 4 steps."""
+    student samples with 4 DDIM steps, so sample.py RUN works and RUN as a teacher starts from 4 steps. Resumed, it
+    keeps its clipped teacher; a checkpoint from before --pd-teacher-clip resumes with the unclipped one it had."""
     common = distill_args("progressive", teacher, tmp_path / "a", "--teacher-steps", "8", "--student-steps", "4")
     with pytest.raises(SystemExit) as stopped:
         in_process([str(a) for a in common] + ["--steps", "4"], stop_after=2)
     assert stopped.value.code == 0 and load_checkpoint(str(tmp_path / "a"))["sampling"] == {"sampler": "ddim", "steps": 4}
+    import train
+    assert train.parse(["--resume", str(tmp_path / "a")])[0].pd_teacher_clip == "on"
+    from checkpoint import save_checkpoint
+    ckpt = load_checkpoint(str(tmp_path / "a"))  # as a run from before --pd-teacher-clip wrote it: unclipped targets
+    save_checkpoint(str(tmp_path / "old.pt"), dict(ckpt, args={k: v for k, v in ckpt["args"].items()
+                                                               if k != "pd_teacher_clip"}))
+    assert train.parse(["--resume", str(tmp_path / "old.pt")])[0].pd_teacher_clip == "off"
     r = run_script("train.py", "--resume", tmp_path / "a")
     assert r.returncode == 0, r.stderr
     assert load_checkpoint(str(tmp_path / "a"))["sampling"] == {"sampler": "ddim", "steps": 4}
@@ -603,6 +639,7 @@ def test_progressive_rounds_anneal_the_learning_rate_and_start_adam_afresh():
     make = lambda **kw: distill.ProgressiveDistillation(d, torch.nn.Linear(2, 2), d, {}, [4, 2], [0, 5], 0, 10, **kw)
     pd = make()
     assert pd.anneal and pd.reset_adam  # the library's defaults are the reference's, as train.py's flags
+    assert pd.clip_teacher and pd.loss.clip_teacher  # and, as train.py's, the teacher clipped in the target
     assert [pd.learning_rate(s, 1.0) for s in range(5)] == pytest.approx([1.0, 0.8, 0.6, 0.4, 0.2])
     optimizer = torch.optim.Adam(net.parameters())
     net(torch.ones(1, 2)).sum().backward()
@@ -617,12 +654,14 @@ def test_progressive_rounds_anneal_the_learning_rate_and_start_adam_afresh():
 
 
 def test_the_round_flags_reach_the_run(teacher, tmp_path):
-    """train.py's --round-lr and --round-adam set the run's objective: the reference's annealing and reset by
-    default, each turned off by its flag."""
+    """train.py's --round-lr, --round-adam and --pd-teacher-clip set the run's objective: the reference's annealing
+    and reset, and the clipped teacher, by default, each turned off by its flag."""
     for extra, want in (([], (True, True)), (["--round-lr", "constant"], (False, True)),
                         (["--round-adam", "keep"], (True, False))):
         run = built_run("progressive", teacher, tmp_path / "s", *extra)
         assert (run.objective.anneal, run.objective.reset_adam) == want
+    assert built_run("progressive", teacher, tmp_path / "s").objective.clip_teacher
+    assert not built_run("progressive", teacher, tmp_path / "s", "--pd-teacher-clip", "off").objective.clip_teacher
 
 
 def test_consistency_target_is_an_ema_of_the_student():

@@ -92,6 +92,9 @@ def get_parser():
       "each round, annealed linearly to 0 (the reference implementation's) or constant (docs/distillation.md)")
     a("--round-adam", default="reset", choices=["reset", "keep"], help="progressive: Adam's state at each round's "
       "start, reset (the reference's: a new optimizer each round) or kept")
+    a("--pd-teacher-clip", default="on", choices=["on", "off"], help="progressive: the teacher's x0 clipped to "
+      "[-1, 1] in the two DDIM steps of the target, as its sampler clips; off: Algorithm 2 as printed and its "
+      "reference code, whose teachers predict x or v (docs/distillation.md)")
     a("--pd-weighting", default="snr-trunc", choices=["snr-trunc", "snr+1"], help="progressive: the loss weight, "
       "max(SNR, 1) or SNR + 1 (Salimans & Ho Sec. 4)")
     a("--convert-steps", type=int, default=-1, help="consistency from an eps- or x0-teacher: the first updates "
@@ -239,9 +242,11 @@ def parse(argv):
     ckpt = None
     if args.resume:
         ckpt = load_checkpoint(args.resume)
-        # a checkpoint from before --group-channels: its network has the paper's 32 groups (1)
+        # a checkpoint from before --group-channels: its network has the paper's 32 groups (1); from before
+        # --pd-teacher-clip: its targets were the unclipped teacher's
         merge_resume_args(args, explicit, {**ckpt["args"],
-                                           "group_channels": ckpt["model_config"].get("group_channels", 1)})
+                                           "group_channels": ckpt["model_config"].get("group_channels", 1),
+                                           "pd_teacher_clip": ckpt["args"].get("pd_teacher_clip", "off")})
         if "out" not in explicit:  # continue in the folder the checkpoint is in
             args.out = args.resume if os.path.isdir(args.resume) else os.path.dirname(args.resume) or "."
     check_args(args, int(os.environ.get("WORLD_SIZE", 1)))

@@ -419,7 +419,8 @@ def _progressive_run(args, ckpt, images, num_classes, device):
         r = min(max(ckpt["step"] - 1, 0) // starts[1], len(rounds) - 1) if ckpt and len(starts) > 1 else 0
     objective = ProgressiveDistillation(diffusion, teacher, build_diffusion(teacher_dc).to(device), teacher_dc, rounds,
                                         starts, r, args.steps, args.pd_weighting, args.bf16,
-                                        args.round_lr == "anneal", args.round_adam == "reset")
+                                        args.round_lr == "anneal", args.round_adam == "reset",
+                                        args.pd_teacher_clip == "on")
     return model_config, dc, diffusion, objective, teacher
 
 
