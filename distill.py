@@ -53,14 +53,14 @@ def distillation_target(z_t, z_t2, alpha_t, sigma_t, alpha_t2, sigma_t2):
 
 class ProgressiveLoss:
     """One round of Algorithm 2: for t on the student's grid of `steps` steps, z_t = alpha_t x + sigma_t eps, two
-    unclipped DDIM steps of the teacher t -> t' -> t'' on the grid of 2 steps, the target x~, and the loss
+    DDIM steps of the teacher t -> t' -> t'' on the grid of 2 steps, the target x~, and the loss
     w(lambda_t) ||x~ - x0_hat_student(z_t)||^2 with the truncated-SNR weight max(SNR_t, 1) or SNR_t + 1 (Sec. 4;
     SNR + 1 on x is the plain loss on v). The student is a v-network; the teacher any network of its diffusion.
-    clip_teacher: the teacher's x0_hat clipped to [-1, 1] in its two steps, as its sampler clips (Algorithm 2 of
-    Salimans & Ho, and their code, leave it unclipped)."""
+    clip_teacher: the teacher's x0_hat clipped to [-1, 1] in its two steps, as its sampler clips; False is
+    Algorithm 2 as printed (and its reference code, whose teachers predict x, or x and eps)."""
 
     def __init__(self, diffusion, teacher, teacher_diffusion, steps, weighting="snr-trunc", bf16=False,
-                 clip_teacher=False):
+                 clip_teacher=True):
         self.diffusion, self.teacher, self.teacher_diffusion = diffusion, teacher, teacher_diffusion
         self.steps, self.weighting, self.bf16, self.clip_teacher = steps, weighting, bf16, clip_teacher
         grid, device = nested_grid(diffusion.num_timesteps, 2 * steps) + [-1], diffusion.betas.device

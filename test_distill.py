@@ -90,7 +90,7 @@ def test_progressive_loss_is_zero_for_a_student_that_matches_and_positive_otherw
     betas = make_beta_schedule("linear", 64, 1e-3, 0.2)
     d_eps, d_v = GaussianDiffusion(betas), GaussianDiffusion(betas, mean_type="v")
     teacher = randomized(UNet(**dict(TINY_NET)))
-    loss = distill.ProgressiveLoss(d_v, lambda x, t, y=None: teacher(x, t), d_eps, steps=4)
+    loss = distill.ProgressiveLoss(d_v, lambda x, t, y=None: teacher(x, t), d_eps, steps=4, clip_teacher=False)
     x0 = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
     torch.manual_seed(1)
     t, noise, i = loss.draw(x0, None)
@@ -110,33 +110,38 @@ def test_progressive_loss_is_zero_for_a_student_that_matches_and_positive_otherw
         value, _ = loss(lambda x, tt, y: teacher(x, tt), x0, None, t, noise, i)
         assert value.min() > 1e-6
 
-@pytest.mark.parametrize("clip", [False, True])
-def test_a_clipped_teachers_target_is_its_clipped_sampler_in_one_step(clip):
-    """With clip_teacher (--pd-teacher-clip on) the target x~ is the one for which one student step lands where two
-    steps of the teacher's own sampler land, x0_hat clipped to [-1, 1] as it samples (written here with
-    samplers.ddim_sample, clip_denoised=clip); a teacher whose x0_hat leaves [-1, 1] makes the two targets differ.
-    A latent run (objective.clip = False) never clips, whatever the flag."""
+def test_a_clipped_teachers_target_is_its_clipped_sampler_in_one_step():
+    """With clip_teacher (--pd-teacher-clip on, the default) the target x~ is the one for which one student step
+    lands where two steps of the teacher's own sampler land, x0_hat clipped to [-1, 1] as it samples (written here
+    with samplers.ddim_sample, clip_denoised=True); without, where its unclipped steps land (Algorithm 2 as
+    printed); a teacher whose x0_hat leaves [-1, 1] makes the two targets differ. A latent run (objective.clip =
+    False) never clips, whatever the flag, in this round and the next."""
     betas = make_beta_schedule("linear", 64, 1e-3, 0.2)
     d_eps, d_v = GaussianDiffusion(betas), GaussianDiffusion(betas, mean_type="v")
     teacher = lambda x, t, y=None: 3 * torch.tanh(x) + 0.1 * torch.cos(t.float()).view(-1, 1, 1, 1)  # |x0_hat| > 1
     x0 = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
     targets = {}
-    for c in (False, True):
-        loss = distill.ProgressiveLoss(d_v, teacher, d_eps, steps=4, clip_teacher=c)
+    for clip in (False, True):
+        loss = distill.ProgressiveLoss(d_v, teacher, d_eps, steps=4, clip_teacher=clip)
         torch.manual_seed(1)
         t, noise, i = loss.draw(x0, None)
         z_t = d_v.q_sample(x0, t, noise)
-        z1 = ddim_sample(d_eps, teacher, z_t, t, loss.t1[i], clip_denoised=c)
-        z2 = ddim_sample(d_eps, teacher, z1, loss.t1[i], loss.t2[i], clip_denoised=c)
+        z1 = ddim_sample(d_eps, teacher, z_t, t, loss.t1[i], clip_denoised=clip)
+        z2 = ddim_sample(d_eps, teacher, z1, loss.t1[i], loss.t2[i], clip_denoised=clip)
         a, s = alpha_sigma(d_v, t, x0)
-        targets[c] = distill.distillation_target(z_t, z2, a, s, *alpha_sigma(d_v, loss.t2[i], x0))
-        value, _ = loss(lambda x, tt, y: (a * z_t - targets[c]) / s, x0, None, t, noise, i)  # v of x~
+        targets[clip] = distill.distillation_target(z_t, z2, a, s, *alpha_sigma(d_v, loss.t2[i], x0))
+        value, _ = loss(lambda x, tt, y: (a * z_t - targets[clip]) / s, x0, None, t, noise, i)  # v of x~
         assert value.abs().max() < 1e-6
     assert (targets[True] - targets[False]).abs().max() > 1e-2
-    pd = distill.ProgressiveDistillation(d_v, teacher, d_eps, {}, [4], [0], 0, 10, clip_teacher=clip)
-    assert pd.loss.clip_teacher == clip
-    pd.clip = False  # what build_run sets for latents
-    assert not pd.loss.clip_teacher and not pd._round_loss().clip_teacher
+    net, ema = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    for clip in (False, True):
+        pd = distill.ProgressiveDistillation(d_v, torch.nn.Linear(2, 2), d_eps, {}, [4, 2], [0, 5], 0, 10,
+                                             clip_teacher=clip)
+        assert pd.loss.clip_teacher == clip
+        pd.clip = False  # what build_run sets for latents
+        assert not pd.loss.clip_teacher
+        pd.begin(5, net, ema, torch.optim.Adam(net.parameters()))  # the next round's loss
+        assert pd.round == 1 and not pd.loss.clip_teacher
 
 # ---- the first student of an eps-teacher
 

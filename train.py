@@ -94,7 +94,7 @@ def get_parser():
       "start, reset (the reference's: a new optimizer each round) or kept")
     a("--pd-teacher-clip", default="on", choices=["on", "off"], help="progressive: the teacher's x0 clipped to "
       "[-1, 1] in the two DDIM steps of the target, as its sampler clips; off: Algorithm 2 as printed and its "
-      "reference code, whose teachers predict x or v (docs/distillation.md)")
+      "reference code, whose teachers predict x, or x and eps (docs/distillation.md)")
     a("--pd-weighting", default="snr-trunc", choices=["snr-trunc", "snr+1"], help="progressive: the loss weight, "
       "max(SNR, 1) or SNR + 1 (Salimans & Ho Sec. 4)")
     a("--convert-steps", type=int, default=-1, help="consistency from an eps- or x0-teacher: the first updates "
