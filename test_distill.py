@@ -110,6 +110,7 @@ def test_progressive_loss_is_zero_for_a_student_that_matches_and_positive_otherw
         value, _ = loss(lambda x, tt, y: teacher(x, tt), x0, None, t, noise, i)
         assert value.min() > 1e-6
 
+
 def test_a_clipped_teachers_target_is_its_clipped_sampler_in_one_step():
     """With clip_teacher (--pd-teacher-clip on, the default) the target x~ is the one for which one student step
     lands where two steps of the teacher's own sampler land, x0_hat clipped to [-1, 1] as it samples (written here
