@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from hypothesis import given, strategies as st
 
 import unet
 from conftest import KEYS_FILE, TINY, inputs, randomized
@@ -304,6 +305,28 @@ def test_wider_groups_let_narrow_layers_carry_an_images_mean():
     from guidance import NoisyClassifier  # the classifier's head too
     clf = NoisyClassifier(3, **narrow, group_channels=4)
     assert {m.num_channels // m.num_groups for m in clf.modules() if isinstance(m, nn.GroupNorm)} == {4}
+
+
+@given(st.integers(1, 1024), st.sampled_from([1, 2, 4, 8, 16, 32]))
+def test_group_counts_divide_every_width_and_keep_the_rule_at_multiples_of_32(channels, group_channels):
+    """num_groups: the most groups, up to 32, that divide the layer and hold group_channels channels each or more;
+    at every width a multiple of 32 (all a checkpoint from before narrower layers could have) exactly min(32,
+    C // group_channels), found here by brute force over every count."""
+    n = unet.num_groups(channels, group_channels)
+    fits = [k for k in range(1, 33) if channels % k == 0 and (channels // k >= group_channels or k == 1)]
+    assert n == max(fits)
+    if channels % 32 == 0:
+        assert n == min(32, channels // group_channels)
+
+
+def test_a_first_level_narrower_than_32_channels_with_groups_of_4():
+    """group_channels > 1 builds levels narrower than 32 channels (simple diffusion's cheap full-resolution level):
+    16 channels at 32x32 normalised in 4 groups of 4, every layer in groups of 4 channels, and a forward pass."""
+    net = UNet(image_size=16, ch=16, ch_mult=(1, 4), num_res_blocks=1, attn_resolutions=(), group_channels=4)
+    norms = [m for m in net.modules() if isinstance(m, nn.GroupNorm)]
+    assert {(m.num_channels, m.num_groups) for m in norms} >= {(16, 4), (64, 16)}
+    assert {m.num_channels // m.num_groups for m in norms} == {4}
+    assert net(torch.randn(2, 3, 16, 16), torch.tensor([0, 999])).shape == (2, 3, 16, 16)
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -33,14 +33,15 @@ def timestep_embedding(t, dim):
 
 
 def Normalize(channels):
-    return nn.GroupNorm(32, channels, eps=1e-6)  # tf.contrib.layers.group_norm defaults: 32 groups, eps 1e-6
+    # tf.contrib.layers.group_norm defaults: 32 groups, eps 1e-6 (narrower layers, group_channels > 1 only: regroup)
+    return nn.GroupNorm(math.gcd(32, channels), channels, eps=1e-6)
 
 
 def regroup(module, group_channels):
-    """Every GroupNorm in module with min(32, C // group_channels) groups, so that each holds group_channels channels
-    or more. 1 keeps the paper's 32 groups everywhere; at the paper's widths (128 and up) so does 4. At 32 channels,
-    32 groups are instance norm: each channel's mean over the image is removed, which cost small networks the
-    images' colours (an extension, docs/training.md)."""
+    """Every GroupNorm in module with min(32, C // group_channels) groups (or the nearest fewer that divide C), so
+    that each holds group_channels channels or more. 1 keeps the paper's 32 groups everywhere; at the paper's widths
+    (128 and up) so does 4. At 32 channels, 32 groups are instance norm: each channel's mean over the image is
+    removed, which cost small networks the images' colours (an extension, docs/training.md)."""
     if group_channels < 1 or 32 % group_channels:
         raise ValueError(f"group_channels must divide 32, got {group_channels}")
     for m in module.modules():
@@ -49,8 +50,10 @@ def regroup(module, group_channels):
 
 
 def num_groups(channels, group_channels):
-    """regroup's rule: the groups of a layer this wide."""
-    return min(32, channels // group_channels)
+    """regroup's rule: the groups of a layer this wide, the most that divide it up to min(32, C // group_channels)
+    (that bound itself at every width a multiple of 32)."""
+    most = max(1, min(32, channels // group_channels))
+    return max(n for n in range(1, most + 1) if channels % n == 0)
 
 
 class ResnetBlock(nn.Module):
@@ -135,7 +138,9 @@ class UNet(nn.Module):
         sizes = [min(height, width) // 2 ** i for i in range(len(ch_mult))]
         for ok, msg in [
             (len(ch_mult) > 0 and min(ch_mult) > 0, f"ch_mult must be non-empty positive integers, got {ch_mult}"),
-            (ch > 0 and ch % 32 == 0, f"ch must be a positive multiple of 32 (GroupNorm uses 32 groups), got {ch}"),
+            (ch > 0 and (ch % 32 == 0 or group_channels > 1),
+             f"ch must be a positive multiple of 32 (GroupNorm uses 32 groups; group_channels > 1 allows others), "
+             f"got {ch}"),
             (min(height, width) > 0 and height % 2 ** (len(ch_mult) - 1) == 0 == width % 2 ** (len(ch_mult) - 1),
              f"image_size {image_size} is not divisible by 2**(len(ch_mult)-1) = {2 ** (len(ch_mult) - 1)}"),
             (set(attn_resolutions) <= set(sizes),
