@@ -181,6 +181,20 @@ def test_the_first_stage_scales_one_way_and_latent_samples_are_not_clipped(runs,
     assert torch.equal(read_npz(tmp_path / "s0.npz")["arr_0"], read_npz(tmp_path / "s1.npz")["arr_0"])
 
 
+def test_the_first_stage_keeps_no_average_by_default(tmp_path):
+    """An --autoencoder run without --ema-decay keeps no EMA, as the reference's first stage is trained (its saved
+    "ema" weights are the trained ones, which a latent run then encodes with); a diffusion run keeps the paper's
+    0.9999, and an explicit --ema-decay is honoured by both."""
+    tiny = [a for a in TRAIN_TINY if a not in ("--ema-decay", "0.9")]
+    for name, extra, decay in (("ae", ["--autoencoder"], 0.0), ("ae-ema", ["--autoencoder", "--ema-decay", "0.9"], 0.9),
+                               ("ddpm", [], 0.9999)):
+        r = run_script("train.py", *tiny, *extra, "--steps", "3", "--sample-every", "0", "--out", tmp_path / name)
+        assert r.returncode == 0, r.stderr
+        ckpt = load_checkpoint(str(tmp_path / name))
+        same = all(torch.equal(ckpt["ema"][k], ckpt["model"][k]) for k in ckpt["model"])
+        assert ckpt["args"]["ema_decay"] == decay and same == (decay == 0), name
+
+
 def test_a_latent_run_resumes_exactly(runs, tmp_path):
     """Stopped (SIGTERM) in update 2 and resumed, a latent run ends where an uninterrupted one does: its latents,
     encoded again at the restart, are drawn from the restored random state."""

@@ -133,7 +133,9 @@ def get_parser():
     a("--lr", type=float, default=2e-4, help="Adam learning rate (eps 1e-8, no weight decay)")
     a("--warmup", type=int, default=5000, help="steps of linear learning-rate warmup")
     a("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this (0: off)")
-    a("--ema-decay", type=float, default=0.9999, help="decay of the EMA of the weights used for sampling")
+    a("--ema-decay", type=float, default=None, help="decay of the EMA of the weights used for sampling. Default: "
+      "0.9999, the paper's; 0 (no average) for --autoencoder, as the latent diffusion paper's first stage is trained: "
+      "a short run's average lags its weights (docs/resolution.md)")
     a("--steps", type=int, default=800000, help="training steps")
     a("--seed", type=int, default=0, help="random seed")
     a("--out", default="out", help="run folder: ckpt.pt, samples_<step>.png, log.txt")
@@ -193,6 +195,8 @@ def check_args(args, world):
             raise ValueError(f"{flag(k)} must be >= 0, got {getattr(args, k)}")
     if args.student_dropout is not None and not 0 <= args.student_dropout < 1:
         raise ValueError(f"--student-dropout must be in [0, 1), got {args.student_dropout}")
+    if args.ema_decay is None:  # the reference's first stage keeps no average; measured: docs/resolution.md
+        args.ema_decay = 0.0 if args.autoencoder else 0.9999
     for k in ("ema_decay", "p_uncond", "cd_mu"):
         if not 0 <= getattr(args, k) <= 1:
             raise ValueError(f"{flag(k)} must be in [0, 1], got {getattr(args, k)}")
