@@ -56,7 +56,8 @@ def get_parser():
       "(default) starts at T-1 for every K; uniform and quadratic are the DDIM paper's")
     a("--eta", type=float, default=None, help="ddim's noise: 0 deterministic (default), 1 ancestral; alone: ddim")
     a("--no-clip", action="store_true", help="do not clip the predicted x0 to [-1, 1] (the literal Algorithm 2)")
-    a("--no-ema", action="store_true", help="use the raw weights instead of their EMA (train.py checkpoints)")
+    a("--no-ema", action="store_true", help="use the raw weights instead of their EMA (train.py checkpoints; the "
+      "--upsample stages too)")
     a("--class", dest="class_", default=None, metavar="K[,K...]", help="class-conditional models: class indices or "
       "names (the samples spread evenly over them, one grid row per class)")
     a("--guidance", type=float, default=0.0, help="classifier-free guidance w: eps = (1+w) eps(x,c) - w eps(x,null)")
@@ -136,7 +137,7 @@ def load_stages(args, net, meta, diffusion, device):
     """A cascade (Ho et al. 2021): the super-resolution stages of --upsample, in order (cascade.check_chain); and, for
     a super-resolution checkpoint as the model, the --low-res images it starts from (it is then the first stage,
     with the model's own --sampler and --steps)."""
-    models, given = [(path, *load_model(path)[:3]) for path in args.upsample], None
+    models, given = [(path, *load_model(path, use_ema=not args.no_ema)[:3]) for path in args.upsample], None
     if meta["kind"] == "sr":
         if not args.low_res:
             raise ValueError(f"{args.ckpt} is a super-resolution model (train.py --low-res): give it images with "

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, strategies as st
 
 from cascade import Stage, SuperResolution, augment, conditioned, downsample, project, upsample, upsample_stage
-from checkpoint import build_diffusion, load_checkpoint
+from checkpoint import build_diffusion, load_checkpoint, save_checkpoint
 from conftest import FAST, TINY_DIFFUSION, TINY_NET, TRAIN_TINY, assert_one_line_error, randomized, read_npz, run_script
 from data import make_shapes, write_npz
 from samplers import sample_loop
@@ -216,6 +216,23 @@ def test_super_resolution_training_and_the_cascade(cascade, tmp_path):
                    "--device", "cpu", "--npz", tmp_path / "up.npz", "--out", tmp_path / "up.png")
     assert r.returncode == 0, r.stderr
     assert read_npz(tmp_path / "up.npz")["arr_0"].shape == (5, 16, 16, 3)
+
+
+def test_no_ema_reaches_every_stage_of_a_cascade(cascade, tmp_path):
+    """sample.py BASE --upsample SR --no-ema takes the stage's raw weights too: a copy of the stage whose EMA is
+    noise samples the same images bit for bit (with the EMA it would not)."""
+    ckpt = load_checkpoint(str(cascade / "sr"))
+    g = torch.Generator().manual_seed(0)
+    ckpt["ema"] = {k: v + torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+                   for k, v in ckpt["ema"].items()}
+    (tmp_path / "noisy").mkdir()
+    save_checkpoint(str(tmp_path / "noisy" / "ckpt.pt"), ckpt)
+    for name, stage in (("a", cascade / "sr"), ("b", tmp_path / "noisy")):
+        r = run_script("sample.py", cascade / "base", "--upsample", stage, "--n", "2", "--steps", "3",
+                       "--upsample-steps", "3", "--no-ema", "--device", "cpu", "--npz", tmp_path / f"{name}.npz",
+                       "--out", tmp_path / f"{name}.png")
+        assert r.returncode == 0, r.stderr
+    assert torch.equal(read_npz(tmp_path / "a.npz")["arr_0"], read_npz(tmp_path / "b.npz")["arr_0"])
 
 
 def test_cascade_bad_combinations(cascade, tmp_path):
