@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from hypothesis import given, strategies as st
 
 import unet
-from conftest import KEYS_FILE, TINY, inputs, randomized
+from conftest import FAST, KEYS_FILE, TINY, inputs, randomized
 from unet import CONFIGS, UNet
 
 
@@ -307,6 +307,7 @@ def test_wider_groups_let_narrow_layers_carry_an_images_mean():
     assert {m.num_channels // m.num_groups for m in clf.modules() if isinstance(m, nn.GroupNorm)} == {4}
 
 
+@FAST
 @given(st.integers(1, 1024), st.sampled_from([1, 2, 4, 8, 16, 32]))
 def test_group_counts_divide_every_width_and_keep_the_rule_at_multiples_of_32(channels, group_channels):
     """num_groups: the most groups, up to 32, that divide the layer and hold group_channels channels each or more;
@@ -321,7 +322,7 @@ def test_group_counts_divide_every_width_and_keep_the_rule_at_multiples_of_32(ch
 
 def test_a_first_level_narrower_than_32_channels_with_groups_of_4():
     """group_channels > 1 builds levels narrower than 32 channels (simple diffusion's cheap full-resolution level):
-    16 channels at 32x32 normalised in 4 groups of 4, every layer in groups of 4 channels, and a forward pass."""
+    16 channels at full resolution (16x16 here) normalised in 4 groups of 4, every layer in groups of 4 channels, and a forward pass."""
     net = UNet(image_size=16, ch=16, ch_mult=(1, 4), num_res_blocks=1, attn_resolutions=(), group_channels=4)
     norms = [m for m in net.modules() if isinstance(m, nn.GroupNorm)]
     assert {(m.num_channels, m.num_groups) for m in norms} >= {(16, 4), (64, 16)}

@@ -65,7 +65,7 @@ def get_parser():
       "(a folder's cropped to that aspect ratio and resized; a file's must be H x W)")
     a("--flip", action=on_off, default=None, help="random horizontal flips. Default: on for cifar10 (the paper's "
       "augmentation) and shapes, off for your own data (flips would teach mirrored digits and letters)")
-    a("--ch", type=int, default=128, help="U-Net base channels (multiple of 32)")
+    a("--ch", type=int, default=128, help="U-Net base channels (a multiple of 32 with --group-channels 1)")
     a("--ch-mult", type=int_list, default="1,2,2,2", help="channel multiplier per resolution level")
     a("--num-res-blocks", type=int, default=2, help="residual blocks per level")
     a("--attn", type=int_list, default="16", help="resolutions with self-attention (comma-separated, '' for none)")
@@ -134,8 +134,8 @@ def get_parser():
     a("--warmup", type=int, default=5000, help="steps of linear learning-rate warmup")
     a("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this (0: off)")
     a("--ema-decay", type=float, default=None, help="decay of the EMA of the weights used for sampling. Default: "
-      "0.9999, the paper's; 0 (no average) for --autoencoder, as the latent diffusion paper's first stage is trained: "
-      "a short run's average lags its weights (docs/resolution.md)")
+      "0.9999, the paper's; 0 (no average) for --autoencoder, as latent diffusion's reference code trains its first "
+      "stage: a short run's average lags its weights (docs/resolution.md)")
     a("--steps", type=int, default=800000, help="training steps")
     a("--seed", type=int, default=0, help="random seed")
     a("--out", default="out", help="run folder: ckpt.pt, samples_<step>.png, log.txt")
