@@ -38,6 +38,8 @@ def get_parser():
       "with its label and the shapes quality number of the whole file, into --grids-name")
     a("--grids-name", default="grids.png", help="the file --grids draws")
     a("--per-row", type=int, default=8, help="samples shown from each --grids file")
+    a("--grids-plain", action="store_true", help="--grids rows titled with their labels only, without the shapes "
+      "quality number (for images that are not the built-in shapes: photographs, your own data)")
     return p
 
 
@@ -250,9 +252,10 @@ def save(fig, out, name):
     print(f"wrote {path}")
 
 
-def sample_rows(plt, out, spec, name, per_row):
-    """Rows of samples from several sample.py --npz files, one row a file, each titled with its label and its
-    quality number (metrics.py: lower is better) over all the file's samples: side-by-side comparisons."""
+def sample_rows(plt, out, spec, name, per_row, quality=True):
+    """Rows of samples from several sample.py --npz files, one row a file, each titled with its label and (with
+    quality) its quality number (metrics.py: lower is better) over all the file's samples: side-by-side
+    comparisons."""
     from data import load_file
     from metrics import shapes_distance
     rows = [item.split("=", 1) for item in spec.split(",")]
@@ -261,7 +264,8 @@ def sample_rows(plt, out, spec, name, per_row):
         images, _ = load_file(path)
         strip = torch.cat(list(images[:per_row]), dim=1)   # H x (per_row W) x C
         ax.imshow(strip.squeeze(-1).numpy(), cmap="gray" if images.shape[-1] == 1 else None, interpolation="nearest")
-        ax.set_title(f"{label}: quality {shapes_distance(images):.1f} ({len(images)} samples)", fontsize=8, loc="left")
+        score = f": quality {shapes_distance(images):.1f}" if quality else ""
+        ax.set_title(f"{label}{score} ({len(images)} {'samples' if quality else 'images'})", fontsize=8, loc="left")
         ax.axis("off")
     save(fig, out, name)
 
@@ -285,7 +289,7 @@ def draw(args):
     if args.nfe:
         nfe_curves(plt, args.out, args.nfe)
     if args.grids:
-        sample_rows(plt, args.out, args.grids, args.grids_name, args.per_row)
+        sample_rows(plt, args.out, args.grids, args.grids_name, args.per_row, not args.grids_plain)
     if args.log:
         loss_curves(plt, args.out, args.log)
     if args.edits:

@@ -1,7 +1,8 @@
 """Patches of photographs the project never trains on by default: scikit-image's bundled samples (read here with
 scikit-image, an extra for this measurement only, never by the project). A training set from four photographs
 (astronaut, coffee, rocket, Hubble deep field) at three scales (area-downsampled by 1, 2 and 4), and held-out sets
-from two others (a cat, a stained tissue slide), as uint8 N,H,W,C .npy files that train.py --data takes.
+from two others (a cat, a stained tissue slide), and fresh 32x32 patches of the training photographs (val32.npy, the
+floor of docs/measure/photo_samples.py), as uint8 N,H,W,C .npy files that train.py --data takes.
   python docs/measure/photo_patches.py OUT_DIR
 """
 import os
@@ -38,3 +39,4 @@ np.save(os.path.join(out, "heldout_chelsea16.npy"), patches([d.chelsea()], 512, 
 np.save(os.path.join(out, "heldout_ihc16.npy"), patches([d.immunohistochemistry()], 512, 2, 16))
 np.save(os.path.join(out, "train32.npy"), patches(train, 20000, 3, 32))
 np.save(os.path.join(out, "heldout32.npy"), patches([d.chelsea(), d.immunohistochemistry()], 512, 4, 32))
+np.save(os.path.join(out, "val32.npy"), patches(train, 512, 5, 32))
