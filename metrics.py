@@ -110,12 +110,17 @@ def _real_rows(n, image_size, channels):
     return from_uint8(make_shapes(n, image_size, channels, seed=REFERENCE_SEED)[0]).flatten(1)
 
 
-@torch.no_grad()
 def nearest_real(images, n_reference=20000, chunk=256):
     """The mean over uint8 (N, H, W, C) samples of the RMSE, in levels of 255, to the nearest of n_reference
-    held-out real shapes of the same size and channels. The nearest is found by torch.cdist (fast, float32 through
-    a matrix product), its RMSE then computed directly, so an exact match scores exactly 0."""
-    reference = _real_rows(n_reference, images.shape[1], images.shape[3])
+    held-out real shapes of the same size and channels (nearest_rmse)."""
+    return nearest_rmse(images, _real_rows(n_reference, images.shape[1], images.shape[3]), chunk)
+
+
+@torch.no_grad()
+def nearest_rmse(images, reference, chunk=256):
+    """The mean over uint8 (N, H, W, C) images of the RMSE, in levels of 255, to the nearest row of reference
+    (images in [-1, 1], flattened as from_uint8(...).flatten(1) lays them out). The nearest is found by torch.cdist
+    (fast, float32 through a matrix product), its RMSE then computed directly, so an exact match scores exactly 0."""
     rmse = []
     for b in images.split(chunk):
         x = from_uint8(b).flatten(1)

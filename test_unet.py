@@ -322,7 +322,8 @@ def test_group_counts_divide_every_width_and_keep_the_rule_at_multiples_of_32(ch
 
 def test_a_first_level_narrower_than_32_channels_with_groups_of_4():
     """group_channels > 1 builds levels narrower than 32 channels (simple diffusion's cheap full-resolution level):
-    16 channels at full resolution (16x16 here) normalised in 4 groups of 4, every layer in groups of 4 channels, and a forward pass."""
+    16 channels at full resolution (16x16 here) normalised in 4 groups of 4, every layer in groups of 4 channels,
+    and a forward pass."""
     net = UNet(image_size=16, ch=16, ch_mult=(1, 4), num_res_blocks=1, attn_resolutions=(), group_channels=4)
     norms = [m for m in net.modules() if isinstance(m, nn.GroupNorm)]
     assert {(m.num_channels, m.num_groups) for m in norms} >= {(16, 4), (64, 16)}

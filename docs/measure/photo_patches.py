@@ -2,7 +2,7 @@
 scikit-image, an extra for this measurement only, never by the project). A training set from four photographs
 (astronaut, coffee, rocket, Hubble deep field) at three scales (area-downsampled by 1, 2 and 4), and held-out sets
 from two others (a cat, a stained tissue slide), and fresh 32x32 patches of the training photographs (val32.npy, the
-floor of docs/measure/photo_samples.py), as uint8 N,H,W,C .npy files that train.py --data takes.
+reference of docs/measure/photo_samples.py), as uint8 N,H,W,C .npy files that train.py --data takes.
   python docs/measure/photo_patches.py OUT_DIR
 """
 import os

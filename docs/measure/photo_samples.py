@@ -18,34 +18,30 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from data import from_uint8, load_file  # noqa: E402
-from metrics import frechet_distance  # noqa: E402
+from metrics import frechet_distance, nearest_rmse  # noqa: E402
 
 torch.set_num_threads(2)
 train = from_uint8(load_file(sys.argv[1])[0])
-val = from_uint8(load_file(sys.argv[2])[0])
+val_images = load_file(sys.argv[2])[0]
+val = from_uint8(val_images)
 train_rows, train_layout = train.flatten(1), F.avg_pool2d(train, 4).flatten(1)
 down_up = lambda x: F.interpolate(F.avg_pool2d(x, 2), scale_factor=2, mode="nearest")
 detail = lambda x: (x - down_up(x)).square().mean().item()
 
 
-def nearest(x, chunk=256):
-    rows = x.flatten(1)
-    return torch.cat([(r - train_rows[torch.cdist(r, train_rows).argmin(1)]).square().mean(1).sqrt() * 127.5
-                      for r in rows.split(chunk)]).mean().item()
-
-
-def line(name, x, reference):
+def line(name, images, reference):
+    x = from_uint8(images)
     colour = " ".join(f"{m:.0f}+-{s:.0f}" for m, s in zip(((x.mean((0, 2, 3)) + 1) * 127.5).tolist(),
                                                             (x.std((0, 2, 3)) * 127.5).tolist()))
     print(f"| {name} | {len(x)} | {frechet_distance(F.avg_pool2d(x, 4).flatten(1), train_layout):.2f} | "
-          f"{nearest(x):.2f} | {detail(x) / detail(reference):.2f} | {colour} |", flush=True)
+          f"{nearest_rmse(images, train_rows):.2f} | {detail(x) / detail(reference):.2f} | {colour} |", flush=True)
 
 
 print("| images | n | layout (FD at 8x8) | nearest training patch | detail | colour (R G B) |\n|---|---|---|---|---|---|")
 for path in sys.argv[3:]:
-    x = from_uint8(load_file(path)[0])
-    reference = val[:len(x)]
+    images = load_file(path)[0]
+    reference = val[:len(images)]
     if path == sys.argv[3]:
-        line(f"fresh patches of the training photographs ({os.path.basename(sys.argv[2])}, the reference)", reference,
-             reference)
-    line(os.path.basename(path), x, reference)
+        line(f"fresh patches of the training photographs ({os.path.basename(sys.argv[2])}, the reference)",
+             val_images[:len(images)], reference)
+    line(os.path.basename(path), images, reference)
