@@ -26,6 +26,8 @@ import torch
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 SHAPES_CLASSES = ("square", "disk", "triangle", "cross")
+COLOURS = ("red", "green", "blue", "yellow")  # the shapes' palette, in order: each kind's own colour in "shapes"
+CAPTIONS = tuple(f"{colour} {kind}" for colour in COLOURS for kind in SHAPES_CLASSES)  # "captions": 4 x kind + colour
 
 
 def parse_classes(spec, num_classes, names):
@@ -272,10 +274,12 @@ class BatchFolder:
 # -----------------------------------------------------------------------------
 # reading: uint8 images (N, H, W, C) and int64 labels (N,) or None
 
-def make_shapes(n, image_size=32, channels=3, seed=0):
+def make_shapes(n, image_size=32, channels=3, seed=0, captions=False):
     """The built-in labelled data: one shape on a dark background per image, class = shape kind
     (0 square, 1 disk, 2 triangle, 3 cross), each kind in its own colour (RGB) or grey level (C = 1),
     random position, size and background, anti-aliased by 2x2 supersampling. Deterministic in seed.
+    captions=True: the colour is drawn apart from the kind, and the class is 4 colour + kind, named by
+    CAPTIONS ("red disk"); the images' other random draws are those of the same seed without it.
     Returns uint8 images (n, H, W, C) and int64 labels (n,)."""
     g = torch.Generator().manual_seed(seed)
     s = image_size
@@ -288,7 +292,8 @@ def make_shapes(n, image_size=32, channels=3, seed=0):
     palette = torch.tensor([[230, 60, 50], [60, 200, 70], [70, 110, 240], [240, 210, 40]], dtype=torch.float32)
     if channels == 1:
         palette = torch.tensor([[255.0], [200.0], [150.0], [100.0]])
-    colour = palette[labels] * shade[:, None]
+    hue = torch.randint(0, 4, (n,), generator=g) if captions else labels     # drawn last: the rest stays as it was
+    colour = palette[hue] * shade[:, None]
     sub = 2                                                                  # samples per pixel side
     coords = (torch.arange(s * sub, dtype=torch.float32) + 0.5) / sub
     dx = coords[None, None, :] - cx[:, None, None]                           # (n, 1, s*sub) and (n, s*sub, 1)
@@ -307,7 +312,7 @@ def make_shapes(n, image_size=32, channels=3, seed=0):
     cover = cover[..., None]
     img = background[:, None, None, :] * (1 - cover) + colour[:, None, None, :] * cover
     out = img.round().clamp(0, 255).to(torch.uint8)
-    return out, labels
+    return out, (4 * hue + labels if captions else labels)
 
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -603,17 +608,19 @@ def load_data(spec, data_dir, image_size):
     cropped square; files keep their own square size) or (height, width) (what every image must be, or is cropped
     and resized to)."""
     shape = None if isinstance(image_size, int) else tuple(image_size)
-    if shape is not None and spec in ("cifar10", "shapes") and shape[0] != shape[1]:
+    if shape is not None and spec in ("cifar10", "shapes", "captions") and shape[0] != shape[1]:
         raise ValueError(f"--image-size {shape[0]},{shape[1]}: {spec} images are square")
     if spec == "cifar10":
         return (*load_cifar10(data_dir), CIFAR10_CLASSES)
     if spec == "shapes":
         return (*make_shapes(SHAPES_N, image_size if shape is None else shape[0], 3, seed=0), SHAPES_CLASSES)
+    if spec == "captions":
+        return (*make_shapes(SHAPES_N, image_size if shape is None else shape[0], 3, seed=0, captions=True), CAPTIONS)
     if os.path.isdir(spec):
         return load_folder(spec, image_size)
     if os.path.exists(spec):
         return (*load_file(spec, shape), None)
-    raise FileNotFoundError(f"--data {spec}: not cifar10, shapes, a folder of images, or an existing "
+    raise FileNotFoundError(f"--data {spec}: not cifar10, shapes, captions, a folder of images, or an existing "
                             f".npy/.npz/.pt file")
 
 
@@ -662,11 +669,11 @@ def load_mask(spec, height, width):
 
 
 def load_eval_images(spec, data_dir, image_size, channels):
-    """uint8 (N,H,W,C): 'cifar10' is CIFAR-10's 10,000 test images (test_batch), 'shapes' 1,000 held-out built-in
-    images (seed 1; train.py trains on seed 0), else a user's .npy/.npz/.pt. image_size: the model's (height, width)."""
+    """uint8 (N,H,W,C): 'cifar10' is CIFAR-10's 10,000 test images (test_batch), 'shapes' (or 'captions') 1,000
+    held-out built-in images (seed 1; train.py trains on seed 0), else a user's .npy/.npz/.pt. image_size: the model's (height, width)."""
     height, width = image_size
-    if spec == "shapes":
-        return make_shapes(1000, height, channels, seed=1)[0]
+    if spec in ("shapes", "captions"):
+        return make_shapes(1000, height, channels, seed=1, captions=spec == "captions")[0]
     if spec != "cifar10":
         return load_file(spec, None if height == width else (height, width))[0]
     test_batch = os.path.join(data_dir, "cifar-10-batches-py", "test_batch")

@@ -1,7 +1,7 @@
 """
 The GPU check: every CUDA path of the project, run for real on one GPU in a few minutes, as one table. Each kind of
 run trains a few dozen steps in bf16 (a diffusion model; class-conditional with --compile and --grad-accum 2;
---channels-last; progressive and consistency distillation; a classifier; a super-resolution stage), one resumes,
+caption-conditional; --channels-last; progressive and consistency distillation; a classifier; a super-resolution stage), one resumes,
 sampling runs eager and with --compile (the largest pixel difference, and the recompiles), and a sync audit
 (torch.cuda.set_sync_debug_mode) counts the host syncs inside the DDPM training step and the samplers' loops,
 which should be none. With two or more GPUs, torchrun training (and its resume) and torchrun sampling against one
@@ -131,6 +131,8 @@ def check(args):
     compile_flags = [] if args.dry_run else ["--compile"]
     c.row("class-conditional, --grad-accum 2" + (", --compile" if compile_flags else " (compile: CUDA only)"),
           lambda: img_s(c.train("cond", [*flags, "--class-cond", "--grad-accum", "2", *compile_flags], "cond", steps)))
+    c.row("caption-conditional (cross-attention)", lambda: img_s(c.train("caption", [
+        *flags, "--data", "captions", "--caption-cond", *(["--attn", "4"] if args.dry_run else [])], "caption", steps)))
     c.row("--channels-last", lambda: img_s(c.train("cl", [*flags, "--channels-last"], "cl", steps)))
     c.row("resume: base to twice its steps", lambda: img_s(c.train("resume", ["--resume", os.path.join(out, "base")],
                                                                       "base", 2 * steps)))

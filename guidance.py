@@ -5,13 +5,14 @@ Guidance, from the papers that came after DDPM, and the model function the sampl
   mean of each ancestral step, Algorithm 2 the eps of DDIM (and of the other deterministic samplers);
 - classifier-free guidance (Ho & Salimans 2021, arXiv:2207.12598): a class-conditional model that also learned
   the unconditional case guides itself, Eq. (6). With the classifier its own eps implies, the two are one formula.
+  A caption model (latent diffusion's cross-attention) guides itself the same way, the empty caption as null.
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ddpm import extract
-from unet import Normalize, UNet, image_hw, regroup
+from unet import Normalize, UNet, caption_words, image_hw, regroup
 
 
 class NoisyClassifier(nn.Module):
@@ -114,6 +115,17 @@ def classifier_free_guidance(eps_cond, eps_uncond, guidance_scale):
     return (1 + guidance_scale) * eps_cond - guidance_scale * eps_uncond
 
 
+def null_condition(config, n, device):
+    """What "no condition" is for n samples of a network with this config: the null label num_classes of a
+    class-conditional model, the empty caption (all padding tokens) of a caption model, None for an unconditional
+    one."""
+    if config.get("captions"):
+        return torch.zeros(n, caption_words(config["captions"])[1], dtype=torch.long, device=device)
+    if config.get("num_classes") is not None:
+        return torch.full((n,), config["num_classes"], dtype=torch.long, device=device)
+    return None
+
+
 def model_fn(net, y=None, guidance=0.0, bf16=False, **condition):
     """model(x_t, t) as the samplers call it, from a network, labels y (None: unconditional) and any other
     conditioning it takes by keyword (a super-resolution stage's image), given here or at the call. With guidance
@@ -126,7 +138,7 @@ def model_fn(net, y=None, guidance=0.0, bf16=False, **condition):
         with torch.autocast(x.device.type, torch.bfloat16, enabled=bf16):
             if y is None or guidance == 0:
                 return net(*((x, t) if y is None else (x, t, y)), **kw).to(torch.float32, copy=True)
-            null = torch.full_like(y, net.config["num_classes"])
+            null = null_condition(net.config, y.shape[0], y.device)
             doubled = {k: torch.cat([v, v]) for k, v in kw.items()}
             out = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), **doubled).float()
         eps_cond, eps_uncond = out.chunk(2)

@@ -49,16 +49,17 @@ class ShapesClassifier(nn.Module):
 _classifiers = {}
 
 
-def shapes_classifier(image_size, channels, steps=600, batch_size=128, progress=None):
+def shapes_classifier(image_size, channels, steps=600, batch_size=128, progress=None, captions=False):
     """The classifier for (image_size, channels) shapes, trained once per process (seconds on a CPU), on the CPU,
-    deterministically and without touching the global random state. progress(step, steps, loss) every 100 steps."""
-    key = (image_size, channels)
+    deterministically and without touching the global random state. progress(step, steps, loss) every 100 steps.
+    captions=True: of the captioned shapes, its 16 classes 4 colour + kind (data.CAPTIONS)."""
+    key = (image_size, channels, captions)
     if key not in _classifiers:
         with torch.random.fork_rng(devices=[]), torch.enable_grad():
             torch.manual_seed(CLASSIFIER_SEED)
-            images, labels = make_shapes(8192, image_size, channels, seed=CLASSIFIER_SEED)
+            images, labels = make_shapes(8192, image_size, channels, seed=CLASSIFIER_SEED, captions=captions)
             x = from_uint8(images)
-            net = ShapesClassifier(channels)
+            net = ShapesClassifier(channels, num_classes=16 if captions else 4)
             optimizer = torch.optim.Adam(net.parameters(), lr=2e-3)
             for step in range(steps):
                 idx = torch.randint(0, len(x), (batch_size,))
@@ -80,9 +81,10 @@ def features(images, batch_size=1024):
 
 
 @torch.no_grad()
-def classify(images, batch_size=1024):
-    """The shape class (0 square, 1 disk, 2 triangle, 3 cross) the classifier sees in uint8 (N, H, W, C) images."""
-    net = shapes_classifier(images.shape[1], images.shape[3])
+def classify(images, batch_size=1024, captions=False):
+    """The shape class (0 square, 1 disk, 2 triangle, 3 cross) the classifier sees in uint8 (N, H, W, C) images;
+    captions=True: the captioned shapes' class, 4 colour + kind."""
+    net = shapes_classifier(images.shape[1], images.shape[3], captions=captions)
     return torch.cat([net(from_uint8(b)).argmax(1) for b in images.split(batch_size)])
 
 

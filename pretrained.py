@@ -270,6 +270,9 @@ def to_diffusers_state_dict(sd):
 def diffusers_config(config):
     """diffusers UNet2DModel's config.json for a UNet of this project (its config): the paper's network in
     diffusers' terms (_DIFFUSERS_NEEDED; up blocks listed lowest resolution first)."""
+    if config.get("captions"):
+        raise ValueError("a caption model's cross-attention and caption encoder have no place in diffusers' "
+                         "UNet2DModel (its UNet2DConditionModel is another network)")
     gc = config.get("group_channels", 1)
     if any(num_groups(config["ch"] * m, gc) < 32 for m in config["ch_mult"]):  # diffusers' one count: 32
         raise ValueError(f"a network normalised in groups of {gc} channels has layers with fewer than 32 groups, and "
@@ -291,8 +294,9 @@ def write_diffusers(folder, net, scheduler):
     """A folder that diffusers' UNet2DModel.from_pretrained and DDPMPipeline.from_pretrained load (flat: both read
     the root), and that load_pretrained reads back: config.json, diffusion_pytorch_model.safetensors (written here,
     without the safetensors package), scheduler_config.json (the scheduler's settings, given) and model_index.json."""
+    config = diffusers_config(net.config)  # before any file: a network diffusers cannot hold leaves no folder behind
     os.makedirs(folder, exist_ok=True)
-    files = {"config.json": diffusers_config(net.config), "scheduler_config.json": scheduler,
+    files = {"config.json": config, "scheduler_config.json": scheduler,
              "model_index.json": {"_class_name": "DDPMPipeline", "scheduler": ["diffusers", "DDPMScheduler"],
                                   "unet": ["diffusers", "UNet2DModel"]}}
     for name, content in files.items():

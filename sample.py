@@ -8,6 +8,7 @@ shared out over torchrun's processes. (The NLL bound and Sec. 4's experiments: e
   python sample.py model-790000.ckpt -n 50000 --npz s.npz                # released weights, for FID
   torchrun --nproc_per_node=8 sample.py out -n 50000 --npz s.npz         # the same file, 8 GPUs
   python sample.py out --class 0,1,2,3 --guidance 3                      # class-conditional, guided
+  python sample.py out --caption 'blue cross' --guidance 3               # a caption model (--caption-cond)
 A command line: nothing imports this file.
 """
 import math
@@ -22,11 +23,11 @@ from data import (MASKS, BatchFolder, class_counts, class_grid, from_uint8, load
                   parse_classes, save_grid, to_uint8, trajectory_strip, write_npz, write_pngs)
 from distill import consistency_sample
 from editing import edit_loop, edit_start, full_chain
-from guidance import check_classifier, classifier_grad, classifier_guidance, model_fn
+from guidance import check_classifier, classifier_grad, classifier_guidance, model_fn, null_condition
 from runtime import (USER_ERRORS, ArgumentParser, Processes, Progress, StopSignal, close_distributed, error_line,
                      set_tf32)
 from samplers import SAMPLERS, SPACINGS, choose_sampler, describe_sampler, is_full_chain, sample_loop
-from unet import image_hw
+from unet import caption_words, image_hw, tokenize
 
 # What a run's record leaves out: where the files go, and what does not change the samples.
 NOT_RECORDED = ("ckpt", "out", "npz", "resume", "trajectory", "device", "compile", "upsample", "classifier", "low_res",
@@ -60,6 +61,9 @@ def get_parser():
       "--upsample stages too)")
     a("--class", dest="class_", default=None, metavar="K[,K...]", help="class-conditional models: class indices or "
       "names (the samples spread evenly over them, one grid row per class)")
+    a("--caption", action="append", default=None, metavar="TEXT", help="caption models (train.py --caption-cond): "
+      "what to draw, e.g. 'blue cross', in the words of the model's captions, combinations it never saw included; "
+      "repeat for more (the samples spread evenly over them, one grid row each; .npz arr_1: the index in this list)")
     a("--guidance", type=float, default=0.0, help="classifier-free guidance w: eps = (1+w) eps(x,c) - w eps(x,null)")
     a("--classifier", default="", help="classifier guidance (Dhariwal & Nichol 2021): a train.py --classifier "
       "checkpoint steering this model, unconditional or not, toward --class")
@@ -182,13 +186,18 @@ def draw_samples(args, procs, net, diffusion, names, classifier=None, stages=(),
     say = print if master else (lambda *a, **k: None)
     c, out = net.config["in_channels"], first_stage.autoencoder.config if first_stage else net.config  # decoded
     h, w = image_hw(stages[-1].size if stages else out["image_size"])
-    num_classes = net.config.get("num_classes")
+    num_classes, tokens = net.config.get("num_classes"), None
     label_classes = classifier.num_classes if classifier is not None else num_classes
     classes = parse_classes(args.class_, label_classes, names) if args.class_ is not None else None
+    if args.caption:  # a caption model: the captions stand in for classes 0..K-1, their texts for the class names
+        tokens, classes, names = tokenize(args.caption, net.config["captions"]), list(range(len(args.caption))), \
+            args.caption
     labels = None if classes is None else \
         torch.cat([torch.full((k,), label) for label, k in zip(classes, class_counts(args.n, len(classes)))])
     if num_classes is not None and classes is None:
         say(f"note: class-conditional model and no --class: unconditional samples (the null label {num_classes})")
+    if net.config.get("captions") and classes is None:
+        say("note: caption model and no --caption: unconditional samples (the empty caption)")
     if args.npz and args.n < FID_MIN:
         say(f"warning: {args.n} samples; an FID from fewer than {FID_MIN:,} is biased upwards and not comparable "
             f"with published ones, which use 50,000 (docs/fid.md)")
@@ -200,8 +209,9 @@ def draw_samples(args, procs, net, diffusion, names, classifier=None, stages=(),
     first = f"the {args.n} given images" if given is not None else describe_sampler(
         args.sampler, args.steps, args.eta, args.spacing, diffusion, args.consistency_last)
     say(f"sampling {args.n} images {h}x{w}x{out['in_channels']}: {first}, batch {args.batch_size}, seed {args.seed}, "
-        f"{procs.world} x {device}" + (f", classes {classes}" if classes else "")
-        + (f", guidance {args.guidance}" if classes and num_classes else "")
+        f"{procs.world} x {device}" + (f", classes {classes}" if classes and not args.caption else "")
+        + (f", captions {args.caption}" if args.caption else "")
+        + (f", guidance {args.guidance}" if classes and (num_classes or args.caption) else "")
         + (f", classifier scale {args.classifier_scale}" if classifier is not None else "")
         + "".join(f", then up to {st.size}x{st.size} by {st.sampler} in {st.steps} steps{', projected' * st.project}, "
                   f"augmentation {'none' if st.cond_aug < 0 else st.cond_aug}" for st in stages) + ", bf16" * args.bf16)
@@ -218,6 +228,8 @@ def draw_samples(args, procs, net, diffusion, names, classifier=None, stages=(),
         lo, hi = b * args.batch_size, b * args.batch_size + parts.sizes[b]
         g = torch.Generator(device).manual_seed(args.seed * 1_000_003 + b)
         y = labels[lo:hi].to(device) if labels is not None else None
+        if tokens is not None:
+            y = tokens.to(device)[y]  # a caption model's: each sample's caption as tokens
         calls = 0
         def callback(i, x, pred_xstart):
             nonlocal calls
@@ -272,9 +284,10 @@ def sample_base(args, net, diffusion, classifier, y, classes, shape, generator, 
     """One batch from the model itself: its sampler (a student's own, or --sampler), with classifier-free guidance
     (--guidance, a conditional model) or classifier guidance (--classifier) toward the labels y; or an edit of the
     images `edit` (SDEdit, inpainting where mask is 0: editing.edit_loop)."""
-    num_classes, device = net.config.get("num_classes"), y.device if y is not None else next(net.parameters()).device
-    y_model = y if y is not None or num_classes is None else torch.full((shape[0],), num_classes, device=device)
-    fn = model_fn(net, y_model if num_classes is not None else None, args.guidance if classes else 0.0, args.bf16)
+    device = y.device if y is not None else next(net.parameters()).device
+    conditional = net.config.get("num_classes") is not None or net.config.get("captions")
+    y_model = (y if y is not None else null_condition(net.config, shape[0], device)) if conditional else None
+    fn = model_fn(net, y_model, args.guidance if classes else 0.0, args.bf16)
     shape, T = (*shape, *image_hw(net.config["image_size"])), diffusion.num_timesteps
     if args.sampler == "consistency":
         return consistency_sample(diffusion, fn, shape, args.steps, generator=generator, callback=callback,
@@ -357,6 +370,16 @@ def sample(args):
         raise ValueError("--guidance: a distilled student learnt its teacher's unguided steps (guided distillation, Meng et al. 2023, is not here); guide the teacher")
     if args.classifier and args.sampler == "consistency":
         raise ValueError("--classifier: a consistency model's sampler (Song et al. 2023, Algorithm 1) takes no classifier guidance")
+    captions = net.config.get("captions")
+    if captions and (args.class_ is not None or args.classifier):
+        raise ValueError(f"a caption model is told what to draw by --caption, in its words "
+                         f"({', '.join(caption_words(captions)[0][1:])}), not by --class or --classifier")
+    if args.caption and not all(text.split() for text in args.caption):
+        raise ValueError("--caption '': the empty caption is the null condition; leave --caption out to sample "
+                         "unconditionally")
+    if args.caption and not captions:
+        raise ValueError("--caption needs a caption model (train.py --caption-cond); this model takes "
+                         + ("--class" if num_classes is not None else "no condition"))
     classifier, names = None, meta.get("class_names") or ()
     if args.classifier:
         classifier, classifier_names = load_classifier(args, diffusion, net, device)
@@ -366,8 +389,8 @@ def sample(args):
     elif args.class_ is not None and num_classes is None:
         raise ValueError("--class needs a class-conditional model (train.py --class-cond) or a --classifier; this "
                          "model is unconditional")
-    if args.guidance and (args.class_ is None or num_classes is None):
-        raise ValueError("--guidance needs --class and a class-conditional model")
+    if args.guidance and not (args.class_ is not None and num_classes is not None or args.caption):
+        raise ValueError("--guidance needs --class and a class-conditional model, or --caption and a caption model")
     stages, given = load_stages(args, net, meta, diffusion, device)
     edits = load_edit(args, net) if args.edit else None
     if given is not None or edits:  # every image given, unless --n asks for fewer

@@ -260,7 +260,7 @@ def test_gpu_check_dry_run(tmp_path):
                    tmp_path / "table.md", timeout=600)
     assert r.returncode == 0 and "FAILED" not in r.stdout, r.stdout + r.stderr
     rows = (tmp_path / "table.md").read_text().splitlines()[2:]
-    assert len(rows) == 10 and all(row.count(" | ") == 2 for row in rows)
+    assert len(rows) == 11 and all(row.count(" | ") == 2 for row in rows)
     assert "sync audit: host syncs (CUDA only) | skipped" in r.stdout
     message = run_script("gpu_check.py", "--device", "cpu")  # a real check needs CUDA: one line
     assert message.returncode != 0 and message.stderr.strip().startswith("error: the GPU check runs on CUDA")

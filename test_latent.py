@@ -211,6 +211,31 @@ def test_a_latent_run_resumes_exactly(runs, tmp_path):
         assert all(torch.equal(a[key][name], b[key][name]) for name in a[key]), key
 
 
+def test_a_caption_model_on_latents_resumes_exactly_and_samples_a_caption(runs, tmp_path):
+    """--latent AE --caption-cond (latent diffusion's text-to-image form, cross-attention at the latents' 4x4):
+    stopped in update 2 and resumed, it ends where an uninterrupted run does (its captions and dropped captions
+    drawn from the restored state); sample.py --caption draws guided latents and decodes them to images, one row
+    of the .npz's arr_1 per caption."""
+    common = ["--data", "captions", "--image-size", "8", *LATENT_TINY, "--attn", "4", "--caption-cond", "--latent",
+              str(runs / "ae"), "--steps", "4"]
+    r = run_script("train.py", *common, "--out", tmp_path / "a")
+    assert r.returncode == 0, r.stderr
+    with pytest.raises(SystemExit) as stopped:
+        in_process(common + ["--out", str(tmp_path / "b")], stop_after=2)
+    assert stopped.value.code == 0
+    assert run_script("train.py", "--resume", tmp_path / "b").returncode == 0
+    a, b = load_checkpoint(str(tmp_path / "a")), load_checkpoint(str(tmp_path / "b"))
+    assert len(a["model_config"]["captions"]) == 16 and any("cross" in name for name in a["model"])
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][name], b[key][name]) for name in a[key]), key
+    r = run_script("sample.py", tmp_path / "a", "-n", "4", "--caption", "red disk", "--caption", "blue cross",
+                   "--guidance", "2", "--sampler", "ddim", "--steps", "3", "--device", "cpu", "--npz",
+                   tmp_path / "s.npz", "--out", tmp_path / "s.png")
+    assert r.returncode == 0, r.stdout + r.stderr
+    arrays = read_npz(tmp_path / "s.npz")
+    assert arrays["arr_0"].shape == (4, 8, 8, 3) and arrays["arr_1"].tolist() == [0, 0, 1, 1]
+
+
 def test_a_student_of_a_latent_teacher_learns_its_latents(runs, tmp_path):
     """Progressive distillation from a latent teacher: the student's checkpoint keeps the teacher's first stage, and
     sample.py decodes the student's 2-step samples to images."""

@@ -370,7 +370,7 @@ def bad_files(tmp_path):
 
 
 @pytest.mark.parametrize("case,argv,expect", [
-    ("unknown dataset", ["--data", "imagenet64"], "not cifar10, shapes, a folder of images, or an existing"),
+    ("unknown dataset", ["--data", "imagenet64"], "not cifar10, shapes, captions, a folder of images, or an existing"),
     ("unreadable file", ["--data", "{tmp}/junk.npz"], "cannot read"),
     ("wrong dtype", ["--data", "{tmp}/float.npy"], "must be uint8"),
     ("not square", ["--data", "{tmp}/nonsquare.npy"], "H = W and C = 1 or 3"),

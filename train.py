@@ -28,12 +28,12 @@ from training import (FAST_PATHS, Batches, build_run, get_lr, make_optimizer, ma
 # command line
 
 MODEL_FLAGS = ("ch", "ch_mult", "group_channels", "num_res_blocks", "attn", "dropout", "student_dropout", "class_cond",
-               "timesteps", "schedule", "autoencoder", "downsample", "latent_channels", "latent", "shift_base",
-               "multiscale", "image_size", "classifier", "distill", "teacher", "student_steps", "teacher_steps", "cd_n",
+               "caption_cond", "timesteps", "schedule", "autoencoder", "downsample", "latent_channels", "latent",
+               "shift_base", "multiscale", "image_size", "classifier", "distill", "teacher", "student_steps", "teacher_steps", "cd_n",
                "low_res", "mean_type", "convert_steps")
 # flags that belong to this process, never taken from a checkpoint
 RUN_FLAGS = ("resume", "device", "compile", "bf16", "tf32", "fused_adam", "channels_last", "out", "tensorboard")
-FLIP_DATA = BUILT_IN = {"cifar10", "shapes"}  # data whose classes survive a mirror image: flips on by default
+FLIP_DATA = BUILT_IN = {"cifar10", "shapes", "captions"}  # data whose classes survive a mirror image: flips on by default
 
 
 def int_list(s):
@@ -56,7 +56,8 @@ def get_parser():
                "--ema-decay 0.995 for a few thousand steps: an EMA with decay 0.9999 averages over ~10k steps, so in "
                "a short run it stays near the initial weights and its samples are noise.")
     a, on_off = p.add_argument, argparse.BooleanOptionalAction
-    a("--data", default="cifar10", help="cifar10, shapes (built-in, labelled, generated in code), a folder of images "
+    a("--data", default="cifar10", help="cifar10, shapes (built-in, labelled, generated in code), captions (the "
+      "shapes in any of 4 colours, labelled 'red disk'...), a folder of images "
       "(PNG read without extra packages, JPEG and others with Pillow; class subfolders give labels), or a "
       ".npy/.npz/.pt file of uint8 images N,H,W,C (npz: arr_0 images, arr_1 labels)")
     a("--data-dir", default="./data", help="where cifar10 is looked for (archive or extracted) and downloaded to")
@@ -74,7 +75,11 @@ def get_parser():
       "everywhere, which at 32 channels is instance norm and cost small networks their colours (docs/training.md)")
     a("--dropout", type=float, default=0.1, help="dropout in the residual blocks")
     a("--class-cond", action="store_true", help="train with the labels (for classifier-free guidance)")
-    a("--p-uncond", type=float, default=0.1, help="with --class-cond: chance of dropping a label (Ho & Salimans 2021)")
+    a("--caption-cond", action="store_true", help="condition on the class names as captions (--data captions: 'red "
+      "disk'), by cross-attention to a caption encoder trained with the model (latent diffusion, Rombach et al. "
+      "2022, Sec. 3.3); sample.py --caption 'blue cross'")
+    a("--p-uncond", type=float, default=0.1, help="with --class-cond or --caption-cond: chance of dropping a label, "
+      "or of the empty caption (Ho & Salimans 2021)")
     a("--classifier", action="store_true", help="train a noise-aware classifier p(y | x_t, t) for classifier "
       "guidance (Dhariwal & Nichol 2021): the U-Net's encoder half, on labelled data, with the schedule and T of the "
       "model it will guide")
@@ -223,8 +228,12 @@ def check_args(args, world):
             args.shift_base < 0 or args.multiscale < 0:
         raise ValueError("--downsample must be a power of two, --latent-channels positive, --shift-base and "
                          "--multiscale >= 0")
-    if args.class_cond and args.classifier:
-        raise ValueError("--class-cond is for a diffusion model; a --classifier always learns the labels: drop one")
+    if (args.class_cond or args.caption_cond) and args.classifier:
+        flag = "--class-cond" if args.class_cond else "--caption-cond"
+        raise ValueError(f"{flag} is for a diffusion model; a --classifier always learns the labels: drop one")
+    if args.caption_cond and (args.class_cond or args.low_res or args.distill or args.autoencoder):
+        raise ValueError("--caption-cond conditions a diffusion model on captions: not with --class-cond, --low-res, "
+                         "--distill or --autoencoder")
     if args.sample_steps > args.timesteps:
         raise ValueError(f"--sample-steps {args.sample_steps} is more than T = {args.timesteps}")
     if args.low_res:
@@ -268,8 +277,8 @@ def flip_note(args):
         why = "--flip" if args.flip else "--no-flip"
     else:  # the default follows the data
         args.flip = args.data in FLIP_DATA
-        why = {"cifar10": "the paper's augmentation for CIFAR-10", "shapes": "the built-in shapes are mirror-symmetric"
-               }.get(args.data, "the default for your own data, where a mirror image can change the class (digits, "
+        why = {"cifar10": "the paper's augmentation for CIFAR-10", "shapes": "the built-in shapes are mirror-symmetric",
+               "captions": "the built-in shapes are mirror-symmetric"}.get(args.data, "the default for your own data, where a mirror image can change the class (digits, "
                                 "letters); --flip turns them on")
     return f"horizontal flips {'on' if args.flip else 'off'} ({why})"
 
@@ -283,7 +292,10 @@ def training_data(args, procs, kind):
         flag = "--class-cond" if args.class_cond else "--classifier"
         raise ValueError(f"{flag} needs labels, and --data {args.data} has none (npz: put them in arr_1; a folder: "
                          f"one subfolder per class)")
-    use = args.class_cond or kind == "classifier"
+    if args.caption_cond and (labels is None or not class_names):
+        raise ValueError(f"--caption-cond needs labelled data with class names, the captions, and --data {args.data} "
+                         f"has none (--data captions; or a folder with one subfolder per caption, named by it)")
+    use = args.class_cond or args.caption_cond or kind == "classifier"
     num_classes = int(labels.max()) + 1 if use else None
     shard = slice(procs.rank, None, procs.world)
     return images[shard].to(procs.device), labels[shard].to(procs.device) if use else None, num_classes, class_names
@@ -369,7 +381,7 @@ def train(args, ckpt, kind, flips):
     set_tf32(device, args.tf32)
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     images, labels, num_classes, class_names = training_data(args, procs, kind)
-    run = build_run(kind, args, ckpt, images, num_classes, device)
+    run = build_run(kind, args, ckpt, images, num_classes, device, class_names)
     raw_model, objective = run.model, run.objective
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     raw_model.to(device, memory_format=memory_format)

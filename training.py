@@ -20,7 +20,7 @@ from distill import ConsistencyDistillation, ProgressiveDistillation, progressiv
 from guidance import ClassifierLoss, model_fn
 from highres import MultiscaleLoss, shift_for
 from samplers import sample_loop
-from unet import UNet, image_hw
+from unet import UNet, image_hw, tokenize
 
 # train.py's fast paths and their defaults (bench.py times the same): channels_last and compile stay off until a
 # GPU measurement shows they pay (on a CPU neither does).
@@ -139,14 +139,16 @@ def sample_images(ema, draw, n, seed, rank=0, world=1, bf16=False, decode=None):
     turns the samples into images."""
     device = next(ema.parameters()).device
     c, (h, w) = ema.config["in_channels"], image_hw(ema.config["image_size"])
-    y, nrow = None, None
-    if ema.num_classes:
-        nrow = max(1, n // ema.num_classes)  # one row per class
-        y = torch.arange(ema.num_classes, device=device).repeat_interleave(nrow)
+    captions = ema.config.get("captions")
+    y, nrow, classes = None, None, ema.num_classes or len(captions or ())
+    if classes:
+        nrow = max(1, n // classes)  # one row per class (per training caption)
+        y = torch.arange(classes, device=device).repeat_interleave(nrow)
         n = y.shape[0]
     share = math.ceil(n / world)
     if y is not None:
         y = y[torch.arange(rank * share, (rank + 1) * share, device=device) % n]  # the last shares wrap around
+        y = tokenize(captions, captions).to(device)[y] if captions else y
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         g = torch.Generator(device).manual_seed(seed * 1_000_003 + rank)
         x = draw(model_fn(ema, y, bf16=bf16), (share, c, h, w), g)
@@ -201,11 +203,14 @@ class DiffusionLoss(Objective):
     """What a DDPM run minimises, Algorithm 1 lines 2-5: L_simple of Eq. (14), per example, for the eps-network (or
     the x0 or v target), with classifier-free guidance's label dropping (Ho & Salimans 2021): each label becomes the
     null class num_classes with probability p_uncond. draw() takes all of a batch's random numbers at once (t, eps,
-    which labels drop), so a batch split into micro-batches sees the same ones."""
+    which labels drop), so a batch split into micro-batches sees the same ones. captions: a caption model's, whose
+    label k stands for captions[k] as tokens, and whose dropped labels become the empty caption."""
 
-    def __init__(self, diffusion, num_classes=None, p_uncond=0.0, bf16=False, sample_steps=0, loss=None):
+    def __init__(self, diffusion, num_classes=None, p_uncond=0.0, bf16=False, sample_steps=0, loss=None,
+                 captions=None):
         self.diffusion, self.num_classes, self.p_uncond, self.bf16 = diffusion, num_classes, p_uncond, bf16
         self.sample_steps, self.loss = sample_steps, loss or diffusion.training_losses  # or highres.MultiscaleLoss
+        self.tokens = tokenize(captions, captions) if captions else None
 
     def draw(self, x0, y):
         t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), device=x0.device)  # line 3 (0-based)
@@ -214,7 +219,10 @@ class DiffusionLoss(Objective):
 
     def __call__(self, model, x0, y, t, noise, drop):
         """-> per-example losses (B,), and None (no second metric to log)."""
-        if y is not None and self.p_uncond > 0:
+        if y is not None and self.tokens is not None:
+            self.tokens = self.tokens.to(y.device)
+            y = torch.where(drop[:, None], 0, self.tokens[y]) if self.p_uncond > 0 else self.tokens[y]
+        elif y is not None and self.p_uncond > 0:
             y = torch.where(drop, torch.full_like(y, self.num_classes), y)
         # Deviation from the paper (fp32 on TPU): bf16 autocast on CUDA; weights, optimizer and loss stay fp32
         with torch.autocast(x0.device.type, torch.bfloat16, enabled=self.bf16 and x0.device.type == "cuda"):
@@ -303,12 +311,13 @@ class Run:
     first_stage: FirstStage = None  # a latent diffusion run's autoencoder
 
 
-def _new_model_config(args, images, num_classes):
+def _new_model_config(args, images, num_classes, captions=None):
     """The network of a new run from the flags; its size and channels follow the data (N, H, W, C)."""
     h, w = images.shape[1:3]
     return dict(image_size=h if h == w else [h, w], in_channels=images.shape[3], ch=args.ch, ch_mult=args.ch_mult,
                 num_res_blocks=args.num_res_blocks, attn_resolutions=args.attn, dropout=args.dropout,
-                num_classes=num_classes, group_channels=args.group_channels)
+                num_classes=num_classes, group_channels=args.group_channels, **({"captions": captions} if captions
+                                                                                else {}))
 
 
 def _configs(args, ckpt, model_config):
@@ -323,16 +332,20 @@ def _configs(args, ckpt, model_config):
     return model_config, dc
 
 
-def _diffusion_run(args, ckpt, images, num_classes, device):
-    """DDPM, Algorithm 1: a U-Net, class-conditional with --class-cond; with --multiscale, simple diffusion's loss."""
-    model_config, dc = _configs(args, ckpt, _new_model_config(args, images, num_classes if args.class_cond else None))
+def _diffusion_run(args, ckpt, images, num_classes, device, class_names=None):
+    """DDPM, Algorithm 1: a U-Net, class-conditional with --class-cond, conditioned on the class names as captions
+    with --caption-cond; with --multiscale, simple diffusion's loss."""
+    model_config, dc = _configs(args, ckpt, _new_model_config(args, images, num_classes if args.class_cond else None,
+                                                              list(class_names) if args.caption_cond else None))
     size, base = images.shape[1], args.multiscale
     if base and (images.shape[2] != size or size < base or size % base or (size // base) & (size // base - 1)):
         raise ValueError(f"--multiscale {base}: the images ({images.shape[1]}x{images.shape[2]}) must be square and "
                          f"base times a power of two")
     diffusion = build_diffusion(dc).to(device)
-    objective = DiffusionLoss(diffusion, num_classes, args.p_uncond if args.class_cond else 0.0, args.bf16,
-                              args.sample_steps, MultiscaleLoss(diffusion, args.multiscale) if args.multiscale else None)
+    conditional = model_config.get("num_classes") is not None or model_config.get("captions")
+    objective = DiffusionLoss(diffusion, num_classes, args.p_uncond if conditional else 0.0, args.bf16,
+                              args.sample_steps, MultiscaleLoss(diffusion, args.multiscale) if args.multiscale else None,
+                              model_config.get("captions"))
     return model_config, dc, diffusion, objective
 
 
@@ -386,6 +399,9 @@ def load_teacher(args, ckpt, images, device):
         sampling = meta["sampling"]  # a progressive student's own DDIM steps; None for a diffusion model
         if type(teacher) is not UNet or (sampling or {}).get("sampler", "ddim") != "ddim":
             raise ValueError(f"--teacher {args.teacher} is a {meta['kind']} checkpoint, not a diffusion model")
+        if teacher.config.get("captions"):  # its student would learn the empty caption's steps alone
+            raise ValueError(f"--teacher {args.teacher} is a caption model: distillation here learns a teacher's "
+                             f"unconditional steps, and a caption model's student would not know its captions")
     check_fits(teacher.config, images, "the teacher")
     return teacher.to(device).eval().requires_grad_(False), config, sampling
 
@@ -456,15 +472,17 @@ def check_fits(config, images, whose):
                          f"{whose} expects {h}x{w} with {config['in_channels']}")
 
 
-def build_run(kind, args, ckpt, images, num_classes, device):
+def build_run(kind, args, ckpt, images, num_classes, device, class_names=None):
     """The model a run of this kind trains (new, or as the checkpoint describes it), its diffusion and its
-    objective. images: the process's training images, uint8 (N, H, W, C) on the device."""
+    objective. images: the process's training images, uint8 (N, H, W, C) on the device; class_names: the data's,
+    a new caption model's captions (--caption-cond)."""
     stage = first_stage(args, ckpt, images, device)
     if stage is not None:  # the model learns latents: their shape stands in for the images' from here on
         c, size = stage.autoencoder.config, stage.autoencoder.latent_size
         images = torch.zeros(0, size, size, c["latent_channels"], dtype=torch.uint8, device=device)
     torch.manual_seed(args.seed)  # a new model's initial weights
-    built = BUILDERS[kind](args, ckpt, images, num_classes, device)
+    built = BUILDERS[kind](args, ckpt, images, num_classes, device, **({"class_names": class_names}
+                                                                       if kind == "diffusion" else {}))
     model_config, dc, diffusion, objective = built[:4]
     model = build_model(kind, model_config)
     if stage is not None:  # latents are not bounded: x0_hat is never clipped to [-1, 1] (the reference's choice too)
@@ -475,4 +493,7 @@ def build_run(kind, args, ckpt, images, num_classes, device):
     check_fits(c, images, "the checkpoint's model")
     if num_classes is not None and c.get("num_classes") is not None and num_classes > c["num_classes"]:
         raise ValueError(f"the data have {num_classes} classes, the checkpoint's model {c['num_classes']}")
+    if c.get("captions") and kind == "diffusion" and list(class_names or ()) != c["captions"]:
+        raise ValueError(f"the data's class names are not the caption model's {len(c['captions'])} captions (the "
+                         f"data it began with: {c['captions'][0]!r}, ...)")
     return Run(model, model_config, dc, diffusion, objective, stage)
