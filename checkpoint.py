@@ -117,7 +117,8 @@ def load_model(path, use_ema=True):
         raise ValueError(f"{path}: the weights do not fit its model_config ({str(e).splitlines()[0][:200]})") from None
     args = ckpt.get("args") or {}
     # checkpoints from before class names were stored: the built-in data sets' names
-    names = ckpt.get("class_names") or {"cifar10": CIFAR10_CLASSES, "shapes": SHAPES_CLASSES, "captions": CAPTIONS}.get(args.get("data"))
+    names = ckpt.get("class_names") or {"cifar10": CIFAR10_CLASSES, "shapes": SHAPES_CLASSES,
+                                        "captions": CAPTIONS}.get(args.get("data"))
     desc = f"{path} ({kind} step {ckpt.get('step', '?')}, {weights} weights)"
     meta = dict(args=args, class_names=names, kind=kind, sampling=ckpt.get("sampling"), first_stage=None)
     if "first_stage_config" in ckpt:  # a latent diffusion model: its autoencoder and scale factor are in the file

@@ -670,7 +670,8 @@ def load_mask(spec, height, width):
 
 def load_eval_images(spec, data_dir, image_size, channels):
     """uint8 (N,H,W,C): 'cifar10' is CIFAR-10's 10,000 test images (test_batch), 'shapes' (or 'captions') 1,000
-    held-out built-in images (seed 1; train.py trains on seed 0), else a user's .npy/.npz/.pt. image_size: the model's (height, width)."""
+    held-out built-in images (seed 1; train.py trains on seed 0), else a user's .npy/.npz/.pt. image_size: the
+    model's (height, width)."""
     height, width = image_size
     if spec in ("shapes", "captions"):
         return make_shapes(1000, height, channels, seed=1, captions=spec == "captions")[0]

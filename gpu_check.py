@@ -1,12 +1,12 @@
 """
 The GPU check: every CUDA path of the project, run for real on one GPU in a few minutes, as one table. Each kind of
 run trains a few dozen steps in bf16 (a diffusion model; class-conditional with --compile and --grad-accum 2;
-caption-conditional; --channels-last; progressive and consistency distillation; a classifier; a super-resolution stage), one resumes,
-sampling runs eager and with --compile (the largest pixel difference, and the recompiles), and a sync audit
-(torch.cuda.set_sync_debug_mode) counts the host syncs inside the DDPM training step and the samplers' loops,
-which should be none. With two or more GPUs, torchrun training (and its resume) and torchrun sampling against one
-process. CI never needs a GPU: `--dry-run` runs the same rows on a CPU with a tiny net (compile and the sync audit
-need CUDA and say so), and a test runs it, so this script cannot rot.
+caption-conditional; --channels-last; progressive and consistency distillation; a classifier; a super-resolution
+stage), one resumes, sampling runs eager and with --compile (the largest pixel difference, and the recompiles),
+and a sync audit (torch.cuda.set_sync_debug_mode) counts the host syncs inside the DDPM training step and the
+samplers' loops, which should be none. With two or more GPUs, torchrun training (and its resume) and torchrun
+sampling against one process. CI never needs a GPU: `--dry-run` runs the same rows on a CPU with a tiny net
+(compile and the sync audit need CUDA and say so), and a test runs it, so this script cannot rot.
   python gpu_check.py                      # on the GPU: the table, and --table FILE for docs/speed.md
   python gpu_check.py --dry-run --device cpu
 A command line: nothing imports this file.

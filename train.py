@@ -277,9 +277,10 @@ def flip_note(args):
         why = "--flip" if args.flip else "--no-flip"
     else:  # the default follows the data
         args.flip = args.data in FLIP_DATA
-        why = {"cifar10": "the paper's augmentation for CIFAR-10", "shapes": "the built-in shapes are mirror-symmetric",
-               "captions": "the built-in shapes are mirror-symmetric"}.get(args.data, "the default for your own data, where a mirror image can change the class (digits, "
-                                "letters); --flip turns them on")
+        symmetric = "the built-in shapes are mirror-symmetric"
+        why = {"cifar10": "the paper's augmentation for CIFAR-10", "shapes": symmetric, "captions": symmetric}.get(
+            args.data, "the default for your own data, where a mirror image can change the class (digits, letters); "
+                       "--flip turns them on")
     return f"horizontal flips {'on' if args.flip else 'off'} ({why})"
 
 

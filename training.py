@@ -219,11 +219,10 @@ class DiffusionLoss(Objective):
 
     def __call__(self, model, x0, y, t, noise, drop):
         """-> per-example losses (B,), and None (no second metric to log)."""
-        if y is not None and self.tokens is not None:
-            self.tokens = self.tokens.to(y.device)
-            y = torch.where(drop[:, None], 0, self.tokens[y]) if self.p_uncond > 0 else self.tokens[y]
-        elif y is not None and self.p_uncond > 0:
-            y = torch.where(drop, torch.full_like(y, self.num_classes), y)
+        if y is not None and self.tokens is not None:  # a caption model: label k -> captions[k]'s tokens
+            y = self.tokens.to(y.device)[y]
+        if y is not None and self.p_uncond > 0:  # the null label, or the empty caption (token 0 throughout)
+            y = torch.where(drop.view(-1, *[1] * (y.dim() - 1)), 0 if self.tokens is not None else self.num_classes, y)
         # Deviation from the paper (fp32 on TPU): bf16 autocast on CUDA; weights, optimizer and loss stay fp32
         with torch.autocast(x0.device.type, torch.bfloat16, enabled=self.bf16 and x0.device.type == "cuda"):
             return self.loss(lambda x, t: model(x, t, y), x0, t, noise), None  # line 5
