@@ -15,9 +15,9 @@ import time
 import torch
 
 from checkpoint import build_diffusion, load_model
-from data import to_uint8
 from distill import consistency_sample
 from guidance import model_fn
+from imagefiles import to_uint8
 from runtime import USER_ERRORS, ArgumentParser, error_line, resolve_device
 from samplers import SPACINGS, ddim_sample_loop, sample_loop
 from unet import image_hw

@@ -10,10 +10,11 @@ import torch
 
 from autoencoder import Autoencoder, FirstStage
 from cascade import SuperResolution
-from data import CAPTIONS, CIFAR10_CLASSES, SHAPES_CLASSES, atomic_write, first_line, tensor_bytes
+from data import CAPTIONS, CIFAR10_CLASSES, SHAPES_CLASSES
 from ddpm import GaussianDiffusion, make_beta_schedule
 from guidance import NoisyClassifier
 from highres import shifted_cosine_betas
+from imagefiles import atomic_write, first_line, tensor_bytes
 from pretrained import identify, load_pretrained
 from unet import UNet
 

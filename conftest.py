@@ -17,8 +17,8 @@ import torch
 import torch.nn as nn
 from hypothesis import settings, strategies as st
 
-from data import read_npy
 from ddpm import make_beta_schedule
+from imagefiles import read_npy
 from unet import UNet
 
 # Hypothesis settings: in CI (CI=true) every run draws the same examples, so a red build is reproducible.
@@ -156,7 +156,7 @@ def write_checkpoint(path, num_classes=None, args=None):
 
 
 def read_npz(path):
-    """The arrays of an .npz read back with the standard library (data.read_npy), checked to be what numpy.savez
+    """The arrays of an .npz read back with the standard library (imagefiles.read_npy), checked to be what numpy.savez
     writes (uncompressed); a record.json beside them is not an array."""
     with zipfile.ZipFile(path) as z:
         assert all(i.compress_type == zipfile.ZIP_STORED for i in z.infolist())
@@ -164,7 +164,7 @@ def read_npz(path):
 
 
 def decode_png(path):
-    """Minimal PNG reader for what data.save_grid writes (8-bit grey or RGB, filter 0): -> uint8 (H, W, C)."""
+    """Minimal PNG reader for what imagefiles.save_grid writes (8-bit grey or RGB, filter 0): -> uint8 (H, W, C)."""
     data = open(path, "rb").read()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     pos, chunks = 8, {}

@@ -13,9 +13,10 @@ import time
 import torch
 
 from checkpoint import PAPER_KIND, build_diffusion, load_model
-from data import atomic_write, from_uint8, load_eval_images, save_grid
+from data import load_eval_images
 from ddpm import rate_distortion
 from guidance import model_fn
+from imagefiles import atomic_write, from_uint8, save_grid
 from runtime import USER_ERRORS, ArgumentParser, Progress, StopSignal, error_line, resolve_device, set_tf32
 from unet import image_hw
 

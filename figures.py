@@ -14,9 +14,10 @@ import os
 import torch
 
 from checkpoint import build_diffusion, load_model
-from data import from_uint8, make_shapes
+from data import make_shapes
 from ddpm import GaussianDiffusion, make_beta_schedule
 from guidance import model_fn
+from imagefiles import from_uint8
 from runtime import USER_ERRORS, ArgumentParser, error_line
 
 
@@ -205,7 +206,8 @@ def edits(plt, out, ckpt, rows=4, steps=100):
     the image, the mask (white = keep), the input (the hole grey), three completions of its left half from three seeds; then the same images
     edited at strengths 0, 0.25, 0.5, 0.75 and 1 (ancestral, `steps` steps of the whole chain)."""
     from editing import edit_loop, edit_start
-    from data import load_mask, to_uint8
+    from data import load_mask
+    from imagefiles import to_uint8
     net, config, _, desc = load_model(ckpt)
     d, fn, s = build_diffusion(config), model_fn(net), net.config["image_size"]
     x0 = from_uint8(make_shapes(rows, s, net.config["in_channels"], seed=1)[0])

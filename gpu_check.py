@@ -21,9 +21,9 @@ import warnings
 import torch
 
 from checkpoint import PAPER_DIFFUSION, build_diffusion
-from data import read_npz
 from distill import consistency_sample
 from guidance import model_fn
+from imagefiles import read_npz
 from runtime import USER_ERRORS, ArgumentParser, error_line, resolve_device
 from samplers import ddim_sample_loop, dpm_solver_pp_sample_loop
 from training import DiffusionLoss, make_optimizer, train_step

@@ -17,7 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import from_uint8, load_file, make_shapes
+from data import load_file, make_shapes
+from imagefiles import from_uint8
 from runtime import USER_ERRORS, ArgumentParser, error_line
 
 REFERENCE_SEED = 1    # the held-out images (train.py trains on seed 0)

@@ -19,11 +19,12 @@ import torch
 
 from cascade import Stage, carry_up, check_chain
 from checkpoint import build_diffusion, fingerprint, load_model
-from data import (MASKS, BatchFolder, class_counts, class_grid, from_uint8, load_data, load_file, load_mask,
-                  parse_classes, save_grid, to_uint8, trajectory_strip, write_npz, write_pngs)
+from data import MASKS, load_data, load_file, load_mask, parse_classes
 from distill import consistency_sample
 from editing import edit_loop, edit_start, full_chain
 from guidance import check_classifier, classifier_grad, classifier_guidance, model_fn, null_condition
+from imagefiles import (BatchFolder, class_counts, class_grid, from_uint8, save_grid, to_uint8, trajectory_strip,
+                        write_npz, write_pngs)
 from runtime import (USER_ERRORS, ArgumentParser, Processes, Progress, StopSignal, close_distributed, error_line,
                      set_tf32)
 from samplers import SAMPLERS, SPACINGS, choose_sampler, describe_sampler, is_full_chain, sample_loop

@@ -10,7 +10,8 @@ from hypothesis import given, strategies as st
 from cascade import Stage, SuperResolution, augment, conditioned, downsample, project, upsample, upsample_stage
 from checkpoint import build_diffusion, load_checkpoint, save_checkpoint
 from conftest import FAST, TINY_DIFFUSION, TINY_NET, TRAIN_TINY, assert_one_line_error, randomized, read_npz, run_script
-from data import make_shapes, write_npz
+from data import make_shapes
+from imagefiles import write_npz
 from samplers import sample_loop
 from unet import UNet
 

@@ -1,7 +1,7 @@
-"""Tests of data.py, images in and out: PNG grids written and PNG files of every colour type, bit depth and filter
-read with the standard library, folders and .npy/.npz/.pt files as training data (one layout out: uint8 N,H,W,C),
-the built-in shapes, the CIFAR-10 batches without numpy, the .npz that FID tools read, and bad files as one
-clear error each."""
+"""Tests of data.py and imagefiles.py, images in and out: PNG grids written and PNG files of every colour type, bit
+depth and filter read with the standard library, folders and .npy/.npz/.pt files as training data (one layout out:
+uint8 N,H,W,C), the built-in shapes, the CIFAR-10 batches without numpy, the .npz that FID tools read, and bad files
+as one clear error each."""
 import contextlib
 import hashlib
 import importlib.util
@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import data
+import imagefiles
 from conftest import decode_png
 from ddpm import GaussianDiffusion
 
@@ -25,10 +26,10 @@ def test_save_grid_png_roundtrip(tmp_path):
     """save_grid writes a valid PNG whose pixels are to_uint8 of the images, in grid order, grey and RGB."""
     for c in (1, 3):
         x = torch.rand(5, c, 6, 6) * 2 - 1
-        data.save_grid(tmp_path / f"g{c}.png", x, nrow=3, pad=2)
+        imagefiles.save_grid(tmp_path / f"g{c}.png", x, nrow=3, pad=2)
         img = decode_png(tmp_path / f"g{c}.png")
         assert img.shape == (2 + 2 * 8, 2 + 3 * 8, c)
-        u = data.to_uint8(x)
+        u = imagefiles.to_uint8(x)
         assert torch.equal(img[2:8, 2:8], u[0]) and torch.equal(img[10:16, 10:16], u[4])  # index 4: row 1, column 1
     assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
 
@@ -36,7 +37,7 @@ def test_save_grid_png_roundtrip(tmp_path):
 def test_to_uint8_inverts_data_scaling():
     """to_uint8(x / 127.5 - 1) == x for every byte value."""
     x = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16)
-    assert torch.equal(data.to_uint8(x.float() / 127.5 - 1), x.permute(0, 2, 3, 1))
+    assert torch.equal(imagefiles.to_uint8(x.float() / 127.5 - 1), x.permute(0, 2, 3, 1))
 
 
 def encode_png(path, samples, colour, filters, depth=8, palette=None, trns=None):
@@ -114,22 +115,22 @@ def test_png_colour_types_depths_and_transparency(tmp_path):
     index = torch.randint(0, 16, (5, 7, 1), dtype=torch.uint8, generator=g)
     for depth in (8, 4):
         encode_png(tmp_path / "p.png", index, 3, [0, 1, 2, 3, 4], depth, palette)
-        assert torch.equal(data.read_png(tmp_path / "p.png"), palette[index[..., 0].long()])
+        assert torch.equal(imagefiles.read_png(tmp_path / "p.png"), palette[index[..., 0].long()])
     grey = torch.randint(0, 256, (5, 7, 1), dtype=torch.uint8, generator=g)
     encode_png(tmp_path / "g16.png", grey, 0, [4, 3], 16)
-    assert torch.equal(data.read_png(tmp_path / "g16.png"), grey)
+    assert torch.equal(imagefiles.read_png(tmp_path / "g16.png"), grey)
     bits = torch.randint(0, 2, (5, 7, 1), dtype=torch.uint8, generator=g)
     encode_png(tmp_path / "g1.png", bits, 0, [0, 2], 1)
-    assert torch.equal(data.read_png(tmp_path / "g1.png"), bits * 255)
+    assert torch.equal(imagefiles.read_png(tmp_path / "g1.png"), bits * 255)
     alpha = torch.randint(0, 256, (5, 7, 1), dtype=torch.uint8, generator=g)
     over_white = lambda x, a: (x.float() * a.float() / 255 + 255 * (1 - a.float() / 255)).round().to(torch.uint8)
     encode_png(tmp_path / "rgba.png", torch.cat([rgb, alpha], 2), 6, [1, 4])
-    assert torch.equal(data.read_png(tmp_path / "rgba.png"), over_white(rgb, alpha))
+    assert torch.equal(imagefiles.read_png(tmp_path / "rgba.png"), over_white(rgb, alpha))
     encode_png(tmp_path / "ga.png", torch.cat([grey, alpha], 2), 4, [3, 2])
-    assert torch.equal(data.read_png(tmp_path / "ga.png"), over_white(grey, alpha))
+    assert torch.equal(imagefiles.read_png(tmp_path / "ga.png"), over_white(grey, alpha))
     trns = [0] * 16
     encode_png(tmp_path / "pt.png", index, 3, [0], 8, palette, trns)  # every entry fully transparent
-    assert (data.read_png(tmp_path / "pt.png") == 255).all()
+    assert (imagefiles.read_png(tmp_path / "pt.png") == 255).all()
 
 
 def test_folder_resize_crop_and_bad_files(tmp_path):
@@ -182,7 +183,7 @@ def test_read_npy_matches_numpy(tmp_path):
               rng.random((2, 3)).astype(np.float32)]:
         np.save(tmp_path / "a.npy", a)
         with open(tmp_path / "a.npy", "rb") as f:
-            assert torch.equal(data.read_npy(f), torch.from_numpy(np.ascontiguousarray(a)))
+            assert torch.equal(imagefiles.read_npy(f), torch.from_numpy(np.ascontiguousarray(a)))
 
 
 def py2_cifar_batch(raw, labels):

@@ -10,9 +10,10 @@ import sample
 from checkpoint import build_diffusion
 from conftest import (SLOW, TINY_DIFFUSION, TINY_NET, decode_png, full, one_line_error, randomized, read_npz,
                       schedules, write_checkpoint)
-from data import make_shapes, write_npz
+from data import make_shapes
 from ddpm import GaussianDiffusion
 from editing import edit_loop, edit_start, jump_back, noise_to, repaint_schedule
+from imagefiles import write_npz
 from unet import UNet
 
 

@@ -9,7 +9,8 @@ import evaluate
 from checkpoint import build_diffusion
 from conftest import TINY_DIFFUSION as DIFFUSION, TINY_NET as TINY, randomized, write_checkpoint
 from conftest import decode_png
-from data import make_shapes, write_npz
+from data import make_shapes
+from imagefiles import write_npz
 from unet import UNet
 
 

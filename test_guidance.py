@@ -15,10 +15,11 @@ import sample
 from checkpoint import build_diffusion
 from conftest import (FAST, HERE, TINY_DIFFUSION as DIFFUSION, TINY_NET as TINY, assert_one_line_error, full,
                       randomized, read_npz, run_script, schedules, write_checkpoint)
-from data import CIFAR10_CLASSES, make_shapes, parse_classes, to_uint8
+from data import CIFAR10_CLASSES, make_shapes, parse_classes
 from ddpm import GaussianDiffusion, make_beta_schedule
 from guidance import (NoisyClassifier, classifier_free_guidance, classifier_grad, classifier_guidance,
                       classifier_guided_eps, model_fn)
+from imagefiles import to_uint8
 from samplers import ddim_sample, ddim_sample_loop, is_full_chain, sample_loop
 from unet import UNet
 

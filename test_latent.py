@@ -12,9 +12,10 @@ from autoencoder import Autoencoder, DiagonalGaussian, FirstStage, latent_scale
 from checkpoint import build_diffusion, load_checkpoint
 from conftest import (FAST, TRAIN_TINY, assert_one_line_error, in_process, one_line_error, randomized, read_npz,
                       run_script)
-from data import from_uint8, make_shapes
+from data import make_shapes
 from ddpm import GaussianDiffusion, make_beta_schedule
 from highres import MultiscaleLoss, logsnr, shift_for, shifted_cosine_betas
+from imagefiles import from_uint8
 
 # ---- the first stage
 

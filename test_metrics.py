@@ -5,7 +5,8 @@ import torch
 
 import metrics
 from conftest import run_script
-from data import make_shapes, write_npz
+from data import make_shapes
+from imagefiles import write_npz
 
 
 def test_real_shapes_score_near_zero_and_noise_far():

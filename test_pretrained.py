@@ -15,8 +15,8 @@ import pretrained
 import sample
 from checkpoint import PAPER_DIFFUSION, build_diffusion
 from conftest import KEYS_FILE, TINY, TINY_DIFFUSION, TINY_NET, inputs, one_line_error, randomized, read_npz, write_checkpoint
-from data import tensor_bytes, to_uint8
 from guidance import NoisyClassifier
+from imagefiles import tensor_bytes, to_uint8
 from pretrained import (convert_diffusers_state_dict, diffusers_config, identify, load_pretrained, read_safetensors,
                         to_diffusers_state_dict, write_safetensors)
 from samplers import ddim_sample_loop

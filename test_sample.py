@@ -14,7 +14,7 @@ import torch
 import sample
 from checkpoint import build_diffusion
 from conftest import ENV, HERE, TINY_DIFFUSION as DIFFUSION, one_line_error, read_npz, run_script, write_checkpoint
-from data import to_uint8, write_npz
+from imagefiles import to_uint8, write_npz
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import data
+import imagefiles
 import train
 import training
 from checkpoint import build_diffusion, load_checkpoint
@@ -242,7 +243,7 @@ def test_images_that_are_not_square(tmp_path, capsys):
     """--image-size H,W: a file of 8x16 images trains an 8x16 network (image_size [8, 16] in the checkpoint), and
     sample.py draws 8x16 samples into the .npz and the grid; without it, a file that is not square is refused."""
     x = torch.cat([data.make_shapes(16, 8, 3, seed=3)[0]] * 2, dim=2)  # two shapes side by side: 8 x 16
-    data.write_npz(str(tmp_path / "wide.npz"), {"arr_0": x})
+    imagefiles.write_npz(str(tmp_path / "wide.npz"), {"arr_0": x})
     r = run(*TINY, "--data", tmp_path / "wide.npz", "--image-size", "8,16", "--steps", "2", "--sample-every", "2",
             "--sample-steps", "2", "--out", tmp_path / "run")
     assert r.returncode == 0, r.stderr

@@ -18,7 +18,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import load_checkpoint, save_checkpoint
-from data import load_data, save_grid
+from data import load_data
+from imagefiles import save_grid
 from runtime import (USER_ERRORS, ArgumentParser, Processes, StopSignal, close_distributed, error_line, format_eta, rng_state,
                      set_rng_state, set_tf32)
 from training import (FAST_PATHS, Batches, build_run, get_lr, make_optimizer, match_layout, sample_images,

@@ -15,10 +15,10 @@ import torch.nn as nn
 from autoencoder import Autoencoder, AutoencoderLoss, FirstStage, latent_scale
 from cascade import SuperResolutionLoss, downsample, upsample
 from checkpoint import build_diffusion, build_model, diffusion_config, load_checkpoint, load_model
-from data import from_uint8
 from distill import ConsistencyDistillation, ProgressiveDistillation, progressive_schedule
 from guidance import ClassifierLoss, model_fn
 from highres import MultiscaleLoss, shift_for
+from imagefiles import from_uint8
 from samplers import sample_loop
 from unet import UNet, image_hw, tokenize
 

@@ -13,7 +13,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 from autoencoder import latent_scale  # noqa: E402
 from checkpoint import load_model  # noqa: E402
-from data import from_uint8, load_file, make_shapes, to_uint8, write_npz  # noqa: E402
+from data import load_file, make_shapes  # noqa: E402
+from imagefiles import from_uint8, to_uint8, write_npz  # noqa: E402
 
 
 def images(spec, n, size, channels, seed):

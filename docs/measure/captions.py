@@ -16,7 +16,8 @@ import sys
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
 sys.path.insert(0, ROOT)
 import torch  # noqa: E402
-from data import CAPTIONS, SHAPES_N, atomic_write, from_uint8, load_file, make_shapes, png_bytes, save_grid  # noqa: E402
+from data import CAPTIONS, SHAPES_N, load_file, make_shapes  # noqa: E402
+from imagefiles import atomic_write, from_uint8, png_bytes, save_grid  # noqa: E402
 from metrics import classify  # noqa: E402
 
 

@@ -9,9 +9,9 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import torch  # noqa: E402
 from checkpoint import build_diffusion, load_model  # noqa: E402
-from data import to_uint8  # noqa: E402
 from distill import consistency_sample  # noqa: E402
 from guidance import model_fn  # noqa: E402
+from imagefiles import to_uint8  # noqa: E402
 from metrics import shapes_distance  # noqa: E402
 
 torch.set_num_threads(2)

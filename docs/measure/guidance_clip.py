@@ -10,9 +10,9 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import torch  # noqa: E402
 from checkpoint import build_diffusion, load_model  # noqa: E402
-from data import to_uint8  # noqa: E402
 from ddpm import extract  # noqa: E402
 from guidance import classifier_grad, classifier_guided_eps, model_fn  # noqa: E402
+from imagefiles import to_uint8  # noqa: E402
 from metrics import classify, shapes_distance  # noqa: E402
 from samplers import sample_loop  # noqa: E402
 

@@ -10,9 +10,10 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import torch  # noqa: E402
 from checkpoint import build_diffusion, load_model  # noqa: E402
-from data import from_uint8, load_mask, make_shapes, to_uint8  # noqa: E402
+from data import load_mask, make_shapes  # noqa: E402
 from editing import edit_loop, edit_start  # noqa: E402
 from guidance import model_fn  # noqa: E402
+from imagefiles import from_uint8, to_uint8  # noqa: E402
 from metrics import classify, shapes_distance  # noqa: E402
 
 torch.set_num_threads(2)

@@ -17,7 +17,8 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from data import from_uint8, load_file  # noqa: E402
+from data import load_file  # noqa: E402
+from imagefiles import from_uint8  # noqa: E402
 from metrics import frechet_distance, nearest_rmse  # noqa: E402
 
 torch.set_num_threads(2)

@@ -17,7 +17,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from cascade import Stage, downsample, upsample, upsample_stage  # noqa: E402
 from checkpoint import build_diffusion, load_model  # noqa: E402
-from data import from_uint8, load_file  # noqa: E402
+from data import load_file  # noqa: E402
+from imagefiles import from_uint8  # noqa: E402
 
 torch.set_num_threads(2)
 split = sys.argv.index("--")
