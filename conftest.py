@@ -259,3 +259,17 @@ def inputs(batch, channels=3, size=32, seed=1):
 def cifar_net():
     """The default UNet() (the paper's CIFAR-10 net) with randomized weights, built once for the module."""
     return randomized(UNet())
+
+
+def py2_cifar_batch(raw, labels):
+    """Bytes as Python 2's cPickle (protocol 2) wrote the CIFAR-10 batches: a dict holding a numpy uint8
+    array (n, 3072) rebuilt by numpy.core.multiarray._reconstruct, its bytes a BINSTRING, and a label list."""
+    def s(b):
+        return (b"U" + bytes([len(b)]) + b) if len(b) < 256 else (b"T" + struct.pack("<i", len(b)) + b)
+    array = (b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85" + s(b"b") + b"\x87R"
+             + b"(K\x01K" + bytes([len(labels)]) + b"M\x00\x0c\x86"  # version 1, shape (n, 3072)
+             + b"cnumpy\ndtype\n" + s(b"u1") + b"K\x00K\x01\x87R(K\x03" + s(b"|")
+             + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"  # dtype state
+             + b"\x89" + s(raw) + b"tb")  # fortran False, raw bytes
+    return (b"\x80\x02}(" + s(b"data") + array + s(b"labels") + b"](" + b"".join(b"K" + bytes([v]) for v in labels)
+            + b"e" + s(b"batch_label") + s(b"training batch") + b"u.")

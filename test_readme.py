@@ -30,6 +30,16 @@ def test_the_smoke_command_runs(tmp_path):
     r = subprocess.run(line, shell=True, capture_output=True, text=True, cwd=tmp_path, env=ENV, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert (tmp_path / "smoke" / "ckpt.pt").exists() and decode_png(tmp_path / "smoke.png").shape[2] == 3
+    assert r.stderr == ""  # no warning: the first thing a new user reads
+
+
+def test_ci_runs_the_readme_set_up_as_written():
+    """.ci/run runs the README's set-up lines, every one and in their order: the install line and the test command
+    come before any extra."""
+    (setup,) = [b for b in blocks("") if "pip install -r requirements.txt" in b]
+    lines = [line.split("#")[0].strip() for line in setup.splitlines() if line.strip()]
+    ci = [line.strip() for line in open(os.path.join(HERE, ".ci", "run")).read().splitlines()]
+    assert [ci.index(line) for line in lines] == sorted(ci.index(line) for line in lines)
 
 
 def test_links_pictures_and_length():
