@@ -44,14 +44,19 @@ def diffusion_config(schedule="linear", num_timesteps=1000, mean_type="eps", var
 PAPER_DIFFUSION = diffusion_config()
 
 
-def build_diffusion(config):
-    """GaussianDiffusion from a checkpoint's "diffusion_config" (missing entries: the paper's); a logsnr_shift is
+def diffusion_betas(config):
+    """The betas (float64) of a checkpoint's "diffusion_config" (missing entries: the paper's); a logsnr_shift is
     simple diffusion's shifted cosine schedule (highres.py)."""
     c = {**PAPER_DIFFUSION, **config}
-    betas = make_beta_schedule(c["schedule"], c["num_timesteps"], c["beta_start"], c["beta_end"])
     if c.get("logsnr_shift"):
-        betas = shifted_cosine_betas(c["num_timesteps"], c["logsnr_shift"])
-    return GaussianDiffusion(betas, mean_type=c["mean_type"], var_type=c["var_type"])
+        return shifted_cosine_betas(c["num_timesteps"], c["logsnr_shift"])
+    return make_beta_schedule(c["schedule"], c["num_timesteps"], c["beta_start"], c["beta_end"])
+
+
+def build_diffusion(config):
+    """GaussianDiffusion from a checkpoint's "diffusion_config" (missing entries: the paper's)."""
+    c = {**PAPER_DIFFUSION, **config}
+    return GaussianDiffusion(diffusion_betas(c), mean_type=c["mean_type"], var_type=c["var_type"])
 
 
 def build_model(kind, config):

@@ -1,31 +1,46 @@
 """
 Export a trained model to diffusers: a folder that UNet2DModel.from_pretrained and DDPMPipeline.from_pretrained load
 (config.json, diffusion_pytorch_model.safetensors written without the safetensors package, scheduler_config.json,
-model_index.json), the network's EMA weights and a DDPMScheduler with the model's own diffusion.
+model_index.json), the network's EMA weights and a scheduler with the model's own diffusion and timestep grid, or a
+one-line refusal where diffusers cannot hold the model (a latent model, a caption model, a consistency student).
   python export.py out --to-diffusers ddpm-out          # then: DDPMPipeline.from_pretrained("ddpm-out")
 A command line: nothing imports this file.
 """
-from checkpoint import PAPER_KIND, load_model
+from checkpoint import PAPER_DIFFUSION, PAPER_KIND, diffusion_betas, load_model
 from pretrained import write_diffusers
 from runtime import USER_ERRORS, ArgumentParser, error_line
 
-# DDPMScheduler's names for this project's schedules, predictions and variances
+# diffusers' names for this project's schedules, predictions and variances
 SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
 PREDICTIONS = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
 VARIANCES = {"fixedlarge": "fixed_large", "fixedsmall": "fixed_small"}
 
 
-def scheduler_config(diffusion_config):
-    """DDPMScheduler's scheduler_config.json for a diffusion config of this project: the same betas (linear, or
-    Nichol & Dhariwal's cosine, which diffusers calls squaredcos_cap_v2), prediction, variance and x0 clipping."""
-    c = diffusion_config
-    if c.get("schedule", "linear") not in SCHEDULES:
-        raise ValueError(f"the {c['schedule']} schedule has no DDPMScheduler equivalent")
-    return {"_class_name": "DDPMScheduler", "num_train_timesteps": c["num_timesteps"], "beta_start": c["beta_start"],
-            "beta_end": c["beta_end"], "beta_schedule": SCHEDULES[c.get("schedule", "linear")],
-            "prediction_type": PREDICTIONS[c.get("mean_type", "eps")],
-            "variance_type": VARIANCES[c.get("var_type", "fixedlarge")], "clip_sample": True,
-            "clip_sample_range": 1.0, "timestep_spacing": "leading", "steps_offset": 0}
+def betas_config(diffusion_config):
+    """The scheduler's betas: by name for the linear and cosine schedules (Nichol & Dhariwal's cosine is diffusers'
+    squaredcos_cap_v2), the model's own betas for any other (simple diffusion's shifted cosine), so that the export's
+    alphas_cumprod are the model's."""
+    c = {**PAPER_DIFFUSION, **diffusion_config}
+    if c.get("logsnr_shift") or c["schedule"] not in SCHEDULES:
+        return {"trained_betas": diffusion_betas(c).tolist()}
+    return {"beta_schedule": SCHEDULES[c["schedule"]], "beta_start": c["beta_start"], "beta_end": c["beta_end"]}
+
+
+def scheduler_config(diffusion_config, student=False):
+    """The scheduler_config.json of a diffusion config of this project, on the trailing timestep grid every sampler
+    here uses (samplers.spaced_timesteps; K steps of T = 1000: 999, 999 - 1000 / K, ...). A diffusion model: a
+    DDPMScheduler, Algorithm 2 with the model's variance and x0 clipping (at fewer steps, the respaced ancestral
+    sampler). A progressive student: the deterministic DDIM step it was distilled to, which diffusers writes as
+    DPM-Solver++ of order 1 (the same update, Lu et al. 2022 Sec. 4.1), with x0 clipped as its thresholding at 1
+    (DDIMScheduler would step by T // K, off the trailing grid where K does not divide T)."""
+    c = {**PAPER_DIFFUSION, **diffusion_config}
+    common = dict(num_train_timesteps=c["num_timesteps"], **betas_config(c),
+                  prediction_type=PREDICTIONS[c["mean_type"]], timestep_spacing="trailing", steps_offset=0)
+    if student:
+        return dict(_class_name="DPMSolverMultistepScheduler", **common, algorithm_type="dpmsolver++", solver_order=1,
+                    final_sigmas_type="zero", thresholding=True, sample_max_value=1.0, dynamic_thresholding_ratio=0.0)
+    return dict(_class_name="DDPMScheduler", **common, variance_type=VARIANCES[c["var_type"]], clip_sample=True,
+                clip_sample_range=1.0)
 
 
 def export(args):
@@ -33,9 +48,13 @@ def export(args):
     if meta["kind"] not in (PAPER_KIND, "progressive"):
         raise ValueError(f"{args.ckpt} is a {meta['kind']} model: diffusers' UNet2DModel and DDPM scheduler hold a "
                          f"diffusion model (or a progressive student), not this")
-    write_diffusers(args.to_diffusers, net, scheduler_config(diffusion_config))
-    print(f"wrote {args.to_diffusers}: {desc} as a diffusers UNet2DModel with its DDPMScheduler "
-          f"(DDPMPipeline.from_pretrained({args.to_diffusers!r}) samples it)")
+    if meta["first_stage"] is not None:
+        raise ValueError(f"{args.ckpt} is a latent diffusion model: a diffusers DDPMPipeline has no decoder for its "
+                         f"latents (nor their scale factor) and would hand out latents as images")
+    write_diffusers(args.to_diffusers, net, scheduler_config(diffusion_config, student=meta["kind"] == "progressive"))
+    steps = f" at its {meta['sampling']['steps']} steps" if meta["sampling"] else ""
+    print(f"wrote {args.to_diffusers}: {desc} as a diffusers UNet2DModel with its scheduler (DDPMPipeline."
+          f"from_pretrained({args.to_diffusers!r})(num_inference_steps=...) samples it{steps})")
 
 
 def main(argv=None):

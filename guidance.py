@@ -28,7 +28,7 @@ class NoisyClassifier(nn.Module):
         del self.trunk.up, self.trunk.norm_out, self.trunk.conv_out  # the encoder half only
         width = self.trunk.mid.block_2.conv2.out_channels
         self.norm, self.head = Normalize(width), nn.Linear(width, num_classes)
-        regroup(self.norm, self.trunk.config["group_channels"])
+        regroup(self.norm, self.trunk.config["group_channels"], self.trunk.config.get("norm_groups"))
         self.num_classes = num_classes
         self.config = dict(self.trunk.config, num_classes=num_classes)
 

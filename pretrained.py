@@ -140,8 +140,9 @@ def _config_from_diffusers(cfg, where):
     """UNet kwargs from a diffusers config.json; ValueError for anything that is not the paper's architecture."""
     if cfg.get("_class_name", "UNet2DModel") != "UNet2DModel":
         raise ValueError(f"{where}: a {cfg['_class_name']}, not a UNet2DModel")
+    groups = cfg.get("norm_num_groups", 32)  # another count than the paper's 32: an extension (network_groups)
     for key, (needed, default) in _DIFFUSERS_NEEDED.items():
-        if cfg.get(key, default) != needed:
+        if key != "norm_num_groups" and cfg.get(key, default) != needed:
             why = ", single-head attention" if key == "attention_head_dim" else ""
             raise ValueError(f"{where}: {key}={cfg.get(key, default)!r} is not the paper's architecture "
                              f"(needs {needed!r}{why})")
@@ -158,7 +159,8 @@ def _config_from_diffusers(cfg, where):
                 ch=channels[0], ch_mult=[c // channels[0] for c in channels],
                 num_res_blocks=cfg.get("layers_per_block", 2),
                 attn_resolutions=[size // 2 ** i for i, t in enumerate(down) if t == "AttnDownBlock2D"],
-                dropout=cfg.get("dropout", 0.0), num_classes=None if classes is None else classes - 1)
+                dropout=cfg.get("dropout", 0.0), num_classes=None if classes is None else classes - 1,
+                **({} if groups == 32 else {"norm_groups": groups}))
 
 
 def _infer_config(sd):
@@ -273,16 +275,19 @@ def diffusers_config(config):
     if config.get("captions"):
         raise ValueError("a caption model's cross-attention and caption encoder have no place in diffusers' "
                          "UNet2DModel (its UNet2DConditionModel is another network)")
-    gc = config.get("group_channels", 1)
-    if any(num_groups(config["ch"] * m, gc) < 32 for m in config["ch_mult"]):  # diffusers' one count: 32
-        raise ValueError(f"a network normalised in groups of {gc} channels has layers with fewer than 32 groups, and "
-                         f"diffusers' UNet2DModel takes one group count for all: train with --group-channels 1 to "
-                         f"export (docs/training.md)")
+    groups, gc = config.get("norm_groups"), config.get("group_channels", 1)
+    if groups is None:  # saved before network_groups: each layer's count from its width
+        if any(num_groups(config["ch"] * m, gc) < 32 for m in config["ch_mult"]):
+            raise ValueError(f"this network, saved before one group count for the whole network, has layers with "
+                             f"fewer than 32 groups of {gc} channels and others with 32, where diffusers' UNet2DModel "
+                             f"takes one count for all: a run trained now exports (docs/training.md)")
+        groups = 32
     side = min(image_hw(config["image_size"]))  # attention at a level whose shorter side is an attn resolution
     down = ["AttnDownBlock2D" if side // 2 ** i in config["attn_resolutions"] else "DownBlock2D"
             for i in range(len(config["ch_mult"]))]
     classes = config.get("num_classes")
-    return dict({k: needed for k, (needed, _) in _DIFFUSERS_NEEDED.items()}, _class_name="UNet2DModel",
+    return dict({k: needed for k, (needed, _) in _DIFFUSERS_NEEDED.items()}, norm_num_groups=groups,
+                _class_name="UNet2DModel",
                 sample_size=config["image_size"], in_channels=config["in_channels"],
                 out_channels=config["out_channels"], block_out_channels=[config["ch"] * m for m in config["ch_mult"]],
                 layers_per_block=config["num_res_blocks"], down_block_types=down,
@@ -297,7 +302,7 @@ def write_diffusers(folder, net, scheduler):
     config = diffusers_config(net.config)  # before any file: a network diffusers cannot hold leaves no folder behind
     os.makedirs(folder, exist_ok=True)
     files = {"config.json": config, "scheduler_config.json": scheduler,
-             "model_index.json": {"_class_name": "DDPMPipeline", "scheduler": ["diffusers", "DDPMScheduler"],
+             "model_index.json": {"_class_name": "DDPMPipeline", "scheduler": ["diffusers", scheduler["_class_name"]],
                                   "unet": ["diffusers", "UNet2DModel"]}}
     for name, content in files.items():
         with open(os.path.join(folder, name), "w") as f:

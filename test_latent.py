@@ -8,6 +8,7 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
+import export
 from autoencoder import Autoencoder, DiagonalGaussian, FirstStage, latent_scale
 from checkpoint import build_diffusion, load_checkpoint
 from conftest import (FAST, TRAIN_TINY, assert_one_line_error, in_process, one_line_error, randomized, read_npz,
@@ -289,3 +290,11 @@ def test_bad_latent_input_is_one_line(runs, tmp_path, capsys):
         assert expect in assert_one_line_error(r)
     r = run_script("bench_samplers.py", runs / "ldm", "--n", "2", "--nfe", "1", "--device", "cpu")
     assert "measures a diffusion model on pixels" in assert_one_line_error(r)
+
+
+def test_a_latent_model_does_not_export_as_pixels(runs, tmp_path, capsys):
+    """A DDPMPipeline has no decoder and no 1/scale: a latent model exported to it would hand out latents as images
+    (and clip them). One line, no folder."""
+    assert "is a latent diffusion model" in one_line_error(export.main, [str(runs / "ldm"), "--to-diffusers",
+                                                                        str(tmp_path / "d")], capsys)
+    assert not (tmp_path / "d").exists()

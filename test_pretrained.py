@@ -10,12 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import export
 import pretrained
 import sample
 from checkpoint import PAPER_DIFFUSION, build_diffusion
-from conftest import KEYS_FILE, TINY, TINY_DIFFUSION, TINY_NET, inputs, one_line_error, randomized, read_npz, write_checkpoint
-from guidance import NoisyClassifier
+from conftest import KEYS_FILE, TINY, inputs, randomized, read_npz
 from imagefiles import tensor_bytes, to_uint8
 from pretrained import (convert_diffusers_state_dict, diffusers_config, identify, load_pretrained, read_safetensors,
                         to_diffusers_state_dict, write_safetensors)
@@ -249,47 +247,3 @@ def test_names_round_trip_to_diffusers_and_back():
     theirs = diffusers.UNet2DModel(**{k: v for k, v in diffusers_config(UNet().config).items() if k != "_class_name"})
     ours = to_diffusers_state_dict(UNet().state_dict())
     assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.state_dict().items()}
-
-
-@pytest.mark.parametrize("num_classes", [None, 3])
-def test_export_to_diffusers(tmp_path, capsys, num_classes):
-    """export.py writes a folder that load_pretrained reads back to the same network; where diffusers is installed,
-    UNet2DModel.from_pretrained computes the same eps (with class labels for a class-conditional net), and for an
-    unconditional one DDPMPipeline draws the images sample.py draws with the same seed (to one level of 255)."""
-    write_checkpoint(str(tmp_path / "ckpt.pt"), num_classes=num_classes)
-    export.main([str(tmp_path / "ckpt.pt"), "--to-diffusers", str(tmp_path / "d")])
-    ours = randomized(UNet(**dict(TINY_NET, num_classes=num_classes)), seed=1)  # the checkpoint's EMA
-    x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 90])
-    y = None if num_classes is None else torch.tensor([0, 3])
-    with torch.no_grad():
-        torch.testing.assert_close(load_pretrained(tmp_path / "d")(x, t, y), ours(x, t, y), atol=0, rtol=0)
-    diffusers = pytest.importorskip("diffusers")
-    theirs = diffusers.UNet2DModel.from_pretrained(tmp_path / "d").eval()
-    with torch.no_grad():
-        torch.testing.assert_close(theirs(x, t, class_labels=y).sample, ours(x, t, y), atol=1e-5, rtol=1e-5)
-    if num_classes is not None:
-        return
-    pipeline = diffusers.DDPMPipeline.from_pretrained(tmp_path / "d")
-    pipeline.set_progress_bar_config(disable=True)
-    images = pipeline(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=100,
-                      output_type="np").images
-    theirs = (torch.from_numpy(images) * 255).round().to(torch.uint8)
-    sample.main([str(tmp_path / "ckpt.pt"), "-n", "2", "--seed", "0", "--npz", str(tmp_path / "s.npz"), "--out",
-                 str(tmp_path / "s.png"), "--device", "cpu"])
-    assert (read_npz(tmp_path / "s.npz")["arr_0"].int() - theirs.int()).abs().max() <= 1
-
-
-def test_export_refuses_what_diffusers_cannot_hold(tmp_path, capsys):
-    """A classifier or a super-resolution stage is not a UNet2DModel with a DDPM scheduler: one line."""
-    classifier = NoisyClassifier(4, **TINY_NET)
-    torch.save({"model": classifier.state_dict(), "ema": classifier.state_dict(), "step": 1, "kind": "classifier",
-                "model_config": classifier.config, "diffusion_config": TINY_DIFFUSION, "args": {},
-                "format": "ddpm-checkpoint-v1"}, tmp_path / "clf.pt")
-    assert "is a classifier model" in one_line_error(export.main, [str(tmp_path / "clf.pt"), "--to-diffusers",
-                                                                  str(tmp_path / "d")], capsys)
-    # train.py's groups of 4 channels: 8 groups at 32 channels, 16 at 64, where diffusers has one count for all
-    net = UNet(**TINY_NET, group_channels=4)
-    torch.save({"model": net.state_dict(), "ema": net.state_dict(), "step": 1, "model_config": net.config,
-                "diffusion_config": TINY_DIFFUSION, "args": {}, "format": "ddpm-checkpoint-v1"}, tmp_path / "g.pt")
-    assert "--group-channels 1" in one_line_error(export.main, [str(tmp_path / "g.pt"), "--to-diffusers",
-                                                               str(tmp_path / "d")], capsys)

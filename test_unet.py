@@ -320,6 +320,34 @@ def test_group_counts_divide_every_width_and_keep_the_rule_at_multiples_of_32(ch
         assert n == min(32, channels // group_channels)
 
 
+@FAST
+@given(st.integers(1, 96), st.lists(st.integers(1, 8), min_size=1, max_size=4), st.sampled_from([1, 2, 4, 8, 16, 32]))
+def test_one_group_count_for_the_whole_network(ch, ch_mult, group_channels):
+    """network_groups: the most groups that divide every level's width ch * m, at most 32, whose narrowest level's
+    groups hold group_channels channels or more (found here by brute force): the paper's 32 at its widths, 8 for
+    the quick start's 32 and 64 channels; a network built with it has that count in every GroupNorm (the
+    classifier's head too), as diffusers' UNet2DModel holds one count."""
+    n = unet.network_groups(ch, ch_mult, group_channels)
+    widths = [ch * m for m in ch_mult]
+    fits = [k for k in range(1, 33) if all(w % k == 0 for w in widths) and (min(widths) // k >= group_channels or k == 1)]
+    assert n == max(fits)
+    assert unet.network_groups(128, (1, 2, 2, 2), 4) == 32 == unet.network_groups(128, (1, 2, 2, 2), 1)
+    assert unet.network_groups(32, (1, 2), 4) == 8
+
+
+def test_a_network_with_one_group_count():
+    """norm_groups puts one count in every GroupNorm of the U-Net and the classifier (a forward pass), is kept in
+    the config, and a count that does not divide a layer is refused."""
+    from guidance import NoisyClassifier
+    for net in (UNet(**TINY, group_channels=4, norm_groups=8), NoisyClassifier(3, **TINY, group_channels=4,
+                                                                                 norm_groups=8)):
+        assert {m.num_groups for m in net.modules() if isinstance(m, nn.GroupNorm)} == {8}
+        assert net.config["norm_groups"] == 8
+    assert net(torch.randn(2, 3, 16, 16), torch.tensor([0, 999])).shape == (2, 3)
+    with pytest.raises(ValueError, match="norm_groups 24 does not divide"):
+        UNet(**TINY, norm_groups=24)
+
+
 def test_a_first_level_narrower_than_32_channels_with_groups_of_4():
     """group_channels > 1 builds levels narrower than 32 channels (simple diffusion's cheap full-resolution level):
     16 channels at full resolution (16x16 here) normalised in 4 groups of 4, every layer in groups of 4 channels,

@@ -72,8 +72,9 @@ def get_parser():
     a("--num-res-blocks", type=int, default=2, help="residual blocks per level")
     a("--attn", type=int_list, default="16", help="resolutions with self-attention (comma-separated, '' for none)")
     a("--group-channels", type=int, default=4, choices=[1, 2, 4, 8, 16, 32], help="GroupNorm's groups hold at least "
-      "this many channels: min(32, C / this) groups, the paper's 32 at its widths (128 and up). 1: 32 groups "
-      "everywhere, which at 32 channels is instance norm and cost small networks their colours (docs/training.md)")
+      "this many channels in the narrowest layer: one count for the network, the most that divide every width up to "
+      "min(32, narrowest / this) (the paper's 32 at its widths, 8 for 32 and 64 channels). 1: 32 groups everywhere, "
+      "which at 32 channels is instance norm and cost small networks their colours (docs/training.md)")
     a("--dropout", type=float, default=0.1, help="dropout in the residual blocks")
     a("--class-cond", action="store_true", help="train with the labels (for classifier-free guidance)")
     a("--caption-cond", action="store_true", help="condition on the class names as captions (--data captions: 'red "

@@ -20,7 +20,7 @@ from guidance import ClassifierLoss, model_fn
 from highres import MultiscaleLoss, shift_for
 from imagefiles import from_uint8
 from samplers import sample_loop
-from unet import UNet, image_hw, tokenize
+from unet import UNet, image_hw, network_groups, tokenize
 
 # train.py's fast paths and their defaults (bench.py times the same): channels_last and compile stay off until a
 # GPU measurement shows they pay (on a CPU neither does).
@@ -315,8 +315,9 @@ def _new_model_config(args, images, num_classes, captions=None):
     h, w = images.shape[1:3]
     return dict(image_size=h if h == w else [h, w], in_channels=images.shape[3], ch=args.ch, ch_mult=args.ch_mult,
                 num_res_blocks=args.num_res_blocks, attn_resolutions=args.attn, dropout=args.dropout,
-                num_classes=num_classes, group_channels=args.group_channels, **({"captions": captions} if captions
-                                                                                else {}))
+                num_classes=num_classes, group_channels=args.group_channels,
+                norm_groups=network_groups(args.ch, args.ch_mult, args.group_channels),
+                **({"captions": captions} if captions else {}))
 
 
 def _configs(args, ckpt, model_config):

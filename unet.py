@@ -40,23 +40,35 @@ def Normalize(channels):
     return nn.GroupNorm(math.gcd(32, channels), channels, eps=1e-6)
 
 
-def regroup(module, group_channels):
-    """Every GroupNorm in module with min(32, C // group_channels) groups (or the nearest fewer that divide C), so
-    that each holds group_channels channels or more. 1 keeps the paper's 32 groups everywhere; at the paper's widths
-    (128 and up) so does 4. At 32 channels, 32 groups are instance norm: each channel's mean over the image is
-    removed, which cost small networks the images' colours (an extension, docs/training.md)."""
+def regroup(module, group_channels, norm_groups=None):
+    """Every GroupNorm in module with norm_groups groups (one count for the whole network: network_groups), or, for a
+    network saved before that count (norm_groups None), its layer's own count: num_groups(C, group_channels). 1 keeps
+    the paper's 32 groups everywhere; at the paper's widths (128 and up) so does 4. At 32 channels, 32 groups are
+    instance norm: each channel's mean over the image is removed, which cost small networks the images' colours (an
+    extension, docs/training.md)."""
     if group_channels < 1 or 32 % group_channels:
         raise ValueError(f"group_channels must divide 32, got {group_channels}")
     for m in module.modules():
         if isinstance(m, nn.GroupNorm):
-            m.num_groups = num_groups(m.num_channels, group_channels)
+            if norm_groups is not None and m.num_channels % norm_groups:
+                raise ValueError(f"norm_groups {norm_groups} does not divide a layer of {m.num_channels} channels")
+            m.num_groups = num_groups(m.num_channels, group_channels) if norm_groups is None else norm_groups
 
 
 def num_groups(channels, group_channels):
-    """regroup's rule: the groups of a layer this wide, the most that divide it up to min(32, C // group_channels)
-    (that bound itself at every width a multiple of 32)."""
+    """The per-layer rule of networks saved before network_groups: the most groups that divide a layer this wide, up
+    to min(32, C // group_channels) (that bound itself at every width a multiple of 32)."""
     most = max(1, min(32, channels // group_channels))
     return max(n for n in range(1, most + 1) if channels % n == 0)
+
+
+def network_groups(ch, ch_mult, group_channels):
+    """One group count for every layer of a U-Net (as diffusers' UNet2DModel has): the most that divide every width
+    ch * m, up to min(32, narrowest // group_channels), so the narrowest layer's groups hold group_channels channels
+    or more. The paper's 32 at its widths; 8 for a net of 32 and 64 channels in groups of 4."""
+    widths = [ch * m for m in ch_mult]
+    most = max(1, min(32, min(widths) // group_channels))
+    return max(n for n in range(1, most + 1) if all(w % n == 0 for w in widths))
 
 
 class ResnetBlock(nn.Module):
@@ -202,12 +214,13 @@ class UNet(nn.Module):
     in the released weights. num_classes=K adds a class embedding (an extension) with label K meaning "no label";
     captions (the training captions, e.g. ["red disk", ...]) instead make y a caption's tokens (tokenize), read by a
     CaptionEncoder and cross-attention after each self-attention (latent diffusion's conditioning, another);
-    image_size=[H, W] makes a network for images that are not square (an extension too); group_channels > 1
-    (regroup) gives narrow layers fewer, wider normalisation groups (another)."""
+    image_size=[H, W] makes a network for images that are not square (an extension too); norm_groups (see
+    network_groups) gives narrow networks fewer, wider normalisation groups (another; group_channels > 1 without it:
+    the per-layer counts of networks saved before it)."""
 
     def __init__(self, image_size=32, in_channels=3, out_channels=None, ch=128, ch_mult=(1, 2, 2, 2),
                  num_res_blocks=2, attn_resolutions=(16,), dropout=0.1, num_classes=None, group_channels=1,
-                 captions=None):
+                 captions=None, norm_groups=None):
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
         ch_mult, attn_resolutions = [int(m) for m in ch_mult], [int(r) for r in attn_resolutions]
@@ -216,7 +229,7 @@ class UNet(nn.Module):
         sizes = [min(height, width) // 2 ** i for i in range(len(ch_mult))]
         for ok, msg in [
             (len(ch_mult) > 0 and min(ch_mult) > 0, f"ch_mult must be non-empty positive integers, got {ch_mult}"),
-            (ch > 0 and (ch % 32 == 0 or group_channels > 1),
+            (ch > 0 and (ch % 32 == 0 or group_channels > 1 or norm_groups is not None),
              f"ch must be a positive multiple of 32 (GroupNorm uses 32 groups; group_channels > 1 allows others), "
              f"got {ch}"),
             (min(height, width) > 0 and height % 2 ** (len(ch_mult) - 1) == 0 == width % 2 ** (len(ch_mult) - 1),
@@ -239,7 +252,8 @@ class UNet(nn.Module):
                            out_channels=int(out_channels), ch=int(ch), ch_mult=ch_mult,
                            num_res_blocks=int(num_res_blocks), attn_resolutions=attn_resolutions, dropout=float(dropout),
                            num_classes=None if num_classes is None else int(num_classes),
-                           group_channels=int(group_channels), **({"captions": list(captions)} if captions else {}))
+                           group_channels=int(group_channels), **({"captions": list(captions)} if captions else {}),
+                           **({} if norm_groups is None else {"norm_groups": int(norm_groups)}))
         self.ch, self.num_classes = ch, num_classes
         temb_ch = ch * 4
         # Timestep embedding: sinusoid(ch) -> dense(4ch) -> swish -> dense(4ch)
@@ -293,7 +307,7 @@ class UNet(nn.Module):
 
         self.norm_out = Normalize(block_in)
         self.conv_out = nn.Conv2d(block_in, out_channels, 3, padding=1)
-        regroup(self, group_channels)
+        regroup(self, group_channels, norm_groups)
         self.reset_parameters()
 
     @torch.no_grad()
