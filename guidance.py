@@ -55,14 +55,27 @@ class ClassifierLoss:
         return F.cross_entropy(logits, y, reduction="none"), logits.argmax(1) == y
 
 
-def check_classifier(name, classifier, classifier_diffusion, net, diffusion):
+def check_classifier(name, classifier, classifier_diffusion, net, diffusion, classifier_stage=None, model_stage=None):
     """ValueError unless the classifier can guide this model: trained for the same diffusion (T and betas), on the
-    model's image size and channels, with its classes where the model has classes."""
+    model's image size and channels, with its classes where the model has classes; for a latent model, on the
+    latents of the same first stage (autoencoder.FirstStage: the same weights and scale factor), and never a pixel
+    classifier whose images happen to have the latents' shape (or the reverse)."""
     other = classifier_diffusion
     if other.num_timesteps != diffusion.num_timesteps or not torch.allclose(other.betas, diffusion.betas):
         raise ValueError(f"--classifier {name} was trained for another diffusion (T = {other.num_timesteps}); the "
                          f"model's is T = {diffusion.num_timesteps} with other betas or T: train it with the model's "
                          f"--timesteps and --schedule")
+    if (classifier_stage is None) != (model_stage is None):
+        seen, drawn = ("pixels", "latents") if classifier_stage is None else ("latents", "pixels")
+        raise ValueError(f"--classifier {name} was trained on {seen} and the model draws {drawn}: train it with the "
+                         f"model's --latent")
+    if classifier_stage is not None and not same_weights(classifier_stage.autoencoder, model_stage.autoencoder):
+        raise ValueError(f"--classifier {name} was trained on the latents of another autoencoder than the model's: "
+                         f"train it with the model's --latent")
+    if classifier_stage is not None and classifier_stage.scale != model_stage.scale:
+        raise ValueError(f"--classifier {name} saw latents scaled by {classifier_stage.scale:.6g}, the model draws "
+                         f"them scaled by {model_stage.scale:.6g} (each run measures its own scale factor): train it "
+                         f"with the model's --latent, --data and --seed")
     a, b = classifier.config, net.config
     seen, drawn = (image_hw(c["image_size"]) + (c["in_channels"],) for c in (a, b))
     if seen != drawn:
@@ -70,6 +83,12 @@ def check_classifier(name, classifier, classifier_diffusion, net, diffusion):
                          f"{'x'.join(map(str, drawn))}")
     if b.get("num_classes") is not None and b["num_classes"] != a["num_classes"]:
         raise ValueError(f"--classifier {name} has {a['num_classes']} classes, the model {b['num_classes']}")
+
+
+def same_weights(a, b):
+    """Whether two networks are one: the same config and the same tensors."""
+    x, y = a.state_dict(), b.state_dict()
+    return a.config == b.config and x.keys() == y.keys() and all(torch.equal(x[k].cpu(), y[k].cpu()) for k in x)
 
 
 def classifier_grad(classifier, y, scale):

@@ -128,12 +128,13 @@ def check_args(args):
 # what to draw: the model, its sampler, guidance, a cascade
 
 
-def load_classifier(args, diffusion, net, device):
+def load_classifier(args, diffusion, net, first_stage, device):
     """--classifier: a train.py --classifier checkpoint, checked against the diffusion model it is to guide."""
     classifier, config, meta, desc = load_model(args.classifier)
     if meta["kind"] != "classifier":
         raise ValueError(f"--classifier {args.classifier} is not a classifier (train.py --classifier)")
-    check_classifier(args.classifier, classifier, build_diffusion(config).to(device), net, diffusion)
+    check_classifier(args.classifier, classifier, build_diffusion(config).to(device), net, diffusion,
+                     meta["first_stage"], first_stage)
     print(f"classifier guidance: {desc}, scale {args.classifier_scale}")
     return classifier.to(device), meta.get("class_names")
 
@@ -383,7 +384,7 @@ def sample(args):
                          + ("--class" if num_classes is not None else "no condition"))
     classifier, names = None, meta.get("class_names") or ()
     if args.classifier:
-        classifier, classifier_names = load_classifier(args, diffusion, net, device)
+        classifier, classifier_names = load_classifier(args, diffusion, net, meta["first_stage"], device)
         names = classifier_names or names
         if args.class_ is None:
             raise ValueError("--classifier needs --class K[,K...]: the classes to guide toward")

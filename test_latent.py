@@ -298,3 +298,30 @@ def test_a_latent_model_does_not_export_as_pixels(runs, tmp_path, capsys):
     assert "is a latent diffusion model" in one_line_error(export.main, [str(runs / "ldm"), "--to-diffusers",
                                                                         str(tmp_path / "d")], capsys)
     assert not (tmp_path / "d").exists()
+
+
+def test_a_classifier_guides_only_the_latents_it_was_trained_on(runs, tmp_path, capsys):
+    """A latent model is guided only by a classifier of its own first stage's latents (the same autoencoder and
+    scale factor, both in either checkpoint): one of the same stage guides; a pixel classifier whose images have the
+    latents' shape, one of another autoencoder with that latent shape, and one of the same autoencoder at another
+    scale factor each get one line."""
+    import sample
+    from guidance import NoisyClassifier
+    ldm = load_checkpoint(str(runs / "ldm"))
+    clf = NoisyClassifier(4, **{k: v for k, v in ldm["model_config"].items() if k != "num_classes"})
+    stage = {k: ldm[k] for k in ("first_stage", "first_stage_config", "scale_factor")}
+    other = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in ldm["first_stage"].items()}
+    cases = {"same": stage, "pixels": {}, "other autoencoder": dict(stage, first_stage=other),
+             "other scale": dict(stage, scale_factor=stage["scale_factor"] * 1.01)}
+    for name, first_stage in cases.items():
+        torch.save({"model": clf.state_dict(), "ema": clf.state_dict(), "step": 1, "kind": "classifier",
+                    "model_config": clf.config, "diffusion_config": ldm["diffusion_config"], "args": {},
+                    "format": "ddpm-checkpoint-v1", **first_stage}, tmp_path / f"{name}.pt")
+    argv = [str(runs / "ldm"), "-n", "2", "--steps", "2", "--class", "1", "--device", "cpu", "--out"]
+    sample.main([*argv, str(tmp_path / "s.png"), "--classifier", str(tmp_path / "same.pt")])
+    assert (tmp_path / "s.png").exists()
+    for name, expect in [("pixels", "trained on pixels and the model draws latents"),
+                         ("other autoencoder", "latents of another autoencoder"),
+                         ("other scale", "each run measures its own scale factor")]:
+        assert expect in one_line_error(sample.main, [*argv, str(tmp_path / "x.png"), "--classifier",
+                                                      str(tmp_path / f"{name}.pt")], capsys), name
