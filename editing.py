@@ -6,8 +6,8 @@ after it:
   (S = 0 returns the image) for realism (S = 1 is an unconditional sample);
 - inpainting by replacement (RePaint, Lugmayr et al. 2022, arXiv:2201.09865, Eq. 8): after every reverse step the
   known region (mask = 1) is replaced by the image noised to that step with q, the unknown region is the model's;
-  and RePaint's resampling (Sec. 4.2, Algorithm 1, Appendix B): r times, jump j steps back up the chain with
-  q(x_t | x_t') and come down again, so the unknown region can agree with the known one.
+  and RePaint's resampling (Sec. 4.2, Algorithm 1, Appendix B): r passes over each stretch of j steps, r - 1 times
+  back up the chain with q(x_t | x_t') and down again, so the unknown region can agree with the known one.
 The two compose: with a mask, SDEdit's strength sets where the unknown region starts (1: from noise). The steps are
 those of the ancestral sampler (Algorithm 2, or DDIM with eta on a spaced chain): any sampler whose state is x_t
 alone. DPM-Solver++(2M) keeps the previous step's x0_hat, which replacing x_t makes stale, so it is not offered;
@@ -40,22 +40,24 @@ def jump_back(diffusion, x, t_from, t_to, noise):
 
 
 def repaint_schedule(steps, jump=1, resample=1):
-    """RePaint's Appendix B: the order in which the positions 0 (the start) .. steps (the data) of a chain of `steps`
-    reverse steps are visited. Going down one position is a reverse step; at every jump-th position, resample - 1
-    times, the chain goes back up jump positions (one q step each) and down again. -> [(from, to), ...]."""
+    """RePaint's Appendix B (Algorithm 1 for jump = 1): the order in which the positions 0 (the start) .. steps (the
+    data) of a chain of `steps` reverse steps are visited, as moves [(from, to), ...]; down one position is a reverse
+    step, up one a q step. RePaint names a position by its timestep index t = steps - 1 - position (-1 the data): on
+    arriving at t = 0, jump, 2 jump, ... below steps - jump the chain goes jump positions back up and down again,
+    resample - 1 times; never from the data, as Algorithm 1 resamples only while t > 1 (its t is our index + 1)."""
     if jump < 1 or resample < 1:
         raise ValueError(f"--jump and --resample must be at least 1, got {jump} and {resample}")
-    jumps = {k: resample - 1 for k in range(0, steps - jump, jump)}
-    t, moves = steps, []
-    while t >= 1:  # t counts the positions left to the data, as RePaint's code does
-        moves.append((steps - t, steps - t + 1))
+    jumps = {t: resample - 1 for t in range(0, steps - jump, jump)}
+    t, ts = steps - 1, [steps - 1]
+    while t >= 0:
         t -= 1
+        ts.append(t)
         if jumps.get(t, 0) > 0:
             jumps[t] -= 1
             for _ in range(jump):
-                moves.append((steps - t, steps - t - 1))
                 t += 1
-    return moves
+                ts.append(t)
+    return [(steps - 1 - a, steps - 1 - b) for a, b in zip(ts, ts[1:])]
 
 
 def full_chain(sampler, start, steps, spacing):

@@ -1,19 +1,23 @@
 """Tests of editing.py (SDEdit, Meng et al. 2022; inpainting by replacement with RePaint's resampling, Lugmayr et al.
 2022): the noising step against q's moments (Monte Carlo), RePaint's jump back up the chain against the chain's own
-marginals, its schedule, strength 0 as the identity, SDEdit as the reverse process started from q(x_t0 | x_0), the
-known region kept exactly; then sample.py --edit / --mask / --png-dir end to end, and bad masks as one line each."""
+marginals, its schedule against Appendix B and Algorithm 1 written out and the edit loop walking it (x_0 never noised
+again), strength 0 as the identity, SDEdit as the reverse process started from q(x_t0 | x_0), the known region on
+q(x_t | x_0) after every step and exactly the input at the end; then sample.py --edit / --mask / --png-dir end to
+end, and bad masks as one line each."""
 import pytest
 import torch
 from hypothesis import given, strategies as st
 
+import editing
 import sample
 from checkpoint import build_diffusion
-from conftest import (SLOW, TINY_DIFFUSION, TINY_NET, decode_png, full, one_line_error, randomized, read_npz,
+from conftest import (FAST, SLOW, TINY_DIFFUSION, TINY_NET, decode_png, full, one_line_error, randomized, read_npz,
                       schedules, write_checkpoint)
 from data import make_shapes
 from ddpm import GaussianDiffusion
 from editing import edit_loop, edit_start, jump_back, noise_to, repaint_schedule
 from imagefiles import write_npz
+from samplers import alpha_sigma, spaced_timesteps
 from unet import UNet
 
 
@@ -46,6 +50,80 @@ def test_repaint_schedule():
     assert all(abs(a - b) == 1 for a, b in moves) and all(b == c for (_, b), (c, _) in zip(moves, moves[1:]))
     down = sum(b > a for a, b in moves)
     assert down - sum(b < a for a, b in moves) == 10 and down == 10 + 2 * 2 * 4  # 4 jump points, 2 extra passes
+
+
+def appendix_b(T, jump, resample):
+    """RePaint's Appendix B written out in its own index, t = T - 1 (pure noise) down to -1 (the data): the chain
+    visits every t once on its way down, and on arriving at t = 0, jump, 2 jump, ... below T - jump it goes jump
+    steps back up and down again to t, resample - 1 times (the jumps of the reference's get_schedule_jump)."""
+    ts = []
+    for t in range(T - 1, -1, -1):
+        ts.append(t)
+        if t % jump == 0 and t < T - jump:
+            for _ in range(resample - 1):
+                ts += list(range(t + 1, t + jump + 1)) + list(range(t + jump - 1, t - 1, -1))
+    return ts + [-1]
+
+
+def algorithm_1(T, U):
+    """RePaint's Algorithm 1 written out (its jump of one step), in 0-based indices i = t - 1 (x_t is at index
+    t - 1, x_0 at -1): for t = T..1, for u = 1..U: x_{t-1} from x_t (a move down), and if u < U and t > 1, x_t again
+    from x_{t-1} (a move up). At t = 1 the U passes draw no noise and start from the same x_1: one move."""
+    moves = []
+    for t in range(T, 0, -1):
+        for u in range(1, U + 1):
+            if t > 1 or u == U:
+                moves.append((t - 1, t - 2))
+            if u < U and t > 1:
+                moves.append((t - 2, t - 1))
+    return moves
+
+
+def as_indices(moves, T):
+    """repaint_schedule's positions (0 the start .. T the data) as RePaint's indices: position p is index T - 1 - p."""
+    return [(T - 1 - p, T - 1 - q) for p, q in moves]
+
+
+@FAST
+@given(st.integers(1, 60), st.integers(1, 12), st.integers(1, 5))
+def test_repaint_schedule_is_appendix_b_written_out(T, jump, resample):
+    """repaint_schedule(T, jump, r), read as RePaint's indices, is Appendix B's schedule written out independently
+    (appendix_b); for jump 1 also Algorithm 1 written out; and with T = 20, jump 5 the chain turns back up at indices
+    0, 5 and 10 (x_1, x_6, x_11 in the paper's 1-based names), never at -1: x_0 is not noised again once reached."""
+    ts = appendix_b(T, jump, resample)
+    moves = as_indices(repaint_schedule(T, jump, resample), T)
+    assert moves == list(zip(ts, ts[1:]))
+    if jump == 1:
+        assert moves == algorithm_1(T, resample)
+    assert all(a >= 0 for a, _ in moves)  # no move starts from the data
+    moves = as_indices(repaint_schedule(20, 5, 2), 20)
+    turns = {b for (a, b), (_, c) in zip(moves, moves[1:]) if a > b < c}  # down into b, then up out of it
+    assert turns == {0, 5, 10}
+
+
+@pytest.mark.parametrize("steps, start, jump, resample", [(None, None, 5, 3), (None, None, 1, 2), (10, 59, 3, 2)])
+def test_the_edit_loop_walks_the_schedule_and_never_renoises_x0(monkeypatch, steps, start, jump, resample):
+    """edit_loop with a mask takes Appendix B's moves in order on its chain's levels (a denoising step from each level
+    the schedule goes down from, a jump back from each it goes up from), the full chain or a spaced one from an
+    SDEdit start; the last operation is the denoising step into x_0 and x_0 is never the start of a jump."""
+    d = build_diffusion(TINY_DIFFUSION)
+    ops = []
+    real_jump_back = editing.jump_back
+    monkeypatch.setattr(editing, "jump_back", lambda diffusion, x, t_from, t_to, noise:
+                        ops.append(("up", t_from, t_to)) or real_jump_back(diffusion, x, t_from, t_to, noise))
+    x0 = torch.rand(1, 3, 8, 8) * 2 - 1
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., :4] = 1
+    edit_loop(d, lambda x, t: 0.1 * x, x0, mask, start=start, steps=steps, jump=jump, resample=resample,
+              generator=torch.Generator().manual_seed(0), callback=lambda t, x, x0_hat: ops.append(("down", t)))
+    start = d.num_timesteps - 1 if start is None else start
+    steps = start + 1 if steps is None else steps
+    levels = spaced_timesteps(start + 1, steps, "trailing") + [-1]  # RePaint's index i is at levels[steps - 1 - i]
+    level = lambda i: levels[steps - 1 - i]
+    ts = appendix_b(steps, jump, resample)
+    expected = [("down", level(a)) if b < a else ("up", level(a), level(b)) for a, b in zip(ts, ts[1:])]
+    assert ops == expected
+    assert ops[-1] == ("down", levels[-2]) and ops.count(("down", levels[-2])) == 1
 
 
 def test_strength_zero_is_the_identity_and_strength_sets_t0():
@@ -87,6 +165,37 @@ def test_inpainting_keeps_the_known_region_exactly(sampler, steps, resample):
     out = edit_loop(d, lambda x, t: net(x, t), x0, mask, steps=steps, sampler=sampler, resample=resample, jump=2,
                     generator=torch.Generator().manual_seed(0))
     assert torch.equal(out[..., :4], x0[..., :4]) and not torch.allclose(out[..., 4:], x0[..., 4:])
+
+@pytest.mark.parametrize("sampler, steps, resample", [("ddpm", None, 1), ("ddim", 10, 1), ("ddpm", None, 3)])
+def test_inpainting_puts_the_known_region_on_q_after_every_step(sampler, steps, resample):
+    """RePaint Eq. (8) at every step, not only at the end: after each reverse step into level t' (the callback's x),
+    the known region is a draw of q(x_t' | x_0) (DDPM Eq. 4), so (x - sqrt(abar_t') x_0) / sqrt(1 - abar_t') has mean
+    0 and variance 1 over its 6144 pixels (6 standard errors), and at the data (t' = -1) it is x_0 bit for bit; for
+    the plain chain, a spaced DDIM one and with RePaint's jumps. A loop that composites at the step's starting level
+    t, or never and pastes x_0 in at the end, fails."""
+    d = build_diffusion(TINY_DIFFUSION)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(4, 3, 32, 32, generator=g) * 2 - 1
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[..., :16] = 1
+    levels = spaced_timesteps(d.num_timesteps, steps or d.num_timesteps) + [-1]
+    reached = []
+
+    def check(t, x, x0_hat):
+        level = levels[levels.index(t) + 1]  # where this step went
+        known, x0_known = x[..., :16].double(), x0[..., :16].double()
+        if level == -1:
+            assert torch.equal(x[..., :16], x0[..., :16])
+        else:
+            alpha, sigma = alpha_sigma(d, level)
+            r = (known - alpha * x0_known) / sigma
+            n = r.numel()
+            assert abs(r.mean()) < 6 / n ** 0.5 and abs(r.var() - 1) < 6 * (2 / n) ** 0.5, (level, r.mean(), r.var())
+        reached.append(level)
+
+    edit_loop(d, lambda x, t: 0.1 * x, x0, mask, steps=steps, sampler=sampler, resample=resample, jump=5,
+              generator=torch.Generator().manual_seed(1), callback=check)
+    assert reached[-1] == -1 and set(reached) == set(levels[1:])
 
 # ---- sample.py --edit
 
