@@ -1,7 +1,8 @@
 """Tests of the routes to high resolution beside the cascade: latent diffusion's first stage (autoencoder.py: its KL
 against the closed form and Monte Carlo, the scale factor's unit variance) and a latent model end to end (train.py
 --autoencoder, --latent, a student of a latent teacher, sample.py with every sampler); simple diffusion's shifted
-schedule (its log-SNR moved by exactly 2 log(base / d)) and multiscale loss (highres.py); bad input one line each."""
+schedule (its log-SNR moved by exactly 2 log(base / d)) and multiscale loss (highres.py; eps-, x0- and v-networks,
+each through the eps it implies); bad input one line each."""
 import math
 
 import pytest
@@ -124,6 +125,28 @@ def test_multiscale_loss_is_the_pooled_eps_error_weighted_one_over_resolution():
     pool = lambda x, s: x.unfold(2, 16 // s, 16 // s).unfold(3, 16 // s, 16 // s).mean((-1, -2))
     by_hand = sum((pool(error, s) ** 2).flatten(1).mean(1) / s for s in (4, 8)) + (error ** 2).flatten(1).mean(1) / 16
     assert torch.allclose(loss(lambda x, tt: exact(x, tt) + off, x0, t, noise), by_hand)
+
+@pytest.mark.parametrize("mean_type", ["x0", "v"])
+def test_multiscale_loss_reads_an_x0_or_v_network_through_the_eps_it_implies(mean_type):
+    """Sec. 3.2's loss is on eps_hat, what the network's prediction implies, not on its raw output: an x0- or
+    v-network that predicts exactly (x_0, or v = alpha eps - sigma x_0) has zero loss, and one off by `off` has the
+    eps error of its prediction, eps - eps_hat = (alpha / sigma) off for x0 (eps_hat = (x_t - alpha x0_hat) / sigma,
+    DDPM Eq. 15 solved for eps) and -alpha off for v (eps_hat = sigma x_t + alpha v_hat), pooled and weighted
+    1/s as for eps (by hand, d = 16, base 4). Reading the output as eps fails both."""
+    betas = make_beta_schedule("linear", 50, 1e-3, 0.2)
+    d = GaussianDiffusion(betas, mean_type=mean_type, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    x0, noise, off = (torch.randn(2, 3, 16, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    t = torch.tensor([5, 40])
+    abar = torch.cumprod(1 - betas.double(), 0)[t].view(-1, 1, 1, 1)
+    alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
+    truth = x0 if mean_type == "x0" else alpha * noise - sigma * x0
+    loss = MultiscaleLoss(d, 4)
+    assert torch.allclose(loss(lambda x, tt: truth, x0, t, noise), torch.zeros(2, dtype=torch.float64), atol=1e-9)
+    error = alpha / sigma * off if mean_type == "x0" else -alpha * off
+    pool = lambda x, s: x.unfold(2, 16 // s, 16 // s).unfold(3, 16 // s, 16 // s).mean((-1, -2))
+    by_hand = sum((pool(error, s) ** 2).flatten(1).mean(1) / s for s in (4, 8)) + (error ** 2).flatten(1).mean(1) / 16
+    assert torch.allclose(loss(lambda x, tt: truth + off, x0, t, noise), by_hand)
 
 # ---- latent diffusion, end to end
 
