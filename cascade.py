@@ -147,6 +147,10 @@ class Stage:
     bf16: bool = False
     project: bool = False
 
+    def __str__(self):  # the stage in words, for a log line
+        return (f"up to {self.size}x{self.size} by {self.sampler} in {self.steps} steps{', projected' * self.project}, "
+                f"augmentation {'none' if self.cond_aug < 0 else self.cond_aug}")
+
 
 def upsample_stage(stage, x_lr, generator):
     """One stage of a cascade (Ho et al. 2021): the super-resolution model's sampler, conditioned on x_lr upsampled to

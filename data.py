@@ -311,6 +311,20 @@ def load_mask(spec, height, width):
     return mask
 
 
+def load_edit_images(spec, mask_spec, image_size, channels, data_dir="./data"):
+    """The images an edit starts from (sample.py --edit: a file or folder, read as load_data reads them), checked to
+    be of the model's image_size (an int or [H, W]) and channels, and their masks (--mask: load_mask) or None, one
+    for all the images or one each. -> (uint8 (N, H, W, C), float (M, 1, H, W) or None)."""
+    h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+    images = load_data(spec, data_dir, image_size if h == w else (h, w))[0]
+    if tuple(images.shape[1:]) != (h, w, channels):
+        raise ValueError(f"--edit {spec}: images are {tuple(images.shape[1:])} (H,W,C), the model's {(h, w, channels)}")
+    mask = load_mask(mask_spec, h, w) if mask_spec else None
+    if mask is not None and len(mask) not in (1, len(images)):
+        raise ValueError(f"--mask {mask_spec}: {len(mask)} masks for {len(images)} images (give one, or one each)")
+    return images, mask
+
+
 def load_eval_images(spec, data_dir, image_size, channels):
     """uint8 (N,H,W,C): 'cifar10' is CIFAR-10's 10,000 test images (test_batch), 'shapes' (or 'captions') 1,000
     held-out built-in images (seed 1; train.py trains on seed 0), else a user's .npy/.npz/.pt. image_size: the

@@ -60,6 +60,8 @@ def check_classifier(name, classifier, classifier_diffusion, net, diffusion, cla
     model's image size and channels, with its classes where the model has classes; for a latent model, on the
     latents of the same first stage (autoencoder.FirstStage: the same weights and scale factor), and never a pixel
     classifier whose images happen to have the latents' shape (or the reverse)."""
+    if not isinstance(classifier, NoisyClassifier):
+        raise ValueError(f"--classifier {name} is not a classifier (train.py --classifier)")
     other = classifier_diffusion
     if other.num_timesteps != diffusion.num_timesteps or not torch.allclose(other.betas, diffusion.betas):
         raise ValueError(f"--classifier {name} was trained for another diffusion (T = {other.num_timesteps}); the "
@@ -143,6 +145,28 @@ def null_condition(config, n, device):
     if config.get("num_classes") is not None:
         return torch.full((n,), config["num_classes"], dtype=torch.long, device=device)
     return None
+
+
+def check_condition(config, classes, captions, guidance=0.0, classifier=False):
+    """ValueError unless a network of this config can be asked for these samples (sample.py's flags): classes (given,
+    or None) of a class-conditional model or toward a classifier's classes, captions (texts, or None) of a caption
+    model, guidance w > 0 toward either."""
+    if config.get("captions") and (classes is not None or classifier):
+        raise ValueError(f"a caption model is told what to draw by --caption, in its words "
+                         f"({', '.join(caption_words(config['captions'])[0][1:])}), not by --class or --classifier")
+    if captions and not all(text.split() for text in captions):
+        raise ValueError("--caption '': the empty caption is the null condition; leave --caption out to sample "
+                         "unconditionally")
+    if captions and not config.get("captions"):
+        raise ValueError("--caption needs a caption model (train.py --caption-cond); this model takes "
+                         + ("--class" if config.get("num_classes") is not None else "no condition"))
+    if classifier and classes is None:
+        raise ValueError("--classifier needs --class K[,K...]: the classes to guide toward")
+    if not classifier and classes is not None and config.get("num_classes") is None:
+        raise ValueError("--class needs a class-conditional model (train.py --class-cond) or a --classifier; this "
+                         "model is unconditional")
+    if guidance and not (classes is not None and config.get("num_classes") is not None or captions):
+        raise ValueError("--guidance needs --class and a class-conditional model, or --caption and a caption model")
 
 
 def model_fn(net, y=None, guidance=0.0, bf16=False, **condition):

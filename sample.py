@@ -19,16 +19,16 @@ import torch
 
 from cascade import Stage, carry_up, check_chain
 from checkpoint import build_diffusion, fingerprint, load_model
-from data import MASKS, load_data, load_file, load_mask, parse_classes
+from data import MASKS, load_edit_images, load_file, parse_classes
 from distill import consistency_sample
 from editing import edit_loop, edit_start, full_chain
-from guidance import check_classifier, classifier_grad, classifier_guidance, model_fn, null_condition
+from guidance import check_classifier, check_condition, classifier_grad, classifier_guidance, model_fn, null_condition
 from imagefiles import (BatchFolder, class_counts, class_grid, from_uint8, save_grid, to_uint8, trajectory_strip,
                         write_npz, write_pngs)
 from runtime import (USER_ERRORS, ArgumentParser, Processes, Progress, StopSignal, close_distributed, error_line,
                      set_tf32)
 from samplers import SAMPLERS, SPACINGS, choose_sampler, describe_sampler, is_full_chain, sample_loop
-from unet import caption_words, image_hw, tokenize
+from unet import image_hw, tokenize
 
 # What a run's record leaves out: where the files go, and what does not change the samples.
 NOT_RECORDED = ("ckpt", "out", "npz", "resume", "trajectory", "device", "compile", "upsample", "classifier", "low_res",
@@ -131,8 +131,6 @@ def check_args(args):
 def load_classifier(args, diffusion, net, first_stage, device):
     """--classifier: a train.py --classifier checkpoint, checked against the diffusion model it is to guide."""
     classifier, config, meta, desc = load_model(args.classifier)
-    if meta["kind"] != "classifier":
-        raise ValueError(f"--classifier {args.classifier} is not a classifier (train.py --classifier)")
     check_classifier(args.classifier, classifier, build_diffusion(config).to(device), net, diffusion,
                      meta["first_stage"], first_stage)
     print(f"classifier guidance: {desc}, scale {args.classifier_scale}")
@@ -215,8 +213,7 @@ def draw_samples(args, procs, net, diffusion, names, classifier=None, stages=(),
         + (f", captions {args.caption}" if args.caption else "")
         + (f", guidance {args.guidance}" if classes and (num_classes or args.caption) else "")
         + (f", classifier scale {args.classifier_scale}" if classifier is not None else "")
-        + "".join(f", then up to {st.size}x{st.size} by {st.sampler} in {st.steps} steps{', projected' * st.project}, "
-                  f"augmentation {'none' if st.cond_aug < 0 else st.cond_aug}" for st in stages) + ", bf16" * args.bf16)
+        + "".join(f", then {stage}" for stage in stages) + ", bf16" * args.bf16)
     drawn_before = parts.drawn()
     if args.resume:
         say(f"resuming: {drawn_before} samples of {args.n} already drawn")
@@ -307,21 +304,14 @@ def sample_base(args, net, diffusion, classifier, y, classes, shape, generator, 
                        clip_denoised=not args.no_clip, callback=callback, cond_fn=cond_fn)
 
 
-def load_edit(args, net, data_dir="./data"):
-    """--edit IMAGES (uint8 N, H, W, C, checked against the model) and --mask (M, 1, H, W; 1 = keep) or None."""
-    (h, w), c = image_hw(net.config["image_size"]), net.config["in_channels"]
-    images = load_data(args.edit, data_dir, net.config["image_size"] if h == w else (h, w))[0]
-    if tuple(images.shape[1:]) != (h, w, c):
-        raise ValueError(f"--edit {args.edit}: images are {tuple(images.shape[1:])} (H,W,C), the model's {(h, w, c)}")
+def load_edit(args, net):
+    """--edit IMAGES and --mask (data.load_edit_images) for a sampler whose state is x_t alone; --strength's default."""
     if args.sampler not in ("ddpm", "ddim"):
         why = {"dpm++": "it keeps the last step's x0_hat, which an edit makes stale"}.get(args.sampler, "its own map")
         raise ValueError(f"--edit runs --sampler ddpm or ddim, whose state is x_t alone; not {args.sampler} ({why})")
     args.strength = (1.0 if args.mask else 0.5) if args.strength is None else args.strength
     edit_start(1, args.strength)  # checks the range
-    mask = load_mask(args.mask, h, w) if args.mask else None
-    if mask is not None and len(mask) not in (1, len(images)):
-        raise ValueError(f"--mask {args.mask}: {len(mask)} masks for {len(images)} images (give one, or one each)")
-    return images, mask
+    return load_edit_images(args.edit, args.mask, net.config["image_size"], net.config["in_channels"])
 
 
 def finish(args, parts, classes, stages, stopped):
@@ -363,7 +353,7 @@ def sample(args):
         raise ValueError("--edit, --upsample and --trajectory work on pixels; a latent diffusion model's are latents")
     net.to(device)
     diffusion = build_diffusion(diffusion_config).to(device)
-    T, num_classes = diffusion.num_timesteps, net.config.get("num_classes")
+    T = diffusion.num_timesteps
     if procs.master:
         print(f"loaded {desc}: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M params, T={T}")
     n_asked, args.n, args.no_clip = args.n, args.n or 64, args.no_clip or bool(meta["first_stage"])  # latents: unclipped
@@ -372,27 +362,11 @@ def sample(args):
         raise ValueError("--guidance: a distilled student learnt its teacher's unguided steps (guided distillation, Meng et al. 2023, is not here); guide the teacher")
     if args.classifier and args.sampler == "consistency":
         raise ValueError("--classifier: a consistency model's sampler (Song et al. 2023, Algorithm 1) takes no classifier guidance")
-    captions = net.config.get("captions")
-    if captions and (args.class_ is not None or args.classifier):
-        raise ValueError(f"a caption model is told what to draw by --caption, in its words "
-                         f"({', '.join(caption_words(captions)[0][1:])}), not by --class or --classifier")
-    if args.caption and not all(text.split() for text in args.caption):
-        raise ValueError("--caption '': the empty caption is the null condition; leave --caption out to sample "
-                         "unconditionally")
-    if args.caption and not captions:
-        raise ValueError("--caption needs a caption model (train.py --caption-cond); this model takes "
-                         + ("--class" if num_classes is not None else "no condition"))
+    check_condition(net.config, args.class_, args.caption, args.guidance, bool(args.classifier))
     classifier, names = None, meta.get("class_names") or ()
     if args.classifier:
         classifier, classifier_names = load_classifier(args, diffusion, net, meta["first_stage"], device)
         names = classifier_names or names
-        if args.class_ is None:
-            raise ValueError("--classifier needs --class K[,K...]: the classes to guide toward")
-    elif args.class_ is not None and num_classes is None:
-        raise ValueError("--class needs a class-conditional model (train.py --class-cond) or a --classifier; this "
-                         "model is unconditional")
-    if args.guidance and not (args.class_ is not None and num_classes is not None or args.caption):
-        raise ValueError("--guidance needs --class and a class-conditional model, or --caption and a caption model")
     stages, given = load_stages(args, net, meta, diffusion, device)
     edits = load_edit(args, net) if args.edit else None
     if given is not None or edits:  # every image given, unless --n asks for fewer
