@@ -9,6 +9,7 @@ import os
 import torch
 
 from autoencoder import Autoencoder, FirstStage
+from captions import CaptionUNet
 from cascade import SuperResolution
 from data import CAPTIONS, CIFAR10_CLASSES, SHAPES_CLASSES
 from ddpm import GaussianDiffusion, make_beta_schedule
@@ -23,7 +24,7 @@ FORMAT = "ddpm-checkpoint-v1"
 PAPER_KIND = "diffusion"  # the paper's own kind of run, and what the released weights are
 # What each kind of run trains (train.py decides the kind once; a checkpoint records it).
 MODELS = {
-    PAPER_KIND: UNet,               # DDPM, Algorithm 1 (and its class-conditional extension)
+    PAPER_KIND: UNet,               # DDPM, Algorithm 1 (and its class-conditional and caption extensions)
     "classifier": NoisyClassifier,  # p(y | x_t, t) for classifier guidance (guidance.py)
     "sr": SuperResolution,          # a super-resolution stage of a cascade (cascade.py)
     "progressive": UNet,            # a progressively distilled v-student (distill.py)
@@ -60,8 +61,10 @@ def build_diffusion(config):
 
 
 def build_model(kind, config):
-    """The network of a run of this kind, from its checkpoint's "model_config"."""
-    return MODELS[kind](**config)
+    """The network of a run of this kind, from its checkpoint's "model_config"; a U-Net with captions in its config
+    is a caption model (captions.CaptionUNet: the U-Net and latent diffusion's text side)."""
+    network = MODELS[kind]
+    return (CaptionUNet if network is UNet and config.get("captions") else network)(**config)
 
 
 class NotACheckpoint(ValueError):

@@ -11,8 +11,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from captions import caption_words
 from ddpm import extract
-from unet import Normalize, UNet, caption_words, image_hw, regroup
+from unet import Normalize, UNet, image_hw, regroup
 
 
 class NoisyClassifier(nn.Module):

@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from captions import tokenize
 from cascade import Stage, carry_up, check_chain
 from checkpoint import build_diffusion, fingerprint, load_model
 from data import MASKS, load_edit_images, load_file, parse_classes
@@ -28,7 +29,7 @@ from imagefiles import (BatchFolder, class_counts, class_grid, from_uint8, save_
 from runtime import (USER_ERRORS, ArgumentParser, Processes, Progress, StopSignal, close_distributed, error_line,
                      set_tf32)
 from samplers import SAMPLERS, SPACINGS, choose_sampler, describe_sampler, is_full_chain, sample_loop
-from unet import image_hw, tokenize
+from unet import image_hw
 
 # What a run's record leaves out: where the files go, and what does not change the samples.
 NOT_RECORDED = ("ckpt", "out", "npz", "resume", "trajectory", "device", "compile", "upsample", "classifier", "low_res",

@@ -6,13 +6,13 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
+from captions import CaptionUNet as UNet, CrossAttention, caption_words, tokenize
 from conftest import (FAST, TINY, TRAIN_TINY, assert_one_line_error, inputs, one_line_error, randomized, read_npz,
                       run_script)
 from data import CAPTIONS, COLOURS, SHAPES_CLASSES, make_shapes
 from ddpm import GaussianDiffusion, make_beta_schedule
 from guidance import model_fn, null_condition
 from training import DiffusionLoss
-from unet import CrossAttention, UNet, caption_words, tokenize
 
 WORDS = ["red", "green", "blue", "disk", "cross", "big", "small", "a"]
 

@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from autoencoder import Autoencoder, AutoencoderLoss, FirstStage, latent_scale
+from captions import tokenize
 from cascade import SuperResolutionLoss, downsample, upsample
 from checkpoint import build_diffusion, build_model, diffusion_config, load_checkpoint, load_model
 from distill import ConsistencyDistillation, ProgressiveDistillation, progressive_schedule
@@ -20,7 +21,7 @@ from guidance import ClassifierLoss, model_fn
 from highres import MultiscaleLoss, shift_for
 from imagefiles import from_uint8
 from samplers import sample_loop
-from unet import UNet, image_hw, network_groups, tokenize
+from unet import UNet, image_hw, network_groups
 
 # train.py's fast paths and their defaults (bench.py times the same): channels_last and compile stay off until a
 # GPU measurement shows they pay (on a CPU neither does).
@@ -397,7 +398,7 @@ def load_teacher(args, ckpt, images, device):
             raise ValueError(f"--distill {args.distill} needs --teacher (a train.py checkpoint or released weights)")
         teacher, config, meta, _ = load_model(args.teacher)
         sampling = meta["sampling"]  # a progressive student's own DDIM steps; None for a diffusion model
-        if type(teacher) is not UNet or (sampling or {}).get("sampler", "ddim") != "ddim":
+        if not isinstance(teacher, UNet) or (sampling or {}).get("sampler", "ddim") != "ddim":
             raise ValueError(f"--teacher {args.teacher} is a {meta['kind']} checkpoint, not a diffusion model")
         if teacher.config.get("captions"):  # its student would learn the empty caption's steps alone
             raise ValueError(f"--teacher {args.teacher} is a caption model: distillation here learns a teacher's "

@@ -1,10 +1,9 @@
 """The noise-prediction U-Net eps_theta(x_t, t) of DDPM (Ho, Jain, Abbeel 2020, Sec. 4 and Appendix B),
 a PixelCNN++-style U-Net after the original diffusion_tf/models/unet.py. Imports only torch; its state_dict keys
 are those of the released CIFAR-10 weights (pretrained.load_pretrained reads them). Extensions, each off unless
-asked for: a class embedding, non-square images, wider normalisation groups, and captions read by cross-attention
-(latent diffusion's conditioning, Rombach et al. 2022, Sec. 3.3)."""
+asked for: a class embedding, non-square images, wider normalisation groups; and the two hooks through which
+captions.py adds latent diffusion's conditioning (an encoder, and cross-attention after each self-attention)."""
 
-import copy
 import math
 
 import torch
@@ -93,18 +92,18 @@ class ResnetBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-    """Single-head self-attention over the H*W positions, q/k/v/proj_out as 1x1 convolutions, residual; in a
-    caption model (context_dim) followed by cross-attention to the caption."""
+    """Single-head self-attention over the H*W positions, q/k/v/proj_out as 1x1 convolutions, residual; in a model
+    conditioned through cross-attention followed by `cross`, which reads the condition (captions.CrossAttention)."""
     use_sdpa = True  # False: the explicit softmax(q k^T / sqrt(C)) v below, for reading and testing (same maths)
 
-    def __init__(self, channels, context_dim=None):
+    def __init__(self, channels, cross=None):
         super().__init__()
         self.norm = Normalize(channels)
         self.q = nn.Conv2d(channels, channels, 1)
         self.k = nn.Conv2d(channels, channels, 1)
         self.v = nn.Conv2d(channels, channels, 1)
         self.proj_out = nn.Conv2d(channels, channels, 1)
-        self.cross = CrossAttention(channels, context_dim) if context_dim else None
+        self.cross = cross
 
     def forward(self, x, context=None):
         x = self.self_attention(x)
@@ -123,72 +122,6 @@ class AttnBlock(nn.Module):
             h = w @ v
         h = F.linear(h[:, 0], self.proj_out.weight.flatten(1), self.proj_out.bias)
         return x + h.transpose(1, 2).reshape(B, C, H, W)
-
-
-class CrossAttention(nn.Module):
-    """Latent diffusion's conditioning (Rombach et al. 2022, Sec. 3.3): Attention(Q, K, V) = softmax(Q K^T / sqrt(C)) V
-    with Q = W_Q phi(z_t) from the image's H*W positions and K = W_K tau(y), V = W_V tau(y) from the caption's L
-    tokens; single-head like AttnBlock, residual, its output layer starting at ~0 (reset_parameters)."""
-
-    def __init__(self, channels, context_dim):
-        super().__init__()
-        self.norm = Normalize(channels)
-        self.q = nn.Linear(channels, channels)
-        self.k = nn.Linear(context_dim, channels)
-        self.v = nn.Linear(context_dim, channels)
-        self.proj_out = nn.Linear(channels, channels)
-
-    def forward(self, x, context):
-        B, C, H, W = x.shape
-        h = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
-        h = F.scaled_dot_product_attention(self.q(h)[:, None], self.k(context)[:, None], self.v(context)[:, None])
-        return x + self.proj_out(h[:, 0]).transpose(1, 2).reshape(B, C, H, W)
-
-
-def caption_words(captions):
-    """A caption model's vocabulary and caption length from its training captions: [""] + the sorted words (token 0
-    pads every caption to the length, so the empty caption, all padding, is the null condition, as "" is in
-    classifier-free guided text-to-image models), and the most words of one caption."""
-    words = [c.lower().split() for c in captions]
-    return [""] + sorted({w for ws in words for w in ws}), max(len(ws) for ws in words)
-
-
-def tokenize(texts, captions):
-    """Token ids (N, L) of the texts for a model trained on these captions: a word's index in the vocabulary, then 0s.
-    A word the captions never use, or more words than the longest caption, is a ValueError. (A deviation: one token
-    a word, over the training captions' words; the paper's text-to-image model uses BERT's tokenizer.)"""
-    vocab, length = caption_words(captions)
-    ids = []
-    for text in texts:
-        words = text.lower().split()
-        for w in words:
-            if w not in vocab:
-                raise ValueError(f"caption {text!r}: the model knows no {w!r} (its words: {', '.join(vocab[1:])})")
-        if len(words) > length:
-            raise ValueError(f"caption {text!r}: {len(words)} words; the model's captions have at most {length}")
-        ids.append([vocab.index(w) for w in words] + [0] * (length - len(words)))
-    return torch.tensor(ids, dtype=torch.long).reshape(len(texts), length)
-
-
-class CaptionEncoder(nn.Module):
-    """tau_theta of latent diffusion (Rombach et al. 2022, Sec. 3.3), trained with the U-Net: token plus learned
-    position embeddings through pre-norm transformer layers -> (B, L, dim), the keys and values of every
-    CrossAttention. Padding is attended to, not masked, so every caption, the empty one too, has the same length."""
-
-    def __init__(self, vocab_size, length, dim, layers=2, heads=4):
-        super().__init__()
-        self.token = nn.Embedding(vocab_size, dim)
-        self.position = nn.Parameter(torch.zeros(length, dim))
-        layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, activation="gelu", batch_first=True,
-                                           norm_first=True)
-        self.layers = nn.ModuleList([layer] + [copy.deepcopy(layer) for _ in range(layers - 1)])
-        self.norm = nn.LayerNorm(dim)
-
-    def forward(self, tokens):
-        h = self.token(tokens) + self.position
-        for layer in self.layers:
-            h = layer(h)
-        return self.norm(h)
 
 
 class Downsample(nn.Module):
@@ -212,15 +145,14 @@ class Upsample(nn.Module):
 class UNet(nn.Module):
     """eps_theta(x_t, t[, y]). The defaults are the paper's CIFAR-10 net: 35,746,307 parameters, state_dict keys as
     in the released weights. num_classes=K adds a class embedding (an extension) with label K meaning "no label";
-    captions (the training captions, e.g. ["red disk", ...]) instead make y a caption's tokens (tokenize), read by a
-    CaptionEncoder and cross-attention after each self-attention (latent diffusion's conditioning, another);
     image_size=[H, W] makes a network for images that are not square (an extension too); norm_groups (see
     network_groups) gives narrow networks fewer, wider normalisation groups (another; group_channels > 1 without it:
-    the per-layer counts of networks saved before it)."""
+    the per-layer counts of networks saved before it). **condition: what a subclass conditioned through
+    cross-attention is built from (captions.CaptionUNet: its captions), passed to its hook build_condition."""
 
     def __init__(self, image_size=32, in_channels=3, out_channels=None, ch=128, ch_mult=(1, 2, 2, 2),
                  num_res_blocks=2, attn_resolutions=(16,), dropout=0.1, num_classes=None, group_channels=1,
-                 captions=None, norm_groups=None):
+                 norm_groups=None, **condition):
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
         ch_mult, attn_resolutions = [int(m) for m in ch_mult], [int(r) for r in attn_resolutions]
@@ -241,10 +173,6 @@ class UNet(nn.Module):
             (num_res_blocks > 0, f"num_res_blocks must be positive, got {num_res_blocks}"),
             (0.0 <= dropout < 1.0, f"dropout must be in [0, 1), got {dropout}"),
             (num_classes is None or num_classes > 0, f"num_classes must be None or positive, got {num_classes}"),
-            (captions is None or isinstance(captions, (list, tuple)) and len(captions) > 0
-             and all(isinstance(c, str) and c.split() for c in captions),
-             "captions must be None or a non-empty list of captions, each with a word"),
-            (num_classes is None or captions is None, "a model takes class labels or captions, not both"),
         ]:
             if not ok:
                 raise ValueError(msg)
@@ -252,7 +180,7 @@ class UNet(nn.Module):
                            out_channels=int(out_channels), ch=int(ch), ch_mult=ch_mult,
                            num_res_blocks=int(num_res_blocks), attn_resolutions=attn_resolutions, dropout=float(dropout),
                            num_classes=None if num_classes is None else int(num_classes),
-                           group_channels=int(group_channels), **({"captions": list(captions)} if captions else {}),
+                           group_channels=int(group_channels),
                            **({} if norm_groups is None else {"norm_groups": int(norm_groups)}))
         self.ch, self.num_classes = ch, num_classes
         temb_ch = ch * 4
@@ -262,12 +190,9 @@ class UNet(nn.Module):
         # Extension (classifier-free guidance, Ho & Salimans 2021): one learned vector per class plus a "null"
         # class K, the label of an unconditional prediction
         self.label_emb = nn.Embedding(num_classes + 1, temb_ch) if num_classes is not None else None
-        # Extension (latent diffusion, Rombach et al. 2022, Sec. 3.3): tau_theta(y), attended to at every attention
-        self.captions, self.caption_encoder = captions and list(captions), None
-        if captions:
-            vocab, length = caption_words(captions)
-            self.caption_encoder = CaptionEncoder(len(vocab), length, temb_ch)
-        context_dim = temb_ch if captions else None
+        # Hook (latent diffusion, Rombach et al. 2022, Sec. 3.3: captions.CaptionUNet): a subclass's encoder of the
+        # condition tau_theta(y), built here so that its weights keep their place, and its width (None: no condition)
+        context_dim = self.build_condition(temb_ch, **condition)
 
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
         skip_chs, block_in = [ch], ch  # channels of every activation the up path will concatenate
@@ -279,7 +204,7 @@ class UNet(nn.Module):
                 level.block.append(ResnetBlock(block_in, ch * mult, temb_ch, dropout))
                 block_in = ch * mult
                 if sizes[i] in attn_resolutions:
-                    level.attn.append(AttnBlock(block_in, context_dim))
+                    level.attn.append(AttnBlock(block_in, self.cross_attention(block_in, context_dim)))
                 skip_chs.append(block_in)
             if i != len(ch_mult) - 1:
                 level.downsample = Downsample(block_in)
@@ -288,7 +213,7 @@ class UNet(nn.Module):
 
         self.mid = nn.Module()
         self.mid.block_1 = ResnetBlock(block_in, block_in, temb_ch, dropout)
-        self.mid.attn_1 = AttnBlock(block_in, context_dim)
+        self.mid.attn_1 = AttnBlock(block_in, self.cross_attention(block_in, context_dim))
         self.mid.block_2 = ResnetBlock(block_in, block_in, temb_ch, dropout)
 
         up = []  # built from the lowest resolution, stored by level (up[0] = full resolution) as in the key list
@@ -299,7 +224,7 @@ class UNet(nn.Module):
                 level.block.append(ResnetBlock(block_in + skip_chs.pop(), ch * ch_mult[i], temb_ch, dropout))
                 block_in = ch * ch_mult[i]
                 if sizes[i] in attn_resolutions:
-                    level.attn.append(AttnBlock(block_in, context_dim))
+                    level.attn.append(AttnBlock(block_in, self.cross_attention(block_in, context_dim)))
             if i != 0:
                 level.upsample = Upsample(block_in)
             up.append(level)
@@ -310,30 +235,36 @@ class UNet(nn.Module):
         regroup(self, group_channels, norm_groups)
         self.reset_parameters()
 
+    def build_condition(self, temb_ch):
+        """Hook for a subclass conditioned through cross-attention (captions.CaptionUNet): build the condition's
+        encoder, return the width of what it gives cross_attention to read. The paper's net has none: None."""
+        return None
+
+    def cross_attention(self, channels, context_dim):
+        """Hook: the block after each self-attention that reads the condition (AttnBlock's cross); the paper's: none."""
+        return None
+
     @torch.no_grad()
     def reset_parameters(self):
         """The original initialisation: variance_scaling(fan_avg, uniform) = Xavier uniform, zero biases; the last
-        layer of each residual branch and the output conv get scale 1e-10 (init_scale=0): the net starts near 0."""
+        layer of each residual branch (a ResnetBlock's conv2, an attention's proj_out, a cross-attention's too) and
+        the output conv get scale 1e-10 (init_scale=0): the net starts near 0."""
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
         for m in self.modules():
-            if isinstance(m, (ResnetBlock, AttnBlock, CrossAttention)):
-                last = m.conv2 if isinstance(m, ResnetBlock) else m.proj_out
+            last = m.conv2 if isinstance(m, ResnetBlock) else getattr(m, "proj_out", None)
+            if last is not None:
                 nn.init.xavier_uniform_(last.weight, gain=1e-5)  # gain = sqrt(scale)
         nn.init.xavier_uniform_(self.conv_out.weight, gain=1e-5)
 
     def forward(self, x, t, y=None):
-        """x: (B, C, H, W); t: (B,) integer timestep indices (0-d broadcasts); y: (B,) class labels, or a caption
-        model's (B, L) tokens, or None (the null label, the empty caption)."""
+        """x: (B, C, H, W); t: (B,) integer timestep indices (0-d broadcasts); y: (B,) class labels or None (the
+        null label)."""
         t = t if t.dim() else t.expand(x.shape[0])
-        if self.caption_encoder is None:
-            temb, context = self.embed(t, y), None
-        else:
-            empty = torch.zeros(t.shape[0], self.caption_encoder.position.shape[0], dtype=torch.long, device=t.device)
-            temb, context = self.embed(t), self.caption_encoder(empty if y is None else y)
-        return self.decode(*self.encode(x, temb, context), temb, context)
+        temb = self.embed(t, y)
+        return self.decode(*self.encode(x, temb), temb)
 
     def embed(self, t, y=None, extra=None):
         """What every residual block is told: dense(swish(dense(sinusoid(t)))), plus the class embedding, plus
@@ -350,7 +281,7 @@ class UNet(nn.Module):
 
     def encode(self, x, temb, context=None):
         """The down path and the middle: -> (the middle's output, every activation the up path concatenates).
-        context: a caption model's tau_theta(y), (B, L, 4ch)."""
+        context: what cross-attention reads in a conditioned subclass (a caption model's tau_theta(y), (B, L, 4ch))."""
         hs = [self.conv_in(x)]
         for i, level in enumerate(self.down):
             for j, block in enumerate(level.block):
