@@ -105,25 +105,41 @@ def ddim_sample_loop(diffusion, model, shape, steps, eta=0.0, spacing="trailing"
     return x
 
 
+def dpm_solver_pp_step(x_s, D, alpha_s, sigma_s, alpha_t, sigma_t, eta=0.0, noise=None):
+    """One step of DPM-Solver++ from level s to level t < s, with D the data prediction it uses (x_theta, or the
+    multistep combination), h = lambda_t - lambda_s > 0:
+        x_t = (sigma_t / sigma_s) e^{-eta h} x_s + alpha_t (1 - e^{-(1 + eta) h}) D + sigma_t sqrt(1 - e^{-2 eta h}) z.
+    eta = 0 is the ODE solver's step (DPM-Solver++ Eq. 9 / Algorithm 1's first-order update; the DDIM step with eta
+    0); eta = 1 is SDE-DPM-Solver++ (Lu et al. 2022, Appendix B, the exact solution of the reverse SDE's linear part
+    with the data prediction held constant); between, the noise scale of k-diffusion's sample_dpmpp_2m_sde. The
+    noise's variance sigma_t^2 (1 - e^{-2 eta h}) is what the deterministic part's shrinking leaves out of the
+    marginal at t."""
+    h = (alpha_t / sigma_t).log() - (alpha_s / sigma_s).log()
+    x_t = sigma_t / sigma_s * (-eta * h).exp() * x_s - alpha_t * torch.expm1(-(1 + eta) * h) * D
+    if eta > 0:
+        x_t = x_t + sigma_t * (-torch.expm1(-2 * eta * h)).sqrt() * noise.to(x_t.dtype)
+    return x_t
+
+
 @torch.no_grad()
-def dpm_solver_pp_sample_loop(diffusion, model, shape, steps, spacing="trailing", order=2, noise=None,
+def dpm_solver_pp_sample_loop(diffusion, model, shape, steps, spacing="trailing", order=2, eta=0.0, noise=None,
                               generator=None, clip_denoised=True, callback=None):
-    """DPM-Solver++ (Lu et al. 2022): the probability-flow ODE solved in data-prediction form, one network call
-    per step, over `steps` timesteps chosen by `spacing`, then a last step to the data. x_theta is x0_hat of
-    Eq. (15) of DDPM (clipped to [-1, 1] with clip_denoised, the paper's static thresholding).
-    - order 1 is DPM-Solver++1, the first step of Algorithm 2:
-        x_t = (sigma_t / sigma_s) x_s - alpha_t (e^{-h} - 1) x_theta(x_s, s),  h = lambda_t - lambda_s,
-      lambda = log(alpha / sigma); since e^{-h} = (sigma_t alpha_s) / (alpha_t sigma_s) this is the DDIM step
-      with eta = 0 (ddim_step), which computes it;
+    """DPM-Solver++ (Lu et al. 2022): the diffusion solved in data-prediction form, one network call per step, over
+    `steps` timesteps chosen by `spacing`, then a last step to the data. x_theta is x0_hat of Eq. (15) of DDPM
+    (clipped to [-1, 1] with clip_denoised, the paper's static thresholding).
+    - order 1 is DPM-Solver++1 (dpm_solver_pp_step with D = x_theta(x_s, s)); at eta = 0 it is DDIM with eta = 0;
     - order 2 is DPM-Solver++(2M), Algorithm 2: after that first step, each step reuses the previous step's
       x_theta, D = (1 + 1 / (2 r)) x_theta(s) - 1 / (2 r) x_theta(s'), r = h' / h (h' the previous step), in place
-      of x_theta(s) in the update above;
-    - the last step goes to the data (sigma = 0, lambda = inf), where that update is x_theta itself: x0_hat.
-    Its authors' stochastic variant (SDE-DPM-Solver++(2M)) lost to the ancestral sampler on the spaced chain
-    (DDIM with eta = 1) at every NFE on a briefly trained model (docs/samplers.md), so it is not here.
-    callback(i, x, x0_hat) after each step; x_T = noise, or drawn from generator."""
+      of x_theta(s); with eta = 1 this is SDE-DPM-Solver++(2M) (Appendix B; diffusers' "sde-dpmsolver++",
+      k-diffusion's sample_dpmpp_2m_sde with its midpoint correction), whose injected noise pulls the chain back
+      toward the marginals the ODE's errors drift from;
+    - the last step goes to the data (sigma = 0, lambda = inf), where every update is x_theta itself: x0_hat.
+    eta scales the noise (0: the ODE solver, 1: the SDE); each step's z is drawn from generator after the network
+    call. callback(i, x, x0_hat) after each step; x_T = noise, or drawn from generator."""
     if order not in (1, 2):
         raise ValueError(f"order must be 1 or 2, got {order}")
+    if not 0 <= eta <= 1:
+        raise ValueError(f"eta must be in [0, 1] (0: the ODE solver, 1: the SDE), got {eta}")
     device = diffusion.betas.device
     indices = spaced_timesteps(diffusion.num_timesteps, steps, spacing)
     x = torch.randn(shape, generator=generator, device=device) if noise is None else noise
@@ -141,7 +157,8 @@ def dpm_solver_pp_sample_loop(diffusion, model, shape, steps, spacing="trailing"
             if order == 2 and previous is not None:  # Algorithm 2, the multistep correction
                 r = (lambda_s - previous[1]) / (alpha_t.log() - sigma_t.log() - lambda_s)
                 D = (1 + 1 / (2 * r)) * pred_xstart - 1 / (2 * r) * previous[0]
-            x = ddim_step(x, D, alpha_s, sigma_s, alpha_t, sigma_t)
+            z = torch.randn(shape, generator=generator, device=device) if eta > 0 else None
+            x = dpm_solver_pp_step(x, D, alpha_s, sigma_s, alpha_t, sigma_t, eta, z)
         previous = (pred_xstart, lambda_s)
         if callback is not None:
             callback(i, x, pred_xstart)
@@ -162,7 +179,7 @@ def sample_loop(diffusion, model, shape, sampler="ddpm", steps=None, eta=None, s
     - ddpm: Algorithm 2 of DDPM over all T steps; with fewer steps, the same ancestral sampler on the spaced
       chain, which is DDIM with eta = 1 (the posterior of each strided step);
     - ddim: DDIM with eta (default 0: deterministic);
-    - dpm++: DPM-Solver++(2M).
+    - dpm++: DPM-Solver++(2M); with eta > 0 (up to 1), SDE-DPM-Solver++(2M) with that noise scale.
     cond_fn shifts Algorithm 2's mean (classifier guidance, guidance.py), so it is taken by the full chain only;
     every other sampler is guided through the model it is given (guidance.classifier_guidance decides which)."""
     T = diffusion.num_timesteps
@@ -179,9 +196,7 @@ def sample_loop(diffusion, model, shape, sampler="ddpm", steps=None, eta=None, s
     if sampler == "ddim":
         return ddim_sample_loop(diffusion, model, shape, steps, eta or 0.0, spacing, **kw)
     if sampler == "dpm++":
-        if eta not in (None, 0.0):
-            raise ValueError("dpm++ is deterministic (an ODE solver): it takes no eta")
-        return dpm_solver_pp_sample_loop(diffusion, model, shape, steps, spacing, **kw)
+        return dpm_solver_pp_sample_loop(diffusion, model, shape, steps, spacing, eta=eta or 0.0, **kw)
     raise ValueError(f"unknown sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
 
 
@@ -204,9 +219,9 @@ def choose_sampler(sampler, steps, eta, num_timesteps, own=None):
         sampler = "ddpm" if steps == num_timesteps and eta is None else "ddim"
     if sampler == "ddpm" and eta not in (None, 1.0):
         raise ValueError("--sampler ddpm has no --eta (it is eta 1); use --sampler ddim")
-    if sampler == "dpm++" and eta not in (None, 0.0):
-        raise ValueError("--sampler dpm++ is deterministic (an ODE solver) and takes no --eta; for a stochastic "
-                         "sampler use --sampler ddpm (ancestral) or ddim --eta E")
+    if sampler == "dpm++" and not 0 <= (eta or 0) <= 1:
+        raise ValueError(f"--sampler dpm++ takes --eta in [0, 1] (0: the ODE solver DPM-Solver++(2M), 1: its SDE "
+                         f"variant), not {eta}")
     return sampler, steps
 
 
@@ -218,5 +233,6 @@ def describe_sampler(sampler, steps, eta, spacing, diffusion, last=0.821):
         return f"consistency model, {steps} step{'s' if steps > 1 else ''}{tail} (Song et al. 2023, Algorithm 1)"
     if is_full_chain(sampler, steps, spacing, T):
         return f"Algorithm 2, {T} steps, {diffusion.var_type}"
-    name = {"ddpm": "ancestral (DDIM eta 1)", "ddim": f"DDIM eta {eta or 0.0}", "dpm++": "DPM-Solver++(2M)"}[sampler]
+    name = {"ddpm": "ancestral (DDIM eta 1)", "ddim": f"DDIM eta {eta or 0.0}",
+            "dpm++": f"SDE-DPM-Solver++(2M) eta {eta}" if eta else "DPM-Solver++(2M)"}[sampler]
     return f"{name}, {steps} steps ({spacing} spacing)"
