@@ -57,8 +57,7 @@ def get_parser():
       "last step adds back, the ones before falling geometrically to it (Song et al.'s CIFAR-10 value for 2 steps)")
     a("--spacing", default="trailing", choices=SPACINGS, help="which timesteps --steps K < T visits: trailing "
       "(default) starts at T-1 for every K; uniform and quadratic are the DDIM paper's")
-    a("--eta", type=float, default=None, help="the noise of ddim (0 deterministic, the default; 1 ancestral) or "
-      "of dpm++ (0 the ODE solver, the default; 1 SDE-DPM-Solver++(2M)); alone: ddim")
+    a("--eta", type=float, default=None, help="noise: ddim 0 (default) to 1 ancestral; dpm++ 0 (ODE) to 1 (SDE); alone: ddim")
     a("--no-clip", action="store_true", help="do not clip the predicted x0 to [-1, 1] (the literal Algorithm 2)")
     a("--no-ema", action="store_true", help="use the raw weights instead of their EMA (train.py checkpoints; the "
       "--upsample stages too)")

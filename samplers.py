@@ -109,11 +109,11 @@ def dpm_solver_pp_step(x_s, D, alpha_s, sigma_s, alpha_t, sigma_t, eta=0.0, nois
     """One step of DPM-Solver++ from level s to level t < s, with D the data prediction it uses (x_theta, or the
     multistep combination), h = lambda_t - lambda_s > 0:
         x_t = (sigma_t / sigma_s) e^{-eta h} x_s + alpha_t (1 - e^{-(1 + eta) h}) D + sigma_t sqrt(1 - e^{-2 eta h}) z.
-    eta = 0 is the ODE solver's step (DPM-Solver++ Eq. 9 / Algorithm 1's first-order update; the DDIM step with eta
-    0); eta = 1 is SDE-DPM-Solver++ (Lu et al. 2022, Appendix B, the exact solution of the reverse SDE's linear part
-    with the data prediction held constant); between, the noise scale of k-diffusion's sample_dpmpp_2m_sde. The
-    noise's variance sigma_t^2 (1 - e^{-2 eta h}) is what the deterministic part's shrinking leaves out of the
-    marginal at t."""
+    eta = 0 is the ODE solver's first-order step, DPM-Solver++1 (the DDIM step with eta 0); eta = 1 is the authors'
+    SDE-DPM-Solver++1, the reverse SDE's linear part solved exactly with the data prediction held constant (their
+    own code: diffusers' algorithm_type "sde-dpmsolver++"); between, the noise scale of k-diffusion's
+    sample_dpmpp_2m_sde, which the paper does not have. The noise's variance sigma_t^2 (1 - e^{-2 eta h}) is what the
+    deterministic part's shrinking leaves out of the marginal at t."""
     h = (alpha_t / sigma_t).log() - (alpha_s / sigma_s).log()
     x_t = sigma_t / sigma_s * (-eta * h).exp() * x_s - alpha_t * torch.expm1(-(1 + eta) * h) * D
     if eta > 0:
@@ -130,9 +130,9 @@ def dpm_solver_pp_sample_loop(diffusion, model, shape, steps, spacing="trailing"
     - order 1 is DPM-Solver++1 (dpm_solver_pp_step with D = x_theta(x_s, s)); at eta = 0 it is DDIM with eta = 0;
     - order 2 is DPM-Solver++(2M), Algorithm 2: after that first step, each step reuses the previous step's
       x_theta, D = (1 + 1 / (2 r)) x_theta(s) - 1 / (2 r) x_theta(s'), r = h' / h (h' the previous step), in place
-      of x_theta(s); with eta = 1 this is SDE-DPM-Solver++(2M) (Appendix B; diffusers' "sde-dpmsolver++",
-      k-diffusion's sample_dpmpp_2m_sde with its midpoint correction), whose injected noise pulls the chain back
-      toward the marginals the ODE's errors drift from;
+      of x_theta(s); with eta = 1 this is SDE-DPM-Solver++(2M) (diffusers' "sde-dpmsolver++" with its midpoint
+      correction, k-diffusion's sample_dpmpp_2m_sde), whose injected noise pulls the chain back toward the marginals
+      the ODE's errors drift from;
     - the last step goes to the data (sigma = 0, lambda = inf), where every update is x_theta itself: x0_hat.
     eta scales the noise (0: the ODE solver, 1: the SDE); each step's z is drawn from generator after the network
     call. callback(i, x, x0_hat) after each step; x_T = noise, or drawn from generator."""
