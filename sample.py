@@ -308,7 +308,7 @@ def sample_base(args, net, diffusion, classifier, y, classes, shape, generator, 
 def load_edit(args, net):
     """--edit IMAGES and --mask (data.load_edit_images) for a sampler whose state is x_t alone; --strength's default."""
     if args.sampler not in ("ddpm", "ddim"):
-        why = {"dpm++": "it keeps the last step's x0_hat, which an edit makes stale"}.get(args.sampler, "its own map")
+        why = "it keeps the last step's x0_hat, which an edit makes stale" if args.sampler != "consistency" else "its own map"
         raise ValueError(f"--edit runs --sampler ddpm or ddim, whose state is x_t alone; not {args.sampler} ({why})")
     args.strength = (1.0 if args.mask else 0.5) if args.strength is None else args.strength
     edit_start(1, args.strength)  # checks the range

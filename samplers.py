@@ -136,16 +136,22 @@ def dpm_solver_pp_sample_loop(diffusion, model, shape, steps, spacing="trailing"
     - the last step goes to the data (sigma = 0, lambda = inf), where every update is x_theta itself: x0_hat.
     eta scales the noise (0: the ODE solver, 1: the SDE); each step's z is drawn from generator after the network
     call. callback(i, x, x0_hat) after each step; x_T = noise, or drawn from generator."""
+    x = torch.randn(shape, generator=generator, device=diffusion.betas.device) if noise is None else noise
+    indices = spaced_timesteps(diffusion.num_timesteps, steps, spacing) + [-1]
+    return dpm_solver_pp_steps(diffusion, model, x, indices, order, eta, generator, clip_denoised, callback)
+
+
+def dpm_solver_pp_steps(diffusion, model, x, indices, order=2, eta=0.0, generator=None, clip_denoised=True,
+                        callback=None):
+    """x, at timestep index indices[0], carried by DPM-Solver++ through the decreasing indices to the last (-1: the
+    data), one network call at each index but the last (dpm_solver_pp_sample_loop says how)."""
     if order not in (1, 2):
         raise ValueError(f"order must be 1 or 2, got {order}")
     if not 0 <= eta <= 1:
         raise ValueError(f"eta must be in [0, 1] (0: the ODE solver, 1: the SDE), got {eta}")
-    device = diffusion.betas.device
-    indices = spaced_timesteps(diffusion.num_timesteps, steps, spacing)
-    x = torch.randn(shape, generator=generator, device=device) if noise is None else noise
     previous = None  # (x_theta, lambda) of the step before, for the multistep update
-    for i, i_next in zip(indices, indices[1:] + [-1]):
-        t = torch.full((shape[0],), i, device=device, dtype=torch.long)
+    for i, i_next in zip(indices, indices[1:]):
+        t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
         _, _, _, pred_xstart = diffusion.p_mean_variance(model, x, t, clip_denoised)
         alpha_s, sigma_s = alpha_sigma(diffusion, i)
         lambda_s = alpha_s.log() - sigma_s.log()
@@ -157,7 +163,7 @@ def dpm_solver_pp_sample_loop(diffusion, model, shape, steps, spacing="trailing"
             if order == 2 and previous is not None:  # Algorithm 2, the multistep correction
                 r = (lambda_s - previous[1]) / (alpha_t.log() - sigma_t.log() - lambda_s)
                 D = (1 + 1 / (2 * r)) * pred_xstart - 1 / (2 * r) * previous[0]
-            z = torch.randn(shape, generator=generator, device=device) if eta > 0 else None
+            z = torch.randn(x.shape, generator=generator, device=x.device) if eta > 0 else None
             x = dpm_solver_pp_step(x, D, alpha_s, sigma_s, alpha_t, sigma_t, eta, z)
         previous = (pred_xstart, lambda_s)
         if callback is not None:
@@ -165,7 +171,71 @@ def dpm_solver_pp_sample_loop(diffusion, model, shape, steps, spacing="trailing"
     return x
 
 
-SAMPLERS = ("ddpm", "ddim", "dpm++")
+def noise_level(diffusion, t):
+    """sigma~_t = sigma_t / alpha_t = sqrt((1 - abar_t) / abar_t): the noise level of x_t / alpha_t, the variance-
+    exploding form in which EDM (Karras et al. 2022) and Restart (Xu et al. 2023) state their times t = sigma~."""
+    abar = diffusion.alphas_cumprod.double()
+    return ((1 - abar[t]) / abar[t]).sqrt()
+
+
+def nearest_timestep(diffusion, level, among=None):
+    """The timestep index (of `among`, default all T) whose sigma~ is nearest to `level` in log."""
+    among = list(range(diffusion.num_timesteps)) if among is None else among
+    logs = noise_level(diffusion, torch.tensor(among)).log()
+    return among[int((logs - math.log(level)).abs().argmin())]
+
+
+def edm_timesteps(diffusion, t_max, t_min, steps, rho=7.0):
+    """steps + 1 timestep indices from t_max down to t_min, at the noise levels of EDM's discretisation (Karras et
+    al. 2022, Eq. 5): sigma~_i = (s_max^(1/rho) + i / steps (s_min^(1/rho) - s_max^(1/rho)))^rho, each at its
+    nearest index (repeats dropped)."""
+    s_max, s_min = (noise_level(diffusion, t).item() ** (1 / rho) for t in (t_max, t_min))
+    levels = [(s_max + i / steps * (s_min - s_max)) ** rho for i in range(steps + 1)]
+    indices = [t_max] + [nearest_timestep(diffusion, v, list(range(t_min, t_max + 1))) for v in levels[1:-1]] + [t_min]
+    return sorted(set(indices), reverse=True)
+
+
+RESTART = dict(levels=(0.06, 1.0), restarts=1, restart_steps=2)  # Xu et al.'s few-NFE VP setting (Table 3)
+
+
+@torch.no_grad()
+def restart_sample_loop(diffusion, model, shape, steps, levels=RESTART["levels"], restarts=RESTART["restarts"],
+                        restart_steps=RESTART["restart_steps"], spacing="trailing", noise=None, generator=None,
+                        clip_denoised=True, callback=None):
+    """Restart sampling (Xu et al. 2023, Algorithm 2 in Appendix B.2), with DPM-Solver++(2M) as its ODE solver (the
+    paper's Heun, which it says can be swapped for DPM-Solver) and `steps` network calls in all:
+    - the main process solves the ODE over the trailing grid of steps - restarts * restart_steps timesteps;
+    - at t_min, the main grid's timestep nearest sigma~ = levels[0] (Algorithm 2 rounds t_min to the main grid), it
+      restarts `restarts` times: forward noise up to t_max (sigma~ nearest levels[1]), Eq. (3)'s
+      x_{t_max} = x_{t_min} + sqrt(t_max^2 - t_min^2) eps in sigma~'s units, which for x_t = alpha_t x~ is
+      q(x_{t_max} | x_{t_min}) = N(sqrt(abar_max / abar_min) x, (1 - abar_max / abar_min) I); then the ODE back
+      down to t_min in restart_steps steps on EDM's timesteps (Eq. 4; edm_timesteps);
+    - then the main process on to the data.
+    The noise contracts the errors the ODE steps made above t_min (the paper's Theorem 3), where the SDE would
+    inject noise at every step. callback(i, x, x0_hat) after each step; x_T = noise, or drawn from generator."""
+    main_steps = steps - restarts * restart_steps
+    if restarts < 0 or restart_steps < 1 or main_steps < 2:
+        raise ValueError(f"restart sampling with {restarts} restart(s) of {restart_steps} steps needs more than "
+                         f"{restarts * restart_steps + 1} steps in all, got {steps}")
+    device = diffusion.betas.device
+    x = torch.randn(shape, generator=generator, device=device) if noise is None else noise
+    main = spaced_timesteps(diffusion.num_timesteps, main_steps, spacing)
+    t_min = nearest_timestep(diffusion, levels[0], main[1:])
+    t_max = max(nearest_timestep(diffusion, levels[1]), t_min + 1)
+    kw = dict(generator=generator, clip_denoised=clip_denoised, callback=callback)
+    if not restarts:  # the main process alone, its multistep unbroken
+        return dpm_solver_pp_steps(diffusion, model, x, main + [-1], **kw)
+    k = main.index(t_min)
+    x = dpm_solver_pp_steps(diffusion, model, x, main[:k + 1], **kw)
+    ratio = diffusion.alphas_cumprod[t_max] / diffusion.alphas_cumprod[t_min]  # abar_max / abar_min
+    for _ in range(restarts):
+        z = torch.randn(x.shape, generator=generator, device=device)
+        x = ratio.sqrt() * x + (1 - ratio).sqrt() * z  # Eq. (3): up to t_max
+        x = dpm_solver_pp_steps(diffusion, model, x, edm_timesteps(diffusion, t_max, t_min, restart_steps), **kw)
+    return dpm_solver_pp_steps(diffusion, model, x, main[k:] + [-1], **kw)
+
+
+SAMPLERS = ("ddpm", "ddim", "dpm++", "restart")
 
 
 def is_full_chain(sampler, steps, spacing, num_timesteps):
@@ -179,7 +249,8 @@ def sample_loop(diffusion, model, shape, sampler="ddpm", steps=None, eta=None, s
     - ddpm: Algorithm 2 of DDPM over all T steps; with fewer steps, the same ancestral sampler on the spaced
       chain, which is DDIM with eta = 1 (the posterior of each strided step);
     - ddim: DDIM with eta (default 0: deterministic);
-    - dpm++: DPM-Solver++(2M); with eta > 0 (up to 1), SDE-DPM-Solver++(2M) with that noise scale.
+    - dpm++: DPM-Solver++(2M); with eta > 0 (up to 1), SDE-DPM-Solver++(2M) with that noise scale;
+    - restart: Restart sampling (Xu et al. 2023) around DPM-Solver++(2M), `steps` network calls in all.
     cond_fn shifts Algorithm 2's mean (classifier guidance, guidance.py), so it is taken by the full chain only;
     every other sampler is guided through the model it is given (guidance.classifier_guidance decides which)."""
     T = diffusion.num_timesteps
@@ -197,6 +268,10 @@ def sample_loop(diffusion, model, shape, sampler="ddpm", steps=None, eta=None, s
         return ddim_sample_loop(diffusion, model, shape, steps, eta or 0.0, spacing, **kw)
     if sampler == "dpm++":
         return dpm_solver_pp_sample_loop(diffusion, model, shape, steps, spacing, eta=eta or 0.0, **kw)
+    if sampler == "restart":
+        if eta not in (None, 0.0):
+            raise ValueError("restart sampling's noise is its restarts': it takes no eta")
+        return restart_sample_loop(diffusion, model, shape, steps, spacing=spacing, **kw)
     raise ValueError(f"unknown sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
 
 
@@ -222,6 +297,8 @@ def choose_sampler(sampler, steps, eta, num_timesteps, own=None):
     if sampler == "dpm++" and not 0 <= (eta or 0) <= 1:
         raise ValueError(f"--sampler dpm++ takes --eta in [0, 1] (0: the ODE solver DPM-Solver++(2M), 1: its SDE "
                          f"variant), not {eta}")
+    if sampler == "restart" and eta not in (None, 0.0):
+        raise ValueError("--sampler restart takes no --eta: its noise is its restarts'")
     return sampler, steps
 
 
@@ -234,5 +311,7 @@ def describe_sampler(sampler, steps, eta, spacing, diffusion, last=0.821):
     if is_full_chain(sampler, steps, spacing, T):
         return f"Algorithm 2, {T} steps, {diffusion.var_type}"
     name = {"ddpm": "ancestral (DDIM eta 1)", "ddim": f"DDIM eta {eta or 0.0}",
-            "dpm++": f"SDE-DPM-Solver++(2M) eta {eta}" if eta else "DPM-Solver++(2M)"}[sampler]
+            "dpm++": f"SDE-DPM-Solver++(2M) eta {eta}" if eta else "DPM-Solver++(2M)",
+            "restart": "Restart around DPM-Solver++(2M) ({restarts} x {restart_steps} steps, sigma~ {levels[0]} to "
+                       "{levels[1]})".format(**RESTART)}[sampler]
     return f"{name}, {steps} steps ({spacing} spacing)"

@@ -11,8 +11,8 @@ from hypothesis import given, strategies as st
 
 from conftest import FAST, SLOW, full, oracle, schedules
 from ddpm import GaussianDiffusion, make_beta_schedule
-from samplers import (SPACINGS, ddim_sample, ddim_sample_loop, dpm_solver_pp_sample_loop, sample_loop,
-                      spaced_timesteps)
+from samplers import (SPACINGS, ddim_sample, ddim_sample_loop, dpm_solver_pp_sample_loop, restart_sample_loop,
+                      sample_loop, spaced_timesteps)
 
 # ---- the timestep spacings ----
 
@@ -331,6 +331,76 @@ def test_sde_noise_keeps_a_point_masss_marginals(betas, steps, spacing, eta, m):
         var = 1 - abar[j].item()
         assert abs(x.mean().item() - m * abar[j].sqrt().item()) < 5 * math.sqrt(var / n)
         assert abs(x.var().item() / var - 1) < 5 * math.sqrt(2 / n)
+
+
+def restart_order(d, steps, levels, restarts, restart_steps):
+    """Restart's Algorithm 2 (Xu et al. 2023, Appendix B.2) written out as the timesteps its steps start from and
+    land on, [(from, to)], and the (t_min, t_max) pair: the main grid down to t_min (the main timestep nearest
+    sigma~ = levels[0]), then per restart a jump up to t_max and EDM's Eq. (5) levels back down, then the main grid
+    to the data."""
+    T = d.num_timesteps
+    main = spaced_timesteps(T, steps - restarts * restart_steps)
+    level = lambda i: math.sqrt((1 - d.alphas_cumprod[i].item()) / d.alphas_cumprod[i].item())
+    t_min = min(main[1:], key=lambda i: abs(math.log(level(i)) - math.log(levels[0])))
+    t_max = max(min(range(T), key=lambda i: abs(math.log(level(i)) - math.log(levels[1]))), t_min + 1)
+    rho, (a, b) = 7.0, (level(t_max) ** (1 / 7.0), level(t_min) ** (1 / 7.0))
+    inner = [min(range(t_min, t_max + 1), key=lambda i: abs(math.log(level(i)) - math.log(
+        (a + k / restart_steps * (b - a)) ** rho))) for k in range(1, restart_steps)]
+    sub = sorted({t_max, t_min, *inner}, reverse=True)
+    k = main.index(t_min)
+    pairs = list(zip(main[:k], main[1:k + 1]))
+    for _ in range(restarts):
+        pairs += [("jump", t_max)] + list(zip(sub, sub[1:]))
+    return pairs + list(zip(main[k:], main[k + 1:] + [-1])), (t_min, t_max)
+
+
+@FAST
+@given(st.integers(10, 40), st.integers(0, 3), st.integers(1, 3), st.sampled_from([(0.06, 1.0), (0.06, 0.3),
+                                                                                     (0.2, 5.0)]),
+       st.integers(0, 2**31 - 1))
+def test_restart_follows_algorithm_2_and_counts_its_network_calls(steps, restarts, restart_steps, levels, seed):
+    """restart_sample_loop visits Algorithm 2's order written out above (restart_order), calls the network once per
+    step, `steps` times in all where EDM's levels fall on distinct timesteps, and with no restarts is DPM-Solver++(2M)
+    on the same grid, to the bit."""
+    d = GaussianDiffusion(make_beta_schedule("linear", 1000), dtype=torch.float64)
+    x_T = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    calls, visited = [], []
+    model = lambda x, t: calls.append(t[0].item()) or torch.tanh(x) * 0.5
+    if steps - restarts * restart_steps < 2:
+        with pytest.raises(ValueError, match="restart sampling"):
+            restart_sample_loop(d, model, x_T.shape, steps, levels, restarts, restart_steps, noise=x_T)
+        return
+    out = restart_sample_loop(d, model, x_T.shape, steps, levels, restarts, restart_steps, noise=x_T.clone(),
+                              generator=torch.Generator().manual_seed(seed), callback=lambda i, x, p: visited.append(i))
+    pairs, _ = restart_order(d, steps, levels, restarts, restart_steps)
+    assert visited == calls == [a for a, _ in pairs if a != "jump"]
+    assert len(calls) == steps or len(set(calls)) < len(calls)  # fewer only where EDM's levels share a timestep
+    if restarts == 0:
+        assert torch.equal(out, dpm_solver_pp_sample_loop(d, model, x_T.shape, steps, noise=x_T.clone()))
+
+
+@SLOW
+@given(st.integers(8, 30), st.integers(1, 3), st.integers(1, 3), st.floats(-1, 1))
+def test_restart_noise_keeps_a_point_masss_marginals(steps, restarts, restart_steps, m):
+    """Data at a point m (x0_hat = m exactly): the ODE steps keep the marginal N(m alpha_t, sigma_t^2) exactly, so
+    after every step, the restarts' jumps included, the chains' mean and variance are those of the level they are
+    at only if each jump is Eq. (3): in sigma~'s units x~ + sqrt(t_max^2 - t_min^2) eps, i.e. q(x_{t_max} |
+    x_{t_min}). Monte Carlo over 40,000 chains, the levels from Algorithm 2 written out (restart_order)."""
+    steps = max(steps, restarts * restart_steps + 2)
+    d = GaussianDiffusion(make_beta_schedule("linear", 1000), mean_type="x0", dtype=torch.float64)
+    abar, n, g = d.alphas_cumprod, 40_000, torch.Generator().manual_seed(0)
+    x_T = m * abar[999].sqrt() + (1 - abar[999]).sqrt() * torch.randn(n, 1, dtype=torch.float64, generator=g)
+    seen = []
+    restart_sample_loop(d, lambda x, t: torch.full_like(x, m), x_T.shape, steps, (0.06, 1.0), restarts,
+                        restart_steps, noise=x_T, generator=g, clip_denoised=False, callback=lambda i, x, p: seen.append(x))
+    pairs, (t_min, t_max) = restart_order(d, steps, (0.06, 1.0), restarts, restart_steps)
+    landed = [b for a, b in pairs if a != "jump"]
+    assert len(seen) == len(landed)
+    for x, j in zip(seen[:-1], landed[:-1]):
+        var = 1 - abar[j].item()
+        assert abs(x.mean().item() - m * abar[j].sqrt().item()) < 5 * math.sqrt(var / n)
+        assert abs(x.var().item() / var - 1) < 5 * math.sqrt(2 / n)
+    assert torch.allclose(seen[-1], torch.full_like(seen[-1], m))
 
 
 def gaussian_moments(m, s2, d, indices, eta):
