@@ -150,8 +150,9 @@ def test_projection_within_the_bounds_is_the_nearest_consistent_image(k, spread,
 
 
 @pytest.mark.parametrize("mean_type", ["eps", "v", "x0"])
-@pytest.mark.parametrize("sampler, steps", [("ddpm", None), ("ddpm", 20), ("ddim", 10), ("dpm++", 10)])
-def test_a_projected_stage_is_consistent_with_its_input_whatever_the_network(mean_type, sampler, steps):
+@pytest.mark.parametrize("sampler, steps, eta", [("ddpm", None, None), ("ddpm", 20, None), ("ddim", 10, None),
+                                                ("dpm++", 10, None), ("dpm++", 10, 1.0), ("restart", 10, None)])
+def test_a_projected_stage_is_consistent_with_its_input_whatever_the_network(mean_type, sampler, steps, eta):
     """Stage(project=True): every sampler's output, area-downsampled, is its low-resolution input, even for a
     network that ignores its condition (random weights), Algorithm 2's full chain included; the same stage without
     the projection is far from it."""
@@ -160,7 +161,7 @@ def test_a_projected_stage_is_consistent_with_its_input_whatever_the_network(mea
     x_lr = torch.rand(4, 3, 4, 4, generator=torch.Generator().manual_seed(0)) - 0.5
     rmse = {}
     for on in (False, True):
-        stage = Stage(net=sr, diffusion=d, size=8, sampler=sampler, steps=steps, project=on)
+        stage = Stage(net=sr, diffusion=d, size=8, sampler=sampler, steps=steps, eta=eta, project=on)
         with torch.no_grad():
             out = upsample_stage(stage, x_lr, torch.Generator().manual_seed(1))
         rmse[on] = ((downsample(out, 4) - x_lr) * 127.5).square().mean().sqrt().item()

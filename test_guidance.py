@@ -159,15 +159,16 @@ def linear_classifier(num_classes=3, seed=0):
 
 def test_zero_scale_is_the_unguided_sampler():
     """s = 0: classifier guidance leaves every sampler's output bitwise unchanged (Algorithm 2 over all T, DDIM and
-    DPM-Solver++), the classifier's gradient being scaled to exactly 0."""
+    DPM-Solver++ as ODE and SDE, Restart), the classifier's gradient being scaled to exactly 0."""
     d = build_diffusion(DIFFUSION)
     net = randomized(UNet(**TINY))
     classifier, _ = linear_classifier()
     y = torch.tensor([0, 2])
-    for sampler, steps in (("ddpm", 100), ("ddim", 10), ("dpm++", 10)):
+    for sampler, steps, eta in (("ddpm", 100, None), ("ddim", 10, None), ("dpm++", 10, None), ("dpm++", 10, 1.0),
+                                ("restart", 10, None)):
         full = is_full_chain(sampler, steps, "trailing", d.num_timesteps)
         guided = lambda cond: classifier_guidance(d, lambda x, t: net(x, t), cond, full)  # -> (model, cond_fn)
-        runs = [sample_loop(d, *guided(cond)[:1], (2, 3, 8, 8), sampler, steps, generator=torch.Generator()
+        runs = [sample_loop(d, *guided(cond)[:1], (2, 3, 8, 8), sampler, steps, eta, generator=torch.Generator()
                             .manual_seed(0), cond_fn=guided(cond)[1]) for cond in (None, classifier_grad(classifier, y, 0.0))]
         assert torch.equal(*runs), sampler
 

@@ -178,9 +178,10 @@ def test_a_latent_model_trains_records_its_first_stage_and_samples_with_every_sa
     assert ae["model_config"]["group_channels"] == ldm["model_config"]["group_channels"] == 4
     assert all(torch.equal(ldm["first_stage"][k], ae["ema"][k]) for k in ae["ema"])
     assert (runs / "ae" / "samples_0000003.png").exists() and (runs / "ldm" / "samples_0000003.png").exists()
-    for sampler, steps in (("ddpm", 50), ("ddim", 5), ("dpm++", 5)):
-        r = run_script("sample.py", runs / "ldm", "-n", "3", "--sampler", sampler, "--steps", steps, "--device", "cpu",
-                       "--npz", tmp_path / f"{sampler}.npz", "--out", tmp_path / f"{sampler}.png")
+    for sampler, steps, eta in (("ddpm", 50, []), ("ddim", 5, []), ("dpm++", 5, []), ("dpm++", 5, ["--eta", "1"]),
+                                ("restart", 6, [])):
+        r = run_script("sample.py", runs / "ldm", "-n", "3", "--sampler", sampler, "--steps", steps, *eta, "--device",
+                       "cpu", "--npz", tmp_path / f"{sampler}.npz", "--out", tmp_path / f"{sampler}.png")
         assert r.returncode == 0 and "latents of a 2x autoencoder" in r.stdout, r.stdout + r.stderr
         images = read_npz(tmp_path / f"{sampler}.npz")["arr_0"]
         assert images.shape == (3, 8, 8, 3) and images.dtype == torch.uint8 and images.float().std() > 0
