@@ -284,15 +284,18 @@ def heun_step(diffusion, teacher, x_t, t, t_prev, heun=True):
     """One step of the teacher's probability-flow ODE from t to t_prev < t, Eq. (6)'s Phi. In EDM's coordinates
     (x / alpha against the noise level) eps_hat is the ODE's slope, and Euler, x' = x + (level_prev - level) eps_hat,
     is the DDIM step with eta = 0 (samplers.ddim_step); Heun (EDM, Karras et al. 2022, Algorithm 1) takes the same
-    step with eps_hat averaged at both ends. Unclipped. Returns x_{t_prev} (ours, VP)."""
+    step with eps_hat averaged at both ends: two teacher passes, the first shared with Euler. Unclipped. Returns
+    x_{t_prev} (ours, VP)."""
     alpha, sigma = alpha_sigma(diffusion, t, x_t)
     alpha_prev, sigma_prev = alpha_sigma(diffusion, t_prev, x_t)
     x0_hat = lambda x, tt: diffusion.p_mean_variance(teacher, x, tt, clip_denoised=False)[3]
-    euler = ddim_step(x_t, x0_hat(x_t, t), alpha, sigma, alpha_prev, sigma_prev)
+    x0_hat_t = x0_hat(x_t, t)
+    euler = ddim_step(x_t, x0_hat_t, alpha, sigma, alpha_prev, sigma_prev)
     if not heun:
         return euler
-    eps = lambda x, tt: diffusion.predict_noise_from_start(x, tt, x0_hat(x, tt))
-    eps_mean = (eps(x_t, t) + eps(euler, t_prev)) / 2
+    eps_t = diffusion.predict_noise_from_start(x_t, t, x0_hat_t)
+    eps_euler = diffusion.predict_noise_from_start(euler, t_prev, x0_hat(euler, t_prev))
+    eps_mean = (eps_t + eps_euler) / 2
     return ddim_step(x_t, (x_t - sigma * eps_mean) / alpha, alpha, sigma, alpha_prev, sigma_prev)
 
 

@@ -253,6 +253,40 @@ def test_heun_is_edm_algorithm_1_written_out(betas, seed, data):
     assert torch.allclose(heun, expected, rtol=1e-6, atol=1e-9)  # x_t / alpha reaches ~1e3 where abar -> 0
 
 
+def three_pass_heun(d, teacher, x_t, t, t_prev):
+    """Heun's step as distill.heun_step took it before issue 39, with three teacher passes: x0_hat at (x_t, t) for
+    the Euler step, again at (x_t, t) for its eps, and at the Euler point (t_prev)."""
+    (alpha, sigma), (alpha_prev, sigma_prev) = alpha_sigma(d, t, x_t), alpha_sigma(d, t_prev, x_t)
+    x0_hat = lambda x, tt: d.p_mean_variance(teacher, x, tt, clip_denoised=False)[3]
+    euler = ddim_step(x_t, x0_hat(x_t, t), alpha, sigma, alpha_prev, sigma_prev)
+    eps_mean = (d.predict_noise_from_start(x_t, t, x0_hat(x_t, t))
+                + d.predict_noise_from_start(euler, t_prev, x0_hat(euler, t_prev))) / 2
+    return ddim_step(x_t, (x_t - sigma * eps_mean) / alpha, alpha, sigma, alpha_prev, sigma_prev)
+
+
+@pytest.mark.parametrize("mean_type", ["eps", "x0", "v"])
+def test_heun_takes_two_teacher_passes_and_gives_the_three_pass_result_bit_for_bit(mean_type):
+    """Heun's step evaluates the teacher twice, at (x_t, t) and at the Euler point, and Euler once; a consistency
+    distillation update (ConsistencyLoss) makes those 2 (or 1) teacher passes and no more; and the step equals the
+    three-pass step it replaced (three_pass_heun) bit for bit, float32, a random UNet as the teacher of each kind."""
+    d = GaussianDiffusion(make_beta_schedule("linear", 100, 1e-3, 0.2), mean_type=mean_type)
+    net, calls = randomized(UNet(**TINY_NET)), []
+    teacher = lambda x, tt, y=None: calls.append(tt) or net(x, tt)
+    x_t = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    t, t_prev = torch.tensor([99, 40, 7]), torch.tensor([80, 39, 0])
+    with torch.no_grad():
+        heun = distill.heun_step(d, teacher, x_t, t, t_prev)
+        assert len(calls) == 2
+        assert torch.equal(heun, three_pass_heun(d, net, x_t, t, t_prev))
+        d_v = GaussianDiffusion(make_beta_schedule("linear", 100, 1e-3, 0.2), mean_type="v")
+        for solver, passes in (("heun", 2), ("ddim", 1)):
+            loss = distill.ConsistencyLoss(d_v, teacher, d, target=lambda x, tt, y: net(x, tt), n=6, solver=solver)
+            x0 = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+            calls.clear()
+            loss(lambda x, tt, y: net(x, tt), x0, None, *loss.draw(x0, None))
+            assert len(calls) == passes, solver
+
+
 def test_pseudo_huber_is_that_of_improved_consistency_training():
     """Song & Dhariwal 2023, Sec. 3.3: d(x, y) = sqrt(||x - y||^2 + c^2) - c with c = 0.00054 sqrt(d), d the
     dimension of one image: 0 at x = y, ||x - y||^2 / (2c) for small differences and ||x - y|| - c for large ones."""
