@@ -177,26 +177,33 @@ def rate_distortion_curve(plt, out, path):
 
 
 def nfe_curves(plt, out, path):
-    """Quality (metrics.py), the RMSE to the T-step ODE and, where the CSV has it, the RMSE to the nearest real shape,
-    against network evaluations, one line per sampler; the T-step references as horizontal lines."""
+    """Quality (metrics.py) and the RMSE to the nearest real shape against network evaluations, with their spread over
+    seeds as error bars where the CSV has it (bench_samplers.py --seeds), one line per sampler (diffusers' dashed);
+    the RMSE to the T-step ODE too where the CSV has it; the T-step references as horizontal lines."""
     table = list(csv.DictReader(open(path)))
     rows = [r for r in table if "all T steps" not in r["sampler"]]
     references = [r for r in table if "all T steps" in r["sampler"]]
-    panels = [("quality", "quality (Frechet distance, lower is better)"), ("rmse", "RMSE to the T-step ODE (0..255)")]
+    panels = [("quality", "quality (Frechet distance, lower is better)")]
     if "nearest" in table[0]:  # bench_samplers.py's CSVs since 2026-12-02
         panels.append(("nearest", "RMSE to the nearest real shape (0..255)"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8))
+    if any(math.isfinite(float(r.get("rmse", "nan"))) for r in rows):
+        panels.append(("rmse", "RMSE to the T-step ODE (0..255)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8), squeeze=False)
+    axes = axes[0]
     for name in dict.fromkeys(r["sampler"] for r in rows):
         pts = [r for r in rows if r["sampler"] == name]
         for ax, (key, _) in zip(axes, panels):
-            ax.loglog([int(r["nfe"]) for r in pts], [float(r[key]) for r in pts], "o-", label=name)
+            sd = [float(r.get(key + "_sd") or 0) for r in pts]
+            ax.errorbar([int(r["nfe"]) for r in pts], [float(r[key]) for r in pts], yerr=sd, capsize=2, marker="o",
+                        ls="--" if name.startswith("diffusers") else "-", label=name)
+            ax.set(xscale="log", yscale="log")
     for r, style in zip(references, ("--", ":")):
         for ax, (key, _) in zip(axes, panels):
             if key != "rmse":  # the ODE reference is the RMSE's zero
                 ax.axhline(float(r[key]), color="k", ls=style, lw=1, label=r["sampler"])
     for ax, (_, title) in zip(axes, panels):
         ax.set(title=title, xlabel="network evaluations")
-    axes[0].legend(fontsize=7)
+    axes[0].legend(fontsize=6)
     save(fig, out, "samplers.png")
 
 

@@ -525,24 +525,35 @@ def test_consistency_distillation_runs_and_samples_in_one_or_two_steps(teacher, 
 
 
 def test_the_sampler_table_has_every_sampler_and_student_against_algorithm_2(teacher, tmp_path):
-    """bench_samplers.py TEACHER --students PD,CD: a row per sampler and NFE (the two T-step references once each),
-    the progressive student at its own steps, the consistency student at each NFE up to 8, each row's quality over
-    Algorithm 2's; a checkpoint that is not a student is one line."""
+    """bench_samplers.py TEACHER --students PD,CD --rmse over two seeds: a row per sampler and NFE (the two T-step
+    references once each; restart from 4 NFE), the progressive student at its own steps, the consistency student
+    at each NFE up to 8; each row's numbers are the mean and spread over the seeds, its ratio the mean of each
+    seed's quality over that seed's Algorithm 2; a checkpoint that is not a student is one line."""
     pd, cd = tmp_path / "pd", tmp_path / "cd"
     assert run_script("train.py", *distill_args("progressive", teacher, pd, "--teacher-steps", "4", "--student-steps",
                                                 "2"), "--steps", "2").returncode == 0
     assert run_script("train.py", *distill_args("consistency", teacher, cd, "--cd-n", "6"), "--steps", "2").returncode == 0
-    r = run_script("bench_samplers.py", teacher, "--students", f"{pd},{cd}", "--nfe", "1,2,50", "--n", "16",
-                   "--device", "cpu", "--csv", tmp_path / "t.csv")
+    r = run_script("bench_samplers.py", teacher, "--students", f"{pd},{cd}", "--nfe", "1,2,4,50", "--n", "16",
+                   "--seeds", "0,1", "--rmse", "--device", "cpu", "--csv", tmp_path / "t.csv")
     assert r.returncode == 0, r.stderr
     rows = list(csv.DictReader(open(tmp_path / "t.csv")))
     got = [(row["sampler"].split(" (")[0], int(row["nfe"])) for row in rows]
-    assert got == [("Algorithm 2, all T steps", 50), ("ddim, all T steps", 50),
-                   *[(name, n) for n in (1, 2) for name in ("ddpm", "ddim", "dpm++")], ("dpm++", 50),
-                   ("progressive student", 2), ("consistency student", 1), ("consistency student", 2)]
-    reference = float(rows[0]["quality"])
+    ours = ("ddpm", "ddim", "dpm++", "dpm++")
+    assert got == [("Algorithm 2, all T steps", 50), ("ddim, all T steps", 50), *[(name, n) for n in (1, 2)
+                   for name in ours], *[(name, 4) for name in ours], ("restart", 4), ("dpm++", 50), ("dpm++", 50),
+                   ("restart", 50), ("progressive student", 2), ("consistency student", 1), ("consistency student", 2),
+                   ("consistency student", 4)]
+    seeds = {}  # each seed's printed quality: the rows are their mean and spread
+    for line in r.stdout.splitlines():
+        if line.startswith("  seed "):
+            seed, label, nfe, quality = [part.strip() for part in line.split("|")[:4]]
+            seeds.setdefault((label, int(nfe)), []).append(float(quality.split()[1]))
+    reference = seeds[("Algorithm 2, all T steps (the quality reference)", 50)]
     for row in rows:
-        assert float(row["ratio"]) == pytest.approx(float(row["quality"]) / reference)
+        q = seeds[(row["sampler"], int(row["nfe"]))]
+        assert len(q) == 2 and float(row["quality"]) == pytest.approx(sum(q) / 2, abs=0.01)
+        assert float(row["quality_sd"]) == pytest.approx(abs(q[0] - q[1]) / 2 ** 0.5, abs=0.01)
+        assert float(row["ratio"]) == pytest.approx((q[0] / reference[0] + q[1] / reference[1]) / 2, rel=1e-3)
     assert float(rows[1]["rmse"]) == 0 and all(float(row["img_per_s"]) > 0 for row in rows)
     assert all(0 < float(row["nearest"]) < 255 for row in rows)
     bad = run_script("bench_samplers.py", teacher, "--students", teacher, "--nfe", "1", "--n", "2", "--device", "cpu")
