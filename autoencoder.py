@@ -3,7 +3,7 @@ The first stage of latent diffusion (Rombach, Blattmann, Lorenz, Esser, Ommer 20
 Appendix G): a convolutional autoencoder, encoder E and decoder D, whose latent is a diagonal Gaussian q_E(z | x)
 kept close to N(0, I) by a small KL penalty ("KL-reg"): the paper's KL-f models, with a downsampling factor
 f = 2^(levels - 1) and a few latent channels. The diffusion model then learns the latents z = E(x), scaled to unit
-variance (training.py's first stage), and samples are decoded, x = D(z) (Eq. 2, the LDM objective, is L_simple on z).
+variance (runs.py's first stage), and samples are decoded, x = D(z) (Eq. 2, the LDM objective, is L_simple on z).
 The loss here is the paper's Eq. (25) without its two learned parts: the reconstruction L_rec = |x - D(z)| (L1, as
 the paper's code) plus the KL weighted 1e-6 against the per-image sums (the reference's kl_weight). LPIPS (a
 pretrained VGG) and the patch discriminator, which the paper adds for sharper reconstructions, are not here: torch

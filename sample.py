@@ -364,10 +364,9 @@ def sample(args):
     if args.classifier and args.sampler == "consistency":
         raise ValueError("--classifier: a consistency model's sampler (Song et al. 2023, Algorithm 1) takes no classifier guidance")
     check_condition(net.config, args.class_, args.caption, args.guidance, bool(args.classifier))
-    classifier, names = None, meta.get("class_names") or ()
-    if args.classifier:
-        classifier, classifier_names = load_classifier(args, diffusion, net, meta["first_stage"], device)
-        names = classifier_names or names
+    classifier, names = (load_classifier(args, diffusion, net, meta["first_stage"], device) if args.classifier
+                         else (None, None))
+    names = names or meta.get("class_names") or ()  # the classifier's class names, else the model's
     stages, given = load_stages(args, net, meta, diffusion, device)
     edits = load_edit(args, net) if args.edit else None
     if given is not None or edits:  # every image given, unless --n asks for fewer

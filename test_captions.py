@@ -218,8 +218,8 @@ def test_bad_caption_input_is_one_line(captioned, tmp_path, capsys):
     another model, --guidance without a caption, exporting a caption model to diffusers' UNet2DModel (no folder
     left behind); resuming a caption model on data of other class names, distilling it; --caption-cond on data
     without class names or with --class-cond: one line each."""
+    import runs
     import train
-    import training
     for extra, expect in [(["--caption", "purple disk"], "the model knows no 'purple' (its words: blue, cross,"),
                           (["--caption", "red red disk"], "3 words; the model's captions have at most 2"),
                           (["--class", "1"], "a caption model is told what to draw by --caption"),
@@ -240,7 +240,7 @@ def test_bad_caption_input_is_one_line(captioned, tmp_path, capsys):
         assert_one_line_error(r)
     args, ckpt, kind, _ = train.parse(["--resume", str(captioned)])
     with pytest.raises(ValueError, match="the data's class names are not the caption model's 16 captions"):
-        training.build_run(kind, args, ckpt, make_shapes(8, 8, 3)[0], 12, torch.device("cpu"), CAPTIONS[:12])
+        runs.build_run(kind, args, ckpt, make_shapes(8, 8, 3)[0], 12, torch.device("cpu"), CAPTIONS[:12])
     assert "is a caption model: distillation here learns a teacher's unconditional steps" in one_line_error(
         train.main, ["--distill", "progressive", "--teacher", str(captioned), "--data", "captions", "--image-size", "8",
                      "--steps", "1", "--device", "cpu", "--out", str(tmp_path / "pd")], capsys)

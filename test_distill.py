@@ -653,12 +653,12 @@ def test_distillation_steps_move_no_tensor_between_devices(monkeypatch):
 
 
 def built_run(kind, teacher, out, *extra):
-    """training.build_run for train.py's distillation flags (the tiny net's), on 8 shapes."""
+    """runs.build_run for train.py's distillation flags (the tiny net's), on 8 shapes."""
+    import runs
     import train
-    import training
     from data import make_shapes
     args, _, kind, _ = train.parse(distill_args(kind, str(teacher), str(out), *extra))
-    return training.build_run(kind, args, None, make_shapes(8, 8, 3)[0], None, torch.device("cpu"))
+    return runs.build_run(kind, args, None, make_shapes(8, 8, 3)[0], None, torch.device("cpu"))
 
 
 def test_students_train_without_dropout_unless_asked(teacher, tmp_path):

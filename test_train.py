@@ -19,6 +19,7 @@ import torch
 
 import data
 import imagefiles
+import runs
 import train
 import training
 from checkpoint import build_diffusion, load_checkpoint
@@ -501,7 +502,7 @@ def test_class_conditional_runs_drop_labels_at_p_uncond(flags, p):
     args, _, kind, _ = train.parse(["--data", "shapes", "--ch", "32", "--ch-mult", "1", "--num-res-blocks", "1",
                                     "--attn", "", "--timesteps", "100", "--out", "", *flags])
     images = data.make_shapes(8, 8, 3)[0]
-    run = training.build_run(kind, args, None, images, 4, torch.device("cpu"))
+    run = runs.build_run(kind, args, None, images, 4, torch.device("cpu"))
     assert run.objective.p_uncond == p
 
 

@@ -20,10 +20,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from checkpoint import load_checkpoint, save_checkpoint
 from data import load_data
 from imagefiles import save_grid
-from runtime import (USER_ERRORS, ArgumentParser, Processes, StopSignal, close_distributed, error_line, format_eta, rng_state,
+from runtime import (USER_ERRORS, ArgumentParser, Processes, StopSignal, close_distributed, error_line, rng_state,
                      set_rng_state, set_tf32)
-from training import (FAST_PATHS, Batches, build_run, get_lr, make_optimizer, match_layout, sample_images,
-                      train_step)
+from runs import build_run
+from training import FAST_PATHS, Batches, Log, get_lr, make_optimizer, match_layout, sample_images, train_step
 
 # -----------------------------------------------------------------------------
 # command line
@@ -302,65 +302,6 @@ def training_data(args, procs, kind):
     num_classes = int(labels.max()) + 1 if use else None
     shard = slice(procs.rank, None, procs.world)
     return images[shard].to(procs.device), labels[shard].to(procs.device) if use else None, num_classes, class_names
-
-
-class Log:
-    """The run's log: on rank 0, each line to the console and to <out>/log.txt, and each interval's numbers as a row
-    of <out>/metrics.csv (and to TensorBoard with --tensorboard) for plotting (figures.py --log); the statistics of
-    an interval (the loss, the gradient norm, the loss and the objective's metric by timestep quartile) kept as
-    device tensors, read only at the log's sync points, so the GPU never waits for Python."""
-
-    def __init__(self, args, master, device, step):
-        self.args, self.master, self.acc = args, master, torch.zeros(14, device=device)
-        self.time, self.step, self.count, self.board = time.time(), step, 0, None
-        if master and args.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise RuntimeError("--tensorboard needs the tensorboard package (pip install tensorboard); "
-                                   "metrics.csv is written without it") from None
-            self.board = SummaryWriter(os.path.join(args.out, "tensorboard"))
-
-    def __call__(self, msg, console=True, file="log.txt"):
-        if not self.master or msg is None:
-            return
-        if console:
-            print(msg, flush=True)
-        try:
-            with open(os.path.join(self.args.out, file), "a") as f:
-                f.write(msg + "\n")
-        except OSError as e:
-            raise OSError(f"could not write {self.args.out}/{file}: {e.strerror or e}") from None
-
-    def add(self, loss, grad_norm):
-        self.acc[0] += loss
-        self.acc[1] += grad_norm
-
-    def interval(self, step, lr, world, metric):
-        """The interval's line (and, every tenth and last, the quartiles) and its row; the statistics start again."""
-        if world > 1:
-            dist.all_reduce(self.acc)
-        v, n, args = self.acc.tolist(), (step - self.step) * world, self.args
-        img_s = (step - self.step) * args.batch_size / (time.time() - self.time)
-        self(f"step {step:>{len(str(args.steps))}d}/{args.steps} | loss {v[0] / n:.4f} | lr {lr:.2e} | "
-             f"gnorm {v[1] / n:.2f} | {img_s:7.1f} img/s | eta {format_eta((args.steps - step) * args.batch_size / img_s)}")
-        quartiles = [v[2 + i] / max(v[6 + i], 1) for i in range(4)]
-        metrics = [v[10 + i] / max(v[6 + i], 1) for i in range(4)] if metric else []
-        if self.count % 10 == 0 or step == args.steps:  # the quartiles seen (an autoencoder has no t: q0 alone)
-            seen = [i for i in range(4) if v[6 + i]]
-            self("  loss by t quartile: " + " | ".join(f"q{i} {quartiles[i]:.4f}" for i in seen))
-            if metric:
-                self(f"  {metric} by t quartile: " + " | ".join(f"q{i} {metrics[i]:.3f}" for i in seen))
-        row = dict(step=step, loss=v[0] / n, lr=lr, grad_norm=v[1] / n, img_per_s=img_s,
-                   **{f"loss_q{i}": q for i, q in enumerate(quartiles)},
-                   **{f"{metric}_q{i}": m for i, m in enumerate(metrics)})
-        if self.master and not os.path.exists(os.path.join(args.out, "metrics.csv")):
-            self(",".join(row), console=False, file="metrics.csv")
-        self(",".join(f"{x:.6g}" for x in row.values()), console=False, file="metrics.csv")
-        for name, value in row.items() if self.board else ():
-            self.board.add_scalar(name, value, step)
-        self.acc.zero_()
-        self.time, self.step, self.count = time.time(), step, self.count + 1
 
 
 def run_line(args, resumed_at, images, world, device, model, diffusion):

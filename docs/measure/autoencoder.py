@@ -1,6 +1,6 @@
 """Latent diffusion's first stage on held-out images: the reconstruction's PSNR (dB on [0, 255]; D of the posterior
 mean, clamped to [-1, 1]) and the latents' statistics before and after the scale factor that the diffusion run
-measures on its training images (training.first_stage; Rombach et al. 2022, Sec. 4.3.2 and Appendix D.1).
+measures on its training images (runs.first_stage; Rombach et al. 2022, Sec. 4.3.2 and Appendix D.1).
   python docs/measure/autoencoder.py AE_RUN TRAIN HELD_OUT [REC.npz]   # TRAIN, HELD_OUT: "shapes" or .npy/.npz files
 REC.npz: the first 256 reconstructions D(mean of q_E(z | x)), as sample.py --npz writes samples: `python metrics.py
 REC.npz` is then what a latent model on this first stage approaches as it learns the latents (an optimistic
