@@ -1,9 +1,9 @@
 """Tests of editing.py (SDEdit, Meng et al. 2022; inpainting by replacement with RePaint's resampling, Lugmayr et al.
 2022): the noising step against q's moments (Monte Carlo), RePaint's jump back up the chain against the chain's own
 marginals, its schedule against Appendix B and Algorithm 1 written out and the edit loop walking it (x_0 never noised
-again), strength 0 as the identity, SDEdit as the reverse process started from q(x_t0 | x_0), the known region on
-q(x_t | x_0) after every step and exactly the input at the end; then sample.py --edit / --mask / --png-dir end to
-end, and bad masks as one line each."""
+again), strength 0 as the identity, SDEdit as the reverse process started from q(x_t0 | x_0) (on a spaced chain, the
+respaced chain's Algorithm 2 written out), the known region on q(x_t | x_0) after every step and exactly the input at
+the end; then sample.py --edit / --mask / --png-dir end to end, and bad masks as one line each."""
 import pytest
 import torch
 from hypothesis import given, strategies as st
@@ -151,6 +151,40 @@ def test_sdedit_is_the_reverse_process_started_from_q(strength):
     with torch.no_grad():
         theirs = d.p_sample_loop(model, x0.shape, x_t, g, start=start)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+@FAST
+@given(schedules(min_t=10, max_t=120), st.floats(0.05, 1.0), st.integers(1, 12), st.integers(0, 2**31 - 1))
+def test_an_ancestral_edit_on_a_spaced_chain_is_the_respaced_chains_algorithm_2(betas, strength, steps, seed):
+    """SDEdit with the ancestral sampler ("ddpm") on a spaced chain of K <= t_0 steps is Algorithm 2 of the respaced
+    chain: each step t -> t' draws from the posterior of DDPM Eqs. (6)-(7) with the stretch's beta~ = 1 - abar_t /
+    abar_t', mean sqrt(abar_t') beta~ / (1 - abar_t) x0_hat + sqrt(1 - beta~) (1 - abar_t') / (1 - abar_t) x_t and
+    variance (1 - abar_t') beta~ / (1 - abar_t), x0_hat clipped; written out here in float64 from the same draws
+    (x_t0's noise, then one z a step). DDIM's deterministic step (eta 0) is not it."""
+    T = len(betas)
+    start = edit_start(T, strength)
+    steps = min(steps, start)
+    if steps < 1:
+        return
+    d = GaussianDiffusion(betas, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.rand(2, 1, 4, 4, generator=g, dtype=torch.float64) * 2 - 1
+    model = lambda x, t: torch.tanh(1.5 * x) + 0.3 * torch.cos(t.view(-1, 1, 1, 1).double())
+    ours = edit_loop(d, model, x0, start=start, steps=steps, sampler="ddpm",
+                     generator=torch.Generator().manual_seed(seed))
+    abar = torch.cumprod(1 - betas.double(), 0)
+    ab = lambda i: abar[i] if i >= 0 else torch.tensor(1.0, dtype=torch.float64)
+    levels = spaced_timesteps(start + 1, steps) + [-1]
+    g = torch.Generator().manual_seed(seed)
+    draw = lambda: torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    x = ab(levels[0]).sqrt() * x0 + (1 - ab(levels[0])).sqrt() * draw()
+    for t, t_prev in zip(levels, levels[1:]):
+        x0_hat = ((x - (1 - abar[t]).sqrt() * model(x, full(2, t))) / abar[t].sqrt()).clamp(-1, 1)
+        beta = 1 - abar[t] / ab(t_prev)
+        mean = (ab(t_prev).sqrt() * beta / (1 - abar[t]) * x0_hat
+                + (1 - beta).sqrt() * (1 - ab(t_prev)) / (1 - abar[t]) * x)
+        x = mean + ((1 - ab(t_prev)) * beta / (1 - abar[t])).sqrt() * draw()
+    assert torch.allclose(ours, x, rtol=1e-8, atol=1e-8)
 
 
 @pytest.mark.parametrize("sampler, steps, resample", [("ddpm", None, 1), ("ddim", 10, 1), ("ddpm", 20, 3)])
