@@ -1,12 +1,12 @@
-"""Tests of caption conditioning (latent diffusion's cross-attention, Rombach et al. 2022, Sec. 3.3): the
-tokenizer, cross-attention against its formula, what a caption model adds to the U-Net, the empty caption as the
-null condition in training and in guidance, the captioned shapes, a caption model that draws the colour it is
-asked for, and bad input one line each."""
+"""Tests of caption conditioning (latent diffusion's cross-attention, Rombach et al. 2022, Sec. 3.3): the tokenizer, the
+caption encoder's positions, cross-attention against its formula, what a caption model adds to the U-Net, the empty
+caption as the null condition in training and in guidance, the captioned shapes, a caption model that draws the
+colour it is asked for, and bad input one line each."""
 import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from captions import CaptionUNet as UNet, CrossAttention, caption_words, tokenize
+from captions import CaptionEncoder, CaptionUNet as UNet, CrossAttention, caption_words, tokenize
 from conftest import (FAST, TINY, TRAIN_TINY, assert_one_line_error, inputs, one_line_error, randomized, read_npz,
                       run_script)
 from data import CAPTIONS, COLOURS, SHAPES_CLASSES, make_shapes
@@ -55,6 +55,24 @@ def test_cross_attention_is_softmax_of_q_k_over_root_c_times_v(batch, channels, 
     out = (w @ v) @ m.proj_out.weight.T + m.proj_out.bias
     expected = x + out.transpose(1, 2).reshape(x.shape)
     torch.testing.assert_close(m(x, c), expected)
+
+
+@FAST
+@given(st.lists(st.sampled_from(WORDS), min_size=2, max_size=4, unique=True), st.integers(0, 2 ** 16))
+def test_the_caption_encoder_knows_where_each_word_is(words, seed):
+    """tau_theta reads token plus position embeddings (a transformer over a sequence, Rombach et al. 2022, Sec. 3.3).
+    A transformer without masks or positions is permutation-equivariant: with the position embeddings at 0 (as
+    built), reversing a caption's words only reverses the rows of its output. With them learnt (random here) it is
+    not: a row depends on where its word is, so "red disk" and "disk red" are told apart."""
+    captions = [" ".join(words)]  # the only caption: its length is the model's, no padding
+    vocab, length = caption_words(captions)
+    torch.manual_seed(seed)
+    encoder = CaptionEncoder(len(vocab), length, 16).eval()
+    y, backwards = tokenize(captions, captions), tokenize([" ".join(reversed(words))], captions)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(backwards).flip(1), encoder(y), atol=1e-5, rtol=1e-5)
+        encoder.position.normal_()
+        assert (encoder(backwards).flip(1) - encoder(y)).abs().max() > 1e-2
 
 
 def test_a_caption_model_adds_only_its_encoder_and_cross_attention():
