@@ -1,7 +1,8 @@
 """
 Tests of cascade.py (cascaded diffusion, Ho et al. 2021): the resampling pair, Gaussian conditioning augmentation
-against the moments of q, the super-resolution model against the plain U-Net it extends, the cascade's stage
-against the plain sampler; then train.py --low-res and sample.py --upsample / --low-res end to end on tiny nets.
+against the moments of q and its levels as trained, the super-resolution model against the plain U-Net it extends,
+the cascade's stage against the plain sampler; then train.py --low-res and sample.py --upsample / --low-res end to
+end on tiny nets.
 """
 import pytest
 import torch
@@ -61,6 +62,23 @@ def test_the_training_condition_is_the_batch_downsampled_and_augmented_with_its_
     loss(model, x0, None, t, noise, s, aug_noise)
     assert torch.equal(seen["cond"], augment(d, upsample(downsample(x0, 4), 8), s, aug_noise))
     assert torch.equal(seen["x"], d.q_sample(x0, t, noise)) and torch.equal(seen["level"], s)
+
+
+def test_training_draws_no_augmentation_and_every_level_uniformly():
+    """CDM's conditioning augmentation as trained (SuperResolutionLoss.draw): s uniform over none (-1, what a cascade
+    stage samples with by default) and 0, ..., max_aug - 1, and t uniform over the T steps (Algorithm 1). Over
+    51,000 draws with max_aug = 50 each of the 51 levels and each of the T timesteps comes up, every count within 6
+    standard errors of its binomial mean."""
+    from cascade import SuperResolutionLoss
+    d = build_diffusion(TINY_DIFFUSION)
+    loss, n = SuperResolutionLoss(d, low_res=4, max_aug=50), 51_000
+    torch.manual_seed(0)
+    t, _, s, _ = loss.draw(torch.zeros(n, 1, 1, 1), None)
+    assert Stage(net=None, diffusion=d, size=8).cond_aug == -1
+    for draws, values in ((s + 1, 51), (t, d.num_timesteps)):
+        assert draws.min() >= 0 and draws.max() < values
+        counts, p = torch.bincount(draws, minlength=values).double(), 1 / values
+        assert (counts - n * p).abs().max() < 6 * (n * p * (1 - p)) ** 0.5, counts
 
 
 def test_zero_conditioning_weights_compute_the_unconditional_network():
