@@ -7,6 +7,7 @@ standard library and unet.py, so it can be copied with unet.py alone.
 import ctypes
 import hashlib
 import json
+import math
 import os
 import re
 import struct
@@ -160,7 +161,8 @@ def _config_from_diffusers(cfg, where):
                 num_res_blocks=cfg.get("layers_per_block", 2),
                 attn_resolutions=[size // 2 ** i for i, t in enumerate(down) if t == "AttnDownBlock2D"],
                 dropout=cfg.get("dropout", 0.0), num_classes=None if classes is None else classes - 1,
-                **({} if groups == 32 else {"norm_groups": groups}))
+                **({} if groups == 32 else {"norm_groups": groups,  # and the channels each group holds, as its rule
+                                            "group_channels": math.gcd(32, min(channels) // groups)}))
 
 
 def _infer_config(sd):

@@ -16,7 +16,7 @@ from guidance import NoisyClassifier
 from highres import shift_for
 from pretrained import load_pretrained
 from samplers import spaced_timesteps
-from unet import UNet
+from unet import UNet, network_groups
 
 SCHEDULES = {  # diffusion configs of every schedule train.py makes, at T = 1000 and at another T
     "linear": diffusion_config("linear", 1000),
@@ -78,6 +78,18 @@ def test_the_default_network_exports(tmp_path):
     x, t = torch.randn(3, 3, 8, 8), torch.tensor([0, 20, 49])
     with torch.no_grad():
         assert (theirs(x, t).sample - ours(x, t)).abs().max() <= 1e-4
+
+
+def test_a_narrow_network_exports_and_reads_back(tmp_path):
+    """A U-Net narrower than 32 channels (16, in 4 groups of 4 at every width: network_groups) leaves as diffusers'
+    layout and load_pretrained reads it back to the same network and eps."""
+    net = randomized(UNet(**dict(TINY_NET, ch=16), group_channels=4, norm_groups=network_groups(16, (1, 2), 4)))
+    save(tmp_path / "n.pt", net, TINY_DIFFUSION)
+    export.main([str(tmp_path / "n.pt"), "--to-diffusers", str(tmp_path / "d")])
+    back, x, t = load_pretrained(tmp_path / "d"), torch.randn(2, 3, 8, 8), torch.tensor([3, 90])
+    assert {m.num_groups for m in back.modules() if isinstance(m, torch.nn.GroupNorm)} == {4}
+    with torch.no_grad():
+        torch.testing.assert_close(back(x, t), net(x, t), atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("num_classes", [None, 3])

@@ -161,7 +161,7 @@ class UNet(nn.Module):
         sizes = [min(height, width) // 2 ** i for i in range(len(ch_mult))]
         for ok, msg in [
             (len(ch_mult) > 0 and min(ch_mult) > 0, f"ch_mult must be non-empty positive integers, got {ch_mult}"),
-            (ch > 0 and (ch % 32 == 0 or group_channels > 1 or norm_groups is not None),
+            (ch > 0 and (ch % 32 == 0 or group_channels > 1),
              f"ch must be a positive multiple of 32 (GroupNorm uses 32 groups; group_channels > 1 allows others), "
              f"got {ch}"),
             (min(height, width) > 0 and height % 2 ** (len(ch_mult) - 1) == 0 == width % 2 ** (len(ch_mult) - 1),
