@@ -415,6 +415,25 @@ def distill_args(kind, teacher, out, *extra):
             *extra]
 
 
+def test_a_distillation_run_warms_up_not_at_all_unless_asked(teacher, tmp_path):
+    """--warmup's default is the paper's 5000 for a diffusion run and 0 for --distill (the distillation papers' own
+    code warms up not at all; 5000 steps of warmup kept a 200-update round's rate under 4% of --lr: docs/
+    distillation.md); an explicit --warmup is honoured either way. The first logged rate of a progressive run
+    without --warmup is --lr annealed, not warmed up."""
+    import train
+    for argv, expect in [([], 5000), (["--distill", "progressive"], 0), (["--distill", "consistency"], 0),
+                         (["--distill", "progressive", "--warmup", "7"], 7), (["--warmup", "0"], 0)]:
+        args, _ = train.get_args([*argv, "--teacher", str(teacher)] if argv[:1] == ["--distill"] else argv)
+        train.check_args(args, 1)
+        assert args.warmup == expect, argv
+    tiny = [a for i, a in enumerate(TRAIN_TINY) if "--warmup" not in TRAIN_TINY[max(i - 1, 0):i + 1]]
+    r = run_script("train.py", "--distill", "progressive", "--teacher", teacher, *tiny, "--teacher-steps", "4",
+                   "--student-steps", "2", "--steps", "4", "--log-every", "1", "--sample-every", "0", "--lr", "1e-3",
+                   "--out", tmp_path / "pd")
+    assert r.returncode == 0, r.stderr
+    assert "step 1/4 | loss" in r.stdout and "lr 1.00e-03" in r.stdout.split("step 1/4")[1].split("\n")[0]
+
+
 def test_progressive_distillation_runs_resumes_and_samples_with_its_own_steps(teacher, tmp_path):
     """train.py --distill progressive: 8 teacher steps halve to 4 and 2 over --steps 8 (4 each); the checkpoint says
     the student samples with 2 DDIM steps, which sample.py then uses by default; stopped (SIGTERM) in step 5 and
