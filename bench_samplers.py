@@ -57,12 +57,14 @@ def get_parser():
 
 
 def diffusers_sampler(scheduler, settings, diffusion, fn, x_T, steps, seed):
-    """A diffusers scheduler by name, with its defaults but the model's betas and T, driving fn from x_T over
+    """A diffusers scheduler by name, with its defaults but the model's betas, T and prediction, driving fn from x_T over
     `steps` network calls; its noise (the stochastic ones) from a generator seeded with seed. Its timesteps may be
     fractional (Euler's interpolate between the model's): the network is called at them, as diffusers calls it."""
     import diffusers
     betas = diffusion.betas.double().cpu()
-    sched = getattr(diffusers, scheduler)(num_train_timesteps=len(betas), trained_betas=betas.numpy(), **settings)
+    prediction = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}[diffusion.mean_type]  # what the net predicts
+    sched = getattr(diffusers, scheduler)(num_train_timesteps=len(betas), trained_betas=betas.numpy(),
+                                          prediction_type=prediction, **settings)
     sched.set_timesteps(steps)
     takes_generator = "generator" in inspect.signature(sched.step).parameters
     g = torch.Generator(x_T.device).manual_seed(seed)

@@ -29,10 +29,12 @@ def betas_config(diffusion_config):
 def scheduler_config(diffusion_config, student=False):
     """The scheduler_config.json of a diffusion config of this project, on the trailing timestep grid every sampler
     here uses (samplers.spaced_timesteps; K steps of T = 1000: 999, 999 - 1000 / K, ...). A diffusion model: a
-    DDPMScheduler, Algorithm 2 with the model's variance and x0 clipping (at fewer steps, the respaced ancestral
-    sampler). A progressive student: the deterministic DDIM step it was distilled to, which diffusers writes as
-    DPM-Solver++ of order 1 (the same update, Lu et al. 2022 Sec. 4.1), with x0 clipped as its thresholding at 1
-    (DDIMScheduler would step by T // K, off the trailing grid where K does not divide T)."""
+    DDPMScheduler, Algorithm 2 with the model's variance and x0 clipping over all T steps (at K < T steps diffusers
+    respaces the chain with its own variance, 1 - abar_t / abar_prev for fixed_large, which no sampler here uses:
+    sample.py's --sampler ddpm at K steps takes the posterior's). A progressive student: the deterministic DDIM step
+    it was distilled to, which diffusers writes as DPM-Solver++ of order 1 (the same update: the data-prediction
+    solver's first-order step is DDIM's), with x0 clipped as its thresholding at 1 (DDIMScheduler would step by
+    T // K, off the trailing grid where K does not divide T)."""
     c = {**PAPER_DIFFUSION, **diffusion_config}
     common = dict(num_train_timesteps=c["num_timesteps"], **betas_config(c),
                   prediction_type=PREDICTIONS[c["mean_type"]], timestep_spacing="trailing", steps_offset=0)
@@ -53,8 +55,10 @@ def export(args):
                          f"latents (nor their scale factor) and would hand out latents as images")
     write_diffusers(args.to_diffusers, net, scheduler_config(diffusion_config, student=meta["kind"] == "progressive"))
     steps = f" at its {meta['sampling']['steps']} steps" if meta["sampling"] else ""
-    print(f"wrote {args.to_diffusers}: {desc} as a diffusers UNet2DModel with its scheduler (DDPMPipeline."
-          f"from_pretrained({args.to_diffusers!r})(num_inference_steps=...) samples it{steps})")
+    how = (f"DDPMPipeline.from_pretrained({args.to_diffusers!r})(num_inference_steps=...) samples it{steps}"
+           if net.config.get("num_classes") is None else "a class-conditional UNet2DModel: call it with class_labels "
+           f"(label {net.config['num_classes']} is no label); DDPMPipeline passes none and cannot sample it")
+    print(f"wrote {args.to_diffusers}: {desc} as a diffusers UNet2DModel with its scheduler ({how})")
 
 
 def main(argv=None):

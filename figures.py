@@ -193,8 +193,9 @@ def nfe_curves(plt, out, path):
     for name in dict.fromkeys(r["sampler"] for r in rows):
         pts = [r for r in rows if r["sampler"] == name]
         for ax, (key, _) in zip(axes, panels):
-            sd = [float(r.get(key + "_sd") or 0) for r in pts]
-            ax.errorbar([int(r["nfe"]) for r in pts], [float(r[key]) for r in pts], yerr=sd, capsize=2, marker="o",
+            mean, sd = [float(r[key]) for r in pts], [float(r.get(key + "_sd") or 0) for r in pts]
+            low = [min(s, 0.9 * m) for m, s in zip(mean, sd)]  # a log axis has no room below 0
+            ax.errorbar([int(r["nfe"]) for r in pts], mean, yerr=[low, sd], capsize=2, marker="o",
                         ls="--" if name.startswith("diffusers") else "-", label=name)
             ax.set(xscale="log", yscale="log")
     for r, style in zip(references, ("--", ":")):

@@ -7,7 +7,6 @@ standard library and unet.py, so it can be copied with unet.py alone.
 import ctypes
 import hashlib
 import json
-import math
 import os
 import re
 import struct
@@ -162,7 +161,8 @@ def _config_from_diffusers(cfg, where):
                 attn_resolutions=[size // 2 ** i for i, t in enumerate(down) if t == "AttnDownBlock2D"],
                 dropout=cfg.get("dropout", 0.0), num_classes=None if classes is None else classes - 1,
                 **({} if groups == 32 else {"norm_groups": groups,  # and the channels each group holds, as its rule
-                                            "group_channels": math.gcd(32, min(channels) // groups)}))
+                                            "group_channels": max(d for d in (1, 2, 4, 8, 16, 32)
+                                                                  if d <= min(channels) // groups)}))
 
 
 def _infer_config(sd):

@@ -1,6 +1,7 @@
 """
 Faster samplers for a trained DDPM, from the papers that came after it: DDIM (Song, Meng, Ermon 2021,
-arXiv:2010.02502) and DPM-Solver++ (Lu et al. 2022, arXiv:2211.01095), over a subsequence of the T timesteps.
+arXiv:2010.02502), DPM-Solver++ as ODE and SDE (Lu et al. 2022, arXiv:2211.01095) and Restart sampling (Xu et al.
+2023, arXiv:2306.14878), over a subsequence of the T timesteps.
 They reuse the DDPM's tables and conventions (ddpm.py: 0-based timesteps, model(x_t, t)), clip x0_hat as the
 DDPM sampler does (clip_denoised), and draw every random number from the generator they are given. Imports only
 torch (and takes any GaussianDiffusion), so it can be copied with ddpm.py alone.
@@ -195,7 +196,10 @@ def edm_timesteps(diffusion, t_max, t_min, steps, rho=7.0):
     return sorted(set(indices), reverse=True)
 
 
-RESTART = dict(levels=(0.06, 1.0), restarts=1, restart_steps=2)  # Xu et al.'s few-NFE VP setting (Table 3)
+# The restart interval in sigma~: t_min = 0.06 as Xu et al.'s CIFAR-10 VP runs; t_max = 1 and one restart of 2 steps are
+# this project's choice for few evaluations (docs/samplers.md measures it), where the paper's 0.3 fell below the
+# coarse main grids' lowest step.
+RESTART = dict(levels=(0.06, 1.0), restarts=1, restart_steps=2)
 
 
 @torch.no_grad()
@@ -209,10 +213,11 @@ def restart_sample_loop(diffusion, model, shape, steps, levels=RESTART["levels"]
       restarts `restarts` times: forward noise up to t_max (sigma~ nearest levels[1]), Eq. (3)'s
       x_{t_max} = x_{t_min} + sqrt(t_max^2 - t_min^2) eps in sigma~'s units, which for x_t = alpha_t x~ is
       q(x_{t_max} | x_{t_min}) = N(sqrt(abar_max / abar_min) x, (1 - abar_max / abar_min) I); then the ODE back
-      down to t_min in restart_steps steps on EDM's timesteps (Eq. 4; edm_timesteps);
+      down to t_min in restart_steps steps on EDM's levels (edm_timesteps);
     - then the main process on to the data.
-    The noise contracts the errors the ODE steps made above t_min (the paper's Theorem 3), where the SDE would
-    inject noise at every step. callback(i, x, x0_hat) after each step; x_T = noise, or drawn from generator."""
+    The noise contracts the errors the ODE steps made above t_min (the paper's argument), where the SDE would inject
+    noise at every step. Where the main grid's lowest steps all lie above levels[1] (very few steps) there is no room
+    for a restart, and all `steps` go to the main process. callback(i, x, x0_hat) after each step; x_T = noise, or drawn from generator."""
     main_steps = steps - restarts * restart_steps
     if restarts < 0 or restart_steps < 1 or main_steps < 2:
         raise ValueError(f"restart sampling with {restarts} restart(s) of {restart_steps} steps needs more than "
@@ -220,10 +225,12 @@ def restart_sample_loop(diffusion, model, shape, steps, levels=RESTART["levels"]
     device = diffusion.betas.device
     x = torch.randn(shape, generator=generator, device=device) if noise is None else noise
     main = spaced_timesteps(diffusion.num_timesteps, main_steps, spacing)
-    t_min = nearest_timestep(diffusion, levels[0], main[1:])
-    t_max = max(nearest_timestep(diffusion, levels[1]), t_min + 1)
+    # Algorithm 2 rounds t_min to the nearest main step (in sigma~; the first one, x_T, has no step before it)
+    t_min = min(main[1:], key=lambda i: abs(noise_level(diffusion, i).item() - levels[0]))
+    t_max = nearest_timestep(diffusion, levels[1])
     kw = dict(generator=generator, clip_denoised=clip_denoised, callback=callback)
-    if not restarts:  # the main process alone, its multistep unbroken
+    if not restarts or t_max <= t_min:  # the main process alone, its multistep unbroken
+        main = main if not restarts else spaced_timesteps(diffusion.num_timesteps, steps, spacing)
         return dpm_solver_pp_steps(diffusion, model, x, main + [-1], **kw)
     k = main.index(t_min)
     x = dpm_solver_pp_steps(diffusion, model, x, main[:k + 1], **kw)
@@ -299,6 +306,9 @@ def choose_sampler(sampler, steps, eta, num_timesteps, own=None):
                          f"variant), not {eta}")
     if sampler == "restart" and eta not in (None, 0.0):
         raise ValueError("--sampler restart takes no --eta: its noise is its restarts'")
+    spare = RESTART["restarts"] * RESTART["restart_steps"] + 2
+    if sampler == "restart" and steps < spare:
+        raise ValueError(f"--sampler restart needs --steps {spare} or more (two main steps beside its restarts')")
     return sampler, steps
 
 
