@@ -139,7 +139,7 @@ def get_parser():
       "gradients add up to the batch's (less memory, the same step)")
     a("--lr", type=float, default=2e-4, help="Adam learning rate (eps 1e-8, no weight decay)")
     a("--warmup", type=int, default=None, help="steps of linear learning-rate warmup (default: the paper's 5000; 0 for "
-      "--distill, as the distillation papers' own code: a warmup longer than a round starves it, docs/distillation.md)")
+      "--distill, as progressive distillation's own code: a warmup longer than a round starves it; docs/distillation.md)")
     a("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this (0: off)")
     a("--ema-decay", type=float, default=None, help="decay of the EMA of the weights used for sampling. Default: "
       "0.9999, the paper's; 0 (no average) for --autoencoder, as latent diffusion's reference code trains its first "
@@ -198,7 +198,7 @@ def check_args(args, world):
               "num_res_blocks", "student_steps", "teacher_steps", "lr"):
         if not getattr(args, k) > 0:
             raise ValueError(f"{flag(k)} must be positive, got {getattr(args, k)}")
-    if args.warmup is None:  # the reference distillations warm up not at all; measured: docs/distillation.md
+    if args.warmup is None:  # progressive distillation's reference has no warmup; measured: docs/distillation.md
         args.warmup = 0 if args.distill else 5000
     for k in ("warmup", "grad_clip", "sample_every", "sample_steps", "low_res"):
         if getattr(args, k) < 0:
