@@ -267,7 +267,8 @@ def test_edit_and_inpaint_from_the_command_line(files, tmp_path, capsys):
 @pytest.mark.parametrize("case, expect", [
     ("wrong_size", "masks of shape"), ("not_binary", "nothing in between"), ("all_black", "keeps nothing"),
     ("all_white", "keeps everything"), ("unknown_name", "no such file, and not one of"),
-    ("mask_without_edit", "are for --edit"), ("dpm_solver", "not dpm++"), ("strength_above_one", "--strength must")])
+    ("mask_without_edit", "are for --edit"), ("dpm_solver", "not dpm++"), ("restart", "not restart"),
+    ("strength_above_one", "--strength must")])
 def test_bad_masks_and_edits_are_one_line(case, expect, files, tmp_path, capsys):
     folder, _ = files
     masks = {"wrong_size": torch.ones(1, 6, 6, dtype=torch.uint8), "not_binary": torch.full((1, 8, 8), 7).byte(),
@@ -279,6 +280,7 @@ def test_bad_masks_and_edits_are_one_line(case, expect, files, tmp_path, capsys)
             "--device", "cpu"]
     argv = {"mask_without_edit": [str(folder / "ckpt.pt"), "--mask", "left-half", "--device", "cpu"],
             "dpm_solver": [*argv, "--sampler", "dpm++", "--steps", "5"],
+            "restart": [*argv, "--sampler", "restart", "--steps", "10"],
             "strength_above_one": [*argv, "--strength", "1.5"]}.get(case, argv)
     assert expect in one_line_error(sample.main, argv, capsys)
     assert not (tmp_path / "g.png").exists()

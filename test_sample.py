@@ -134,7 +134,8 @@ def test_bad_files_one_line_subprocess(ckpt, tmp_path):
 @pytest.mark.parametrize("case", ["text_file", "truncated_safetensors", "state_dict_of_other_net", "empty_folder",
                                   "steps_above_T", "class_on_unconditional", "class_out_of_range", "guidance_no_class",
                                   "zero_n", "out_folder_missing", "consistency_level_zero", "seed_negative",
-                                  "eta_negative", "sampler_unknown", "steps_not_a_number", "resume_without_npz"])
+                                  "eta_negative", "sampler_unknown", "steps_not_a_number", "resume_without_npz",
+                                  "restart_too_few_steps", "restart_with_eta", "sde_eta_above_one"])
 def test_bad_input_one_line(case, ckpt, tmp_path, capsys):
     """Each mistake ends in SystemExit with one 'error:' line (the __main__ guard only adds Ctrl-C handling)."""
     cond = str(tmp_path / "cond.pt")
@@ -150,7 +151,10 @@ def test_bad_input_one_line(case, ckpt, tmp_path, capsys):
             "zero_n": [ckpt, "--n", "0"], "out_folder_missing": [ckpt, "--npz", str(tmp_path / "no" / "s.npz")],
             "consistency_level_zero": [ckpt, "--consistency-last", "0"], "seed_negative": [ckpt, "--seed", "-3"],
             "eta_negative": [ckpt, "--eta", "-1"], "sampler_unknown": [ckpt, "--sampler", "euler"],
-            "steps_not_a_number": [ckpt, "--steps", "ten"], "resume_without_npz": [ckpt, "--resume"]}[case]
+            "steps_not_a_number": [ckpt, "--steps", "ten"], "resume_without_npz": [ckpt, "--resume"],
+            "restart_too_few_steps": [ckpt, "--sampler", "restart", "--steps", "3"],
+            "restart_with_eta": [ckpt, "--sampler", "restart", "--steps", "10", "--eta", "1"],
+            "sde_eta_above_one": [ckpt, "--sampler", "dpm++", "--eta", "2"]}[case]
     one_line_error(sample.main, [*argv, "--device", "cpu", "--out", str(tmp_path / "g.png")], capsys)
     assert not (tmp_path / "g.png").exists()
 
