@@ -122,13 +122,34 @@ def nearest_real(images, n_reference=20000, chunk=256):
 @torch.no_grad()
 def nearest_rmse(images, reference, chunk=256):
     """The mean over uint8 (N, H, W, C) images of the RMSE, in levels of 255, to the nearest row of reference
-    (images in [-1, 1], flattened as from_uint8(...).flatten(1) lays them out). The nearest is found by torch.cdist
+    (images in [-1, 1], flattened as from_uint8(...).flatten(1) lays them out): nearest_rmses' mean."""
+    return nearest_rmses(images, reference, chunk).mean().item()
+
+
+@torch.no_grad()
+def nearest_rmses(images, reference, chunk=256):
+    """Each image's RMSE, in levels of 255, to its nearest row of reference. The nearest is found by torch.cdist
     (fast, float32 through a matrix product), its RMSE then computed directly, so an exact match scores exactly 0."""
     rmse = []
     for b in images.split(chunk):
         x = from_uint8(b).flatten(1)
         rmse.append((x - reference[torch.cdist(x, reference).argmin(1)]).square().mean(1).sqrt() * 127.5)
-    return torch.cat(rmse).mean().item()
+    return torch.cat(rmse)
+
+
+def bootstrap(images, n_reference=2000, resamples=20, seed=0):
+    """Both numbers' spread over the samples: the standard deviation of each, recomputed on `resamples` draws of the
+    samples with replacement (the features and each sample's nearest-real RMSE computed once). A resample repeats
+    samples, which moves the quality number up a little; its spread is what a reader needs. -> (quality sd,
+    nearest sd)."""
+    reference, _ = make_shapes(n_reference, images.shape[1], images.shape[3], seed=REFERENCE_SEED)
+    f, f_ref = features(images), features(reference)
+    rmse = nearest_rmses(images, _real_rows(20000, images.shape[1], images.shape[3]))
+    g = torch.Generator().manual_seed(seed)
+    draws = [torch.randint(len(images), (len(images),), generator=g) for _ in range(resamples)]
+    quality = torch.tensor([frechet_distance(f[i], f_ref) for i in draws])
+    nearest = torch.stack([rmse[i].mean() for i in draws])
+    return quality.std().item(), nearest.std().item()
 
 
 def main(argv=None):
@@ -159,8 +180,10 @@ def report(args):
         shapes_classifier(images.shape[1], images.shape[3], progress=lambda k, n, loss: print(
             f"  training the feature classifier for {size} shapes: step {k}/{n} | loss {loss:.3f}", flush=True))
         real, _ = make_shapes(len(images), images.shape[1], images.shape[3], seed=FLOOR_SEED)
-        line = (f"{path}: {len(images)} samples | quality {shapes_distance(images, args.reference):.2f} | nearest "
-                f"real shape {nearest_real(images):.1f} levels of 255 (real shapes {nearest_real(real):.1f})")
+        q_sd, n_sd = bootstrap(images, args.reference)
+        line = (f"{path}: {len(images)} samples | quality {shapes_distance(images, args.reference):.2f} ± {q_sd:.2f} | "
+                f"nearest real shape {nearest_real(images):.1f} ± {n_sd:.1f} levels of 255 (real shapes "
+                f"{nearest_real(real):.1f}; ± a bootstrap's sd over the samples)")
         if labels is not None:
             line += f" | asked-for class seen {(classify(images) == labels).float().mean().item():.1%}"
         print(line)
