@@ -229,15 +229,15 @@ def restart_sample_loop(diffusion, model, shape, steps, levels=RESTART["levels"]
     t_min = min(main[1:], key=lambda i: abs(noise_level(diffusion, i).item() - levels[0]))
     t_max = nearest_timestep(diffusion, levels[1])
     kw = dict(generator=generator, clip_denoised=clip_denoised, callback=callback)
-    if not restarts or t_max <= t_min:  # the main process alone, its multistep unbroken
-        main = main if not restarts else spaced_timesteps(diffusion.num_timesteps, steps, spacing)
-        return dpm_solver_pp_steps(diffusion, model, x, main + [-1], **kw)
+    if not restarts or t_max <= t_min:  # the main process alone takes every step, its multistep unbroken
+        return dpm_solver_pp_steps(diffusion, model, x, spaced_timesteps(diffusion.num_timesteps, steps, spacing) + [-1],
+                                   **kw)
     k = main.index(t_min)
     x = dpm_solver_pp_steps(diffusion, model, x, main[:k + 1], **kw)
     ratio = diffusion.alphas_cumprod[t_max] / diffusion.alphas_cumprod[t_min]  # abar_max / abar_min
     for _ in range(restarts):
         z = torch.randn(x.shape, generator=generator, device=device)
-        x = ratio.sqrt() * x + (1 - ratio).sqrt() * z  # Eq. (3): up to t_max
+        x = ratio.sqrt() * x + (1 - ratio).sqrt() * z  # the restart's forward noise: up to t_max
         x = dpm_solver_pp_steps(diffusion, model, x, edm_timesteps(diffusion, t_max, t_min, restart_steps), **kw)
     return dpm_solver_pp_steps(diffusion, model, x, main[k:] + [-1], **kw)
 
