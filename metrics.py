@@ -138,10 +138,10 @@ def nearest_rmses(images, reference, chunk=256):
 
 
 def bootstrap(images, n_reference=2000, resamples=20, seed=0):
-    """Both numbers' spread over the samples: the standard deviation of each, recomputed on `resamples` draws of the
-    samples with replacement (the features and each sample's nearest-real RMSE computed once). A resample repeats
-    samples, which moves the quality number up a little; its spread is what a reader needs. -> (quality sd,
-    nearest sd)."""
+    """Both numbers with their spread over the samples: shapes_distance and nearest_real, then the standard deviation
+    of each, recomputed on `resamples` draws of the samples with replacement (the features and each sample's
+    nearest-real RMSE computed once, for the numbers and their draws). A resample repeats samples, which moves the
+    quality number up a little; its spread is what a reader needs. -> (quality, its sd, nearest, its sd)."""
     reference, _ = make_shapes(n_reference, images.shape[1], images.shape[3], seed=REFERENCE_SEED)
     f, f_ref = features(images), features(reference)
     rmse = nearest_rmses(images, _real_rows(20000, images.shape[1], images.shape[3]))
@@ -149,7 +149,7 @@ def bootstrap(images, n_reference=2000, resamples=20, seed=0):
     draws = [torch.randint(len(images), (len(images),), generator=g) for _ in range(resamples)]
     quality = torch.tensor([frechet_distance(f[i], f_ref) for i in draws])
     nearest = torch.stack([rmse[i].mean() for i in draws])
-    return quality.std().item(), nearest.std().item()
+    return frechet_distance(f, f_ref), quality.std().item(), rmse.mean().item(), nearest.std().item()
 
 
 def main(argv=None):
@@ -180,9 +180,9 @@ def report(args):
         shapes_classifier(images.shape[1], images.shape[3], progress=lambda k, n, loss: print(
             f"  training the feature classifier for {size} shapes: step {k}/{n} | loss {loss:.3f}", flush=True))
         real, _ = make_shapes(len(images), images.shape[1], images.shape[3], seed=FLOOR_SEED)
-        q_sd, n_sd = bootstrap(images, args.reference)
-        line = (f"{path}: {len(images)} samples | quality {shapes_distance(images, args.reference):.2f} ± {q_sd:.2f} | "
-                f"nearest real shape {nearest_real(images):.1f} ± {n_sd:.1f} levels of 255 (real shapes "
+        quality, q_sd, nearest, n_sd = bootstrap(images, args.reference)
+        line = (f"{path}: {len(images)} samples | quality {quality:.2f} ± {q_sd:.2f} | "
+                f"nearest real shape {nearest:.1f} ± {n_sd:.1f} levels of 255 (real shapes "
                 f"{nearest_real(real):.1f}; ± a bootstrap's sd over the samples)")
         if labels is not None:
             line += f" | asked-for class seen {(classify(images) == labels).float().mean().item():.1%}"

@@ -1,6 +1,7 @@
 """Tests of metrics.py, the built-in shapes' quality number: two sets of real shapes are close and noise is far;
 its command line says what the number is (for the built-in shapes only) and shows the feature classifier training;
 the second number, the RMSE to the nearest real shape, against a direct computation and against noise."""
+import pytest
 import torch
 
 import metrics
@@ -55,14 +56,17 @@ def test_the_command_line_says_what_the_number_is(tmp_path):
 def test_the_bootstrap_spread_of_the_nearest_real_shape_is_its_standard_error(tmp_path):
     """bootstrap's spread of the nearest-real number (a mean over the samples) against its closed form: the
     standard deviation of a mean of n draws with replacement is the samples' own (population) sd over sqrt(n), here
-    within 15% over 400 resamples; and the quality number's spread is positive and smaller than the number."""
+    within 15% over 400 resamples; the two numbers are shapes_distance's and nearest_real's; and the quality number's
+    spread is positive and smaller than the number."""
     real, _ = make_shapes(200, 8, 3, seed=7)
     noisy = (real.float() + torch.randn(real.shape, generator=torch.Generator().manual_seed(0)) * 30).clamp(0, 255)
     images = noisy.round().to(torch.uint8)
-    q_sd, n_sd = metrics.bootstrap(images, 500, resamples=400)
+    quality, q_sd, nearest, n_sd = metrics.bootstrap(images, 500, resamples=400)
     rmse = metrics.nearest_rmses(images, metrics._real_rows(20000, 8, 3))
     assert abs(n_sd / (rmse.std(unbiased=False).item() / len(images) ** 0.5) - 1) < 0.15
-    assert 0 < q_sd < metrics.shapes_distance(images, 500)
+    assert quality == pytest.approx(metrics.shapes_distance(images, 500), rel=1e-5)  # the numbers themselves, as
+    assert nearest == pytest.approx(metrics.nearest_real(images), rel=1e-5)          # their own functions give them
+    assert 0 < q_sd < quality
     write_npz(str(tmp_path / "s.npz"), {"arr_0": images})
     r = run_script("metrics.py", tmp_path / "s.npz")
     assert r.returncode == 0 and " ± " in r.stdout and "a bootstrap's sd over the samples" in r.stdout
