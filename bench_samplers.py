@@ -81,6 +81,46 @@ def spread(values):
     return mean, (math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0)
 
 
+def load_student(path, teacher, chw, device):
+    """(path, its own sampling, its diffusion, its model function) of a student distilled from teacher."""
+    student, student_config, student_meta, _ = load_model(path)
+    own = student_meta.get("sampling")
+    if not own or student_meta["first_stage"]:
+        raise ValueError(f"{path}: not a distilled student on pixels (train.py --distill writes one)")
+    if (student.config["in_channels"], *image_hw(student.config["image_size"])) != chw:
+        raise ValueError(f"{path}: its images are not {chw[1]}x{chw[2]}x{chw[0]} like {teacher}'s")
+    return path, own, build_diffusion(student_config).to(device), model_fn(student.to(device))
+
+
+def draws(args, nfes, diffusion, fn, students, seed):
+    """(label, NFE, a function drawing the samples from x_T with noise seeded by seed + 1) for every row: Algorithm 2's
+    reference first, then each NFE's samplers, ours and (--compare) diffusers', then the students."""
+    T, device = diffusion.num_timesteps, diffusion.betas.device
+    gen = lambda: torch.Generator(device).manual_seed(seed + 1)
+    yield "Algorithm 2, all T steps (the quality reference)", T, lambda x_T: diffusion.p_sample_loop(
+        fn, x_T.shape, noise=x_T, generator=gen())
+    if args.rmse:
+        yield "ddim, all T steps (the ODE reference)", T, lambda x_T: ddim_sample_loop(diffusion, fn, x_T.shape, T,
+                                                                                      noise=x_T)
+    for nfe in nfes:
+        for label, sampler, eta in SAMPLERS:
+            if (nfe == T and sampler in ("ddpm", "ddim")) or (sampler == "restart" and nfe < 4):
+                continue  # the references above; restart needs two main steps beside its own two
+            yield label, nfe, lambda x_T, s=sampler, e=eta, k=nfe: sample_loop(
+                diffusion, fn, x_T.shape, s, k, e, args.spacing, noise=x_T, generator=gen())
+        for label, scheduler, settings in (DIFFUSERS if args.compare else []):
+            yield label, nfe, lambda x_T, s=scheduler, kw=settings, k=nfe: diffusers_sampler(
+                s, kw, diffusion, fn, x_T, k, seed + 1)
+    for path, own, student_diffusion, student_fn in students:
+        if own["sampler"] == "consistency":
+            for nfe in [n for n in nfes if n <= CONSISTENCY_NFE]:
+                yield f"consistency student ({path})", nfe, lambda x_T, k=nfe: consistency_sample(
+                    student_diffusion, student_fn, x_T.shape, k, noise=x_T, generator=gen())
+        else:
+            yield f"progressive student ({path})", own["steps"], lambda x_T, o=own: sample_loop(
+                student_diffusion, student_fn, x_T.shape, o["sampler"], o["steps"], 0.0, noise=x_T)
+
+
 def bench(args):
     device = resolve_device(args.device)
     nfes, seeds = [int(v) for v in args.nfe.split(",")], [int(v) for v in args.seeds.split(",")]
@@ -102,49 +142,15 @@ def bench(args):
             print(f"note: the quality number is unreliable from {args.n} samples (it estimates 128 x 128 covariances; "
                   f"use --n 256 or more); the nearest real shape is not")
     fn = model_fn(net)
-    students = []
-    for path in filter(None, args.students.split(",")):
-        student, student_config, student_meta, _ = load_model(path)
-        own = student_meta.get("sampling")
-        if not own or student_meta["first_stage"]:
-            raise ValueError(f"{path}: not a distilled student on pixels (train.py --distill writes one)")
-        if (student.config["in_channels"], image_hw(student.config["image_size"])) != (c, (h, w)):
-            raise ValueError(f"{path}: its images are not {h}x{w}x{c} like {args.ckpt}'s")
-        students.append((path, own, build_diffusion(student_config).to(device), model_fn(student.to(device))))
+    students = [load_student(path, args.ckpt, (c, h, w), device) for path in filter(None, args.students.split(","))]
     print(f"{desc}: {args.n} samples {h}x{w}x{c} per row and seed, seeds {args.seeds}, {args.spacing} spacing, "
           f"{device}")
-
-    def draws(seed):
-        """(label, NFE, a function drawing the samples from x_T with noise seeded by seed + 1) for every row."""
-        gen = lambda: torch.Generator(device).manual_seed(seed + 1)
-        yield "Algorithm 2, all T steps (the quality reference)", T, lambda x_T: diffusion.p_sample_loop(
-            fn, x_T.shape, noise=x_T, generator=gen())
-        if args.rmse:
-            yield "ddim, all T steps (the ODE reference)", T, lambda x_T: ddim_sample_loop(diffusion, fn, x_T.shape, T,
-                                                                                          noise=x_T)
-        for nfe in nfes:
-            for label, sampler, eta in SAMPLERS:
-                if (nfe == T and sampler in ("ddpm", "ddim")) or (sampler == "restart" and nfe < 4):
-                    continue  # the references above; restart needs two main steps beside its own two
-                yield label, nfe, lambda x_T, s=sampler, e=eta, k=nfe: sample_loop(
-                    diffusion, fn, x_T.shape, s, k, e, args.spacing, noise=x_T, generator=gen())
-            for label, scheduler, settings in (DIFFUSERS if args.compare else []):
-                yield label, nfe, lambda x_T, s=scheduler, kw=settings, k=nfe: diffusers_sampler(
-                    s, kw, diffusion, fn, x_T, k, seed + 1)
-        for path, own, student_diffusion, student_fn in students:
-            if own["sampler"] == "consistency":
-                for nfe in [n for n in nfes if n <= CONSISTENCY_NFE]:
-                    yield f"consistency student ({path})", nfe, lambda x_T, k=nfe: consistency_sample(
-                        student_diffusion, student_fn, x_T.shape, k, noise=x_T, generator=gen())
-            else:
-                yield f"progressive student ({path})", own["steps"], lambda x_T, o=own: sample_loop(
-                    student_diffusion, student_fn, x_T.shape, o["sampler"], o["steps"], 0.0, noise=x_T)
 
     results = {}  # (label, nfe) -> {quality, ratio, nearest, rmse, img_per_s: [one value a seed]}
     for seed in seeds:
         x_T = torch.randn(args.n, c, h, w, generator=torch.Generator().manual_seed(seed)).to(device)
         reference = ode = None
-        for label, nfe, draw in draws(seed):
+        for label, nfe, draw in draws(args, nfes, diffusion, fn, students, seed):
             t0 = time.perf_counter()
             with torch.no_grad():
                 x = draw(x_T.clone())
@@ -161,23 +167,28 @@ def bench(args):
                 r[k].append(v)
             print(f"  seed {seed} | {label} | {nfe} | quality {quality:.2f} | nearest {nearest:.1f} | {speed:.1f} img/s",
                   flush=True)
+    summarise(results, len(seeds), args.csv)
+
+
+def summarise(results, n_seeds, csv_path=""):
+    """Each row's mean and spread over the seeds, as a table and (csv_path) a CSV file for figures.py --nfe."""
     rows = []
-    print(f"\n| sampler | NFE | quality (mean ± sd over {len(seeds)} seeds) | x Algorithm 2's | nearest real shape "
+    print(f"\n| sampler | NFE | quality (mean ± sd over {n_seeds} seeds) | x Algorithm 2's | nearest real shape "
           f"(0..255) | RMSE to the T-step ODE | img/s |\n|---|---|---|---|---|---|---|")
     for (label, nfe), r in results.items():
-        row = dict(sampler=label, nfe=nfe, seeds=len(seeds))
+        row = dict(sampler=label, nfe=nfe, seeds=n_seeds)
         for k, values in r.items():
             row[k], row[k + "_sd"] = spread(values)
         rows.append(row)
         print(f"| {label} | {nfe} | {row['quality']:.2f} ± {row['quality_sd']:.2f} | {row['ratio']:.2f} ± "
               f"{row['ratio_sd']:.2f} | {row['nearest']:.1f} ± {row['nearest_sd']:.1f} | {row['rmse']:.2f} | "
               f"{row['img_per_s']:.1f} |")
-    if args.csv:
-        with open(args.csv, "w", newline="") as f:
+    if csv_path:
+        with open(csv_path, "w", newline="") as f:
             out = csv.DictWriter(f, fieldnames=list(rows[0]))
             out.writeheader()
             out.writerows(rows)
-        print(f"wrote {args.csv}")
+        print(f"wrote {csv_path}")
 
 
 def main(argv=None):
