@@ -188,7 +188,7 @@ def nfe_curves(plt, out, path):
         panels.append(("nearest", "RMSE to the nearest real shape (0..255)"))
     if any(math.isfinite(float(r.get("rmse", "nan"))) for r in rows):
         panels.append(("rmse", "RMSE to the T-step ODE (0..255)"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels) + 2.5, 3.8), squeeze=False)
     axes = axes[0]
     for name in dict.fromkeys(r["sampler"] for r in rows):
         pts = [r for r in rows if r["sampler"] == name]
@@ -197,14 +197,14 @@ def nfe_curves(plt, out, path):
             low = [min(s, 0.9 * m) for m, s in zip(mean, sd)]  # a log axis has no room below 0
             ax.errorbar([int(r["nfe"]) for r in pts], mean, yerr=[low, sd], capsize=2, marker="o",
                         ls="--" if name.startswith("diffusers") else "-", label=name)
-            ax.set(xscale="log", yscale="log")
+            ax.set(xscale="log", yscale="linear" if key == "nearest" else "log")  # the RMSE moves by a few levels
     for r, style in zip(references, ("--", ":")):
         for ax, (key, _) in zip(axes, panels):
             if key != "rmse":  # the ODE reference is the RMSE's zero
                 ax.axhline(float(r[key]), color="k", ls=style, lw=1, label=r["sampler"])
     for ax, (_, title) in zip(axes, panels):
         ax.set(title=title, xlabel="network evaluations")
-    axes[0].legend(fontsize=6)
+    axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))  # beside the curves, not over them
     save(fig, out, "samplers.png")
 
 
