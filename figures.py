@@ -194,7 +194,7 @@ def nfe_curves(plt, out, path):
         pts = [r for r in rows if r["sampler"] == name]
         for ax, (key, _) in zip(axes, panels):
             mean, sd = [float(r[key]) for r in pts], [float(r.get(key + "_sd") or 0) for r in pts]
-            low = [min(s, 0.9 * m) for m, s in zip(mean, sd)]  # a log axis has no room below 0
+            low = [min(s, 0.9 * m) for m, s in zip(mean, sd)]  # the log axes have no room below 0
             ax.errorbar([int(r["nfe"]) for r in pts], mean, yerr=[low, sd], capsize=2, marker="o",
                         ls="--" if name.startswith("diffusers") else "-", label=name)
             ax.set(xscale="log", yscale="linear" if key == "nearest" else "log")  # the RMSE moves by a few levels
@@ -204,7 +204,8 @@ def nfe_curves(plt, out, path):
                 ax.axhline(float(r[key]), color="k", ls=style, lw=1, label=r["sampler"])
     for ax, (_, title) in zip(axes, panels):
         ax.set(title=title, xlabel="network evaluations")
-    axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))  # beside the curves, not over them
+    handles = axes[0].get_legend_handles_labels()  # the first panel has every line, the references too
+    axes[-1].legend(*handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))  # beside the curves
     save(fig, out, "samplers.png")
 
 
