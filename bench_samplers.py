@@ -23,6 +23,7 @@ from checkpoint import build_diffusion, load_model
 from distill import consistency_sample
 from guidance import model_fn
 from imagefiles import to_uint8
+from pretrained import DIFFUSERS_PREDICTIONS
 from runtime import USER_ERRORS, ArgumentParser, error_line, resolve_device
 from samplers import SPACINGS, ddim_sample_loop, sample_loop
 from unet import image_hw
@@ -62,9 +63,8 @@ def diffusers_sampler(scheduler, settings, diffusion, fn, x_T, steps, seed):
     fractional (Euler's interpolate between the model's): the network is called at them, as diffusers calls it."""
     import diffusers
     betas = diffusion.betas.double().cpu()
-    prediction = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}[diffusion.mean_type]  # what the net predicts
     sched = getattr(diffusers, scheduler)(num_train_timesteps=len(betas), trained_betas=betas.numpy(),
-                                          prediction_type=prediction, **settings)
+                                          prediction_type=DIFFUSERS_PREDICTIONS[diffusion.mean_type], **settings)
     sched.set_timesteps(steps)
     takes_generator = "generator" in inspect.signature(sched.step).parameters
     g = torch.Generator(x_T.device).manual_seed(seed)

@@ -7,12 +7,11 @@ one-line refusal where diffusers cannot hold the model (a latent model, a captio
 A command line: nothing imports this file.
 """
 from checkpoint import PAPER_DIFFUSION, PAPER_KIND, diffusion_betas, load_model
-from pretrained import write_diffusers
+from pretrained import DIFFUSERS_PREDICTIONS, write_diffusers
 from runtime import USER_ERRORS, ArgumentParser, error_line
 
-# diffusers' names for this project's schedules, predictions and variances
+# diffusers' names for this project's schedules and variances (its predictions: pretrained.DIFFUSERS_PREDICTIONS)
 SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
-PREDICTIONS = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
 VARIANCES = {"fixedlarge": "fixed_large", "fixedsmall": "fixed_small"}
 
 
@@ -37,7 +36,7 @@ def scheduler_config(diffusion_config, student=False):
     T // K, off the trailing grid where K does not divide T)."""
     c = {**PAPER_DIFFUSION, **diffusion_config}
     common = dict(num_train_timesteps=c["num_timesteps"], **betas_config(c),
-                  prediction_type=PREDICTIONS[c["mean_type"]], timestep_spacing="trailing", steps_offset=0)
+                  prediction_type=DIFFUSERS_PREDICTIONS[c["mean_type"]], timestep_spacing="trailing", steps_offset=0)
     if student:
         return dict(_class_name="DPMSolverMultistepScheduler", **common, algorithm_type="dpmsolver++", solver_order=1,
                     final_sigmas_type="zero", thresholding=True, sample_max_value=1.0, dynamic_thresholding_ratio=0.0)

@@ -25,6 +25,7 @@ RELEASED_MD5 = {
     "82ed3067fd1002f5cf4c339fb80c4669": "diffusion_cifar10_model/model-790000.ckpt, the raw weights (not the EMA)",
 }
 PAPER_PARAMETERS = 35_746_307  # the CIFAR-10 network (Appendix B)
+DIFFUSERS_PREDICTIONS = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}  # diffusers' prediction_type names
 
 
 def identify(path, net):
