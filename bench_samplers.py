@@ -25,7 +25,7 @@ from guidance import model_fn
 from imagefiles import to_uint8
 from pretrained import DIFFUSERS_PREDICTIONS
 from runtime import USER_ERRORS, ArgumentParser, error_line, resolve_device
-from samplers import SPACINGS, ddim_sample_loop, sample_loop
+from samplers import SPACINGS, ddim_sample_loop, restart_min_steps, sample_loop
 from unet import image_hw
 
 # (label, sampler, eta): our rows
@@ -104,8 +104,8 @@ def draws(args, nfes, diffusion, fn, students, seed):
                                                                                       noise=x_T)
     for nfe in nfes:
         for label, sampler, eta in SAMPLERS:
-            if (nfe == T and sampler in ("ddpm", "ddim")) or (sampler == "restart" and nfe < 4):
-                continue  # the references above; restart needs two main steps beside its own two
+            if (nfe == T and sampler in ("ddpm", "ddim")) or (sampler == "restart" and nfe < restart_min_steps()):
+                continue  # the references above; restart needs two main steps beside its own
             yield label, nfe, lambda x_T, s=sampler, e=eta, k=nfe: sample_loop(
                 diffusion, fn, x_T.shape, s, k, e, args.spacing, noise=x_T, generator=gen())
         for label, scheduler, settings in (DIFFUSERS if args.compare else []):

@@ -202,6 +202,11 @@ def edm_timesteps(diffusion, t_max, t_min, steps, rho=7.0):
 RESTART = dict(levels=(0.06, 1.0), restarts=1, restart_steps=2)
 
 
+def restart_min_steps(restarts=RESTART["restarts"], restart_steps=RESTART["restart_steps"]):
+    """The fewest network calls restart sampling takes: two main steps (from x_T, and at t_min) beside its restarts'."""
+    return restarts * restart_steps + 2
+
+
 @torch.no_grad()
 def restart_sample_loop(diffusion, model, shape, steps, levels=RESTART["levels"], restarts=RESTART["restarts"],
                         restart_steps=RESTART["restart_steps"], spacing="trailing", noise=None, generator=None,
@@ -217,11 +222,12 @@ def restart_sample_loop(diffusion, model, shape, steps, levels=RESTART["levels"]
     - then the main process on to the data.
     The noise contracts the errors the ODE steps made above t_min (the paper's argument), where the SDE would inject
     noise at every step. Where the main grid's lowest steps all lie above levels[1] (very few steps) there is no room
-    for a restart, and all `steps` go to the main process. callback(i, x, x0_hat) after each step; x_T = noise, or drawn from generator."""
+    for a restart, and all `steps` go to the main process. callback(i, x, x0_hat) after each step; x_T = noise, or
+    drawn from generator."""
     main_steps = steps - restarts * restart_steps
-    if restarts < 0 or restart_steps < 1 or main_steps < 2:
-        raise ValueError(f"restart sampling with {restarts} restart(s) of {restart_steps} steps needs more than "
-                         f"{restarts * restart_steps + 1} steps in all, got {steps}")
+    if restarts < 0 or restart_steps < 1 or steps < restart_min_steps(restarts, restart_steps):
+        raise ValueError(f"restart sampling with {restarts} restart(s) of {restart_steps} steps needs "
+                         f"{restart_min_steps(restarts, restart_steps)} steps or more in all, got {steps}")
     device = diffusion.betas.device
     x = torch.randn(shape, generator=generator, device=device) if noise is None else noise
     main = spaced_timesteps(diffusion.num_timesteps, main_steps, spacing)
@@ -230,8 +236,8 @@ def restart_sample_loop(diffusion, model, shape, steps, levels=RESTART["levels"]
     t_max = nearest_timestep(diffusion, levels[1])
     kw = dict(generator=generator, clip_denoised=clip_denoised, callback=callback)
     if not restarts or t_max <= t_min:  # the main process alone takes every step, its multistep unbroken
-        return dpm_solver_pp_steps(diffusion, model, x, spaced_timesteps(diffusion.num_timesteps, steps, spacing) + [-1],
-                                   **kw)
+        every = spaced_timesteps(diffusion.num_timesteps, steps, spacing)
+        return dpm_solver_pp_steps(diffusion, model, x, every + [-1], **kw)
     k = main.index(t_min)
     x = dpm_solver_pp_steps(diffusion, model, x, main[:k + 1], **kw)
     ratio = diffusion.alphas_cumprod[t_max] / diffusion.alphas_cumprod[t_min]  # abar_max / abar_min
@@ -306,9 +312,9 @@ def choose_sampler(sampler, steps, eta, num_timesteps, own=None):
                          f"variant), not {eta}")
     if sampler == "restart" and eta not in (None, 0.0):
         raise ValueError("--sampler restart takes no --eta: its noise is its restarts'")
-    spare = RESTART["restarts"] * RESTART["restart_steps"] + 2
-    if sampler == "restart" and steps < spare:
-        raise ValueError(f"--sampler restart needs --steps {spare} or more (two main steps beside its restarts')")
+    if sampler == "restart" and steps < restart_min_steps():
+        raise ValueError(f"--sampler restart needs --steps {restart_min_steps()} or more (two main steps beside its "
+                         f"restarts')")
     return sampler, steps
 
 
